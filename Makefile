@@ -1,0 +1,59 @@
+# Set-up: `make install` then `make test` (see README.md).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+ACCELERATE := $(VENV)/bin/accelerate
+# Built on demand by `make debug` and the tests; see data_prep/.
+TOKENIZER_DIR := artifacts/tokenizer
+DEBUG_RAW_DIR := artifacts/soft_arm_raw_debug
+DEBUG_DATASET_DIR := artifacts/soft_arm_lerobot_debug
+
+export MUJOCO_GL ?= egl
+export PYOPENGL_PLATFORM ?= egl
+export TOKENIZERS_PARALLELISM ?= false
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install debug test test-all lint format clean
+
+# Python 3.12 is required: try `python3.12`, then pyenv's 3.12 (its shim fails when the global
+# version is another one), then give up with a clear message.
+PYTHON312 := $(shell \
+	if python3.12 -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; then echo python3.12; \
+	elif command -v pyenv >/dev/null 2>&1 && ls -d "$$(pyenv root)"/versions/3.12.*/bin/python3.12 >/dev/null 2>&1; then \
+		ls -d "$$(pyenv root)"/versions/3.12.*/bin/python3.12 | sort -V | tail -n 1; \
+	fi)
+
+install:
+	@if [ -z "$(PYTHON312)" ]; then \
+		echo "error: Python 3.12 is required (python3.12 on PATH or installed with pyenv); none was found." >&2; exit 1; fi
+	@if [ ! -x $(PY) ] || ! $(PY) -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; then \
+		echo "creating $(VENV) with $(PYTHON312)"; rm -rf $(VENV); $(PYTHON312) -m venv $(VENV); fi
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip check
+
+$(TOKENIZER_DIR)/tokenizer.json:
+	$(PY) data_prep/make_tokenizer.py --output_dir $(TOKENIZER_DIR)
+
+debug: $(TOKENIZER_DIR)/tokenizer.json
+	$(PY) data_prep/make_fake_soft_arm.py --output_dir $(DEBUG_RAW_DIR) --episodes 12 --seed 0
+	$(PY) data_prep/soft_arm_to_lerobot.py --raw_dir $(DEBUG_RAW_DIR) --output_dir $(DEBUG_DATASET_DIR)
+	$(PY) scripts/train_soft_arm.py --config configs/debug_config.yaml
+
+test:
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all:
+	$(PY) -m pytest -q tests
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format:
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf artifacts outputs wandb .pytest_cache

@@ -1,0 +1,1 @@
+"""Thin shared layer of the pi0 accelerate scripts: only what two scripts use."""

@@ -1,0 +1,199 @@
+"""Build or load a LeRobot pi0 policy: a pretrained path / hub id, or the `tiny` test size.
+
+LeRobot 0.6.1 takes no model sizes from `PI0Config` (only the variants `gemma_2b`/`gemma_300m`),
+and the vision tower, projection and vocabulary sizes are hard-coded in
+`PaliGemmaWithExpertModel.__init__`. The tiny model is therefore the real classes built while
+`tiny_pi0_sizes()` swaps in small sizes; nothing of LeRobot's forward code is copied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from lerobot.policies.pi0 import modeling_pi0
+from lerobot.policies.pi0.configuration_pi0 import PI0Config
+from lerobot.policies.pi0.modeling_pi0 import GemmaConfig, PI0Policy
+from lerobot.policies.pi0.processor_pi0 import Pi0NewLineProcessor
+from lerobot.processor import (
+    PolicyProcessorPipeline,
+    TokenizerProcessorStep,
+    make_default_policy_processor_steps,
+    make_policy_processor_pipelines,
+)
+from lerobot.utils.constants import POLICY_POSTPROCESSOR_DEFAULT_NAME, POLICY_PREPROCESSOR_DEFAULT_NAME
+
+# Sizes of the tiny pi0 (about 0.25 M parameters). `num_heads` must stay 8: LeRobot hard-codes
+# `8 * head_dim`; the VLM and the expert must share depth, head_dim and kv-heads.
+TINY_VLM = GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=8, num_kv_heads=1, head_dim=16)
+TINY_EXPERT = GemmaConfig(width=32, depth=2, mlp_dim=64, num_heads=8, num_kv_heads=1, head_dim=16)
+TINY_VOCAB_SIZE = 512
+TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+               "patch_size": 16}  # fmt: skip
+MODEL_SIZES = ("full", "tiny")
+
+
+@contextlib.contextmanager
+def tiny_pi0_sizes() -> Iterator[None]:
+    """While active, LeRobot's pi0 classes build with the tiny sizes above."""
+    original_get_config = modeling_pi0.get_gemma_config
+    original_vlm_cls = modeling_pi0.PaliGemmaForConditionalGenerationWithPiGemma
+    original_expert_cls = modeling_pi0.PiGemmaForCausalLM
+
+    def tiny_gemma_config(variant: str) -> GemmaConfig:
+        original_get_config(variant)  # keeps LeRobot's own check of the variant name
+        return TINY_VLM if variant == "gemma_2b" else TINY_EXPERT
+
+    def tiny_vlm(config: Any) -> Any:
+        config._vocab_size = TINY_VOCAB_SIZE
+        config.text_config.vocab_size = TINY_VOCAB_SIZE
+        config.image_token_index = TINY_VOCAB_SIZE - 1
+        for key, value in TINY_VISION.items():
+            setattr(config.vision_config, key, value)
+        config.vision_config.projection_dim = config.text_config.hidden_size
+        return original_vlm_cls(config=config)
+
+    def tiny_expert(config: Any) -> Any:
+        config.vocab_size = TINY_VOCAB_SIZE
+        return original_expert_cls(config=config)
+
+    modeling_pi0.get_gemma_config = tiny_gemma_config
+    modeling_pi0.PaliGemmaForConditionalGenerationWithPiGemma = tiny_vlm
+    modeling_pi0.PiGemmaForCausalLM = tiny_expert
+    try:
+        yield
+    finally:
+        modeling_pi0.get_gemma_config = original_get_config
+        modeling_pi0.PaliGemmaForConditionalGenerationWithPiGemma = original_vlm_cls
+        modeling_pi0.PiGemmaForCausalLM = original_expert_cls
+
+
+def model_size_context(model_size: str) -> contextlib.AbstractContextManager:
+    """The context a policy of `model_size` ("full" or "tiny") must be built in."""
+    if model_size not in MODEL_SIZES:
+        raise ValueError(f"model_size must be one of {MODEL_SIZES}, got {model_size!r}")
+    return tiny_pi0_sizes() if model_size == "tiny" else contextlib.nullcontext()
+
+
+def make_pi0_policy(
+    model: str | Path,
+    config: PI0Config | None = None,
+    policy_cls: type[PI0Policy] = PI0Policy,
+    **from_pretrained_kwargs: Any,
+) -> PI0Policy:
+    """A pi0 policy from `model`: "tiny" (fresh, small, random init), "full" (fresh, full-size,
+    random init) or a pretrained local path / hub id such as `lerobot/pi0_base`.
+
+    `config` (an instance of `policy_cls.config_class`) sets features, chunk size, dtype, ...; with
+    a pretrained model it replaces the saved config, as in LeRobot's `from_pretrained`.
+    """
+    model = str(model)
+    if model in MODEL_SIZES:
+        config = config if config is not None else policy_cls.config_class()
+        with model_size_context(model):
+            return policy_cls(config)
+    if not Path(model).exists() and "/" not in model:
+        raise FileNotFoundError(
+            f"pi0 model {model!r} is neither a size ({', '.join(MODEL_SIZES)}), an existing local "
+            "directory, nor a hub id of the form 'owner/name'"
+        )
+    size = getattr(config, "model_size", None) if config is not None else _saved_model_size(model)
+    with model_size_context(size or "full"):
+        return policy_cls.from_pretrained(model, config=config, **from_pretrained_kwargs)
+
+
+def _saved_model_size(path: str) -> str:
+    """The `model_size` a local checkpoint was saved with ("full" for LeRobot's own configs)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return "full"
+    import json
+
+    return json.loads(config_file.read_text()).get("model_size", "full")
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# --- Tokenizer and processors ------------------------------------------------------------------
+
+_TOKENIZER_CORPUS = [
+    "touch the red ball", "reach the red ball", "move the tip to the red ball", "touch the blue target",
+    "bend the arm to the left", "bend the arm to the right", "curl the soft arm upward",
+    "put the bowl on the plate", "open the top drawer of the cabinet", "pick up the black bowl",
+    "put the cream cheese in the bowl", "turn on the stove", "put the wine bottle on top of the cabinet",
+    "pick up the alphabet soup and place it in the basket", "push the plate to the front of the stove",
+    "put both the alphabet soup and the tomato sauce in the basket", "stack the left bowl on the right bowl",
+    "close the microwave", "put the mug on the plate", "pick up the book and place it in the back compartment",
+]  # fmt: skip
+
+
+def build_local_tokenizer(vocab_size: int = 500) -> Any:
+    """A byte-level BPE tokenizer (transformers `PreTrainedTokenizerFast`) trained on a small
+    built-in corpus of robot instructions; its ids stay below the tiny pi0 vocab."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size >= TINY_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be < {TINY_VOCAB_SIZE} (the tiny pi0 vocab), got {vocab_size}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(_TOKENIZER_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>")  # fmt: skip
+
+
+def load_tokenizer(name_or_path: str | Path) -> Any:
+    """A transformers tokenizer from a local directory (e.g. `artifacts/tokenizer`) or hub id."""
+    from transformers import AutoTokenizer
+
+    if not Path(name_or_path).exists() and "/" not in str(name_or_path):
+        raise FileNotFoundError(
+            f"tokenizer {str(name_or_path)!r} not found; build it with "
+            f"`python data_prep/make_tokenizer.py --output_dir {name_or_path}`"
+        )
+    return AutoTokenizer.from_pretrained(str(name_or_path))
+
+
+def make_pi0_processors(
+    config: PI0Config, tokenizer: Any, dataset_stats: dict[str, dict[str, torch.Tensor]] | None = None
+) -> tuple[PolicyProcessorPipeline, PolicyProcessorPipeline]:
+    """LeRobot's pi0 pre/post-processing pipelines with a tokenizer object instead of the
+    hard-coded hub tokenizer (`make_pi0_pre_post_processors` minus the relative-action steps,
+    which are off for pi0 by default)."""
+    steps = make_default_policy_processor_steps(config, dataset_stats)
+    input_steps = [
+        steps.rename_observations,
+        steps.add_batch_dim,
+        Pi0NewLineProcessor(),
+        TokenizerProcessorStep(
+            tokenizer=tokenizer, max_length=config.tokenizer_max_length, padding_side="right", padding="max_length"
+        ),
+        steps.to_device,
+        steps.normalize,
+    ]
+    output_steps = [steps.unnormalize, steps.to_cpu]
+    return make_policy_processor_pipelines(input_steps=input_steps, output_steps=output_steps)
+
+
+def load_pi0_processors(path: str | Path, tokenizer: Any) -> tuple[PolicyProcessorPipeline, PolicyProcessorPipeline]:
+    """Reload the pipelines saved beside a checkpoint, handing them the tokenizer object."""
+    preprocessor = PolicyProcessorPipeline.from_pretrained(
+        str(path),
+        config_filename=f"{POLICY_PREPROCESSOR_DEFAULT_NAME}.json",
+        overrides={"tokenizer_processor": {"tokenizer": tokenizer}},
+    )
+    postprocessor = PolicyProcessorPipeline.from_pretrained(
+        str(path), config_filename=f"{POLICY_POSTPROCESSOR_DEFAULT_NAME}.json"
+    )
+    return preprocessor, postprocessor
