@@ -1,0 +1,173 @@
+"""Soft-arm data: the raw episode format and the training view over a converted LeRobotDataset.
+
+Raw episode format (one file per episode, `<raw_dir>/episode_<id>.npz`, written by
+`numpy.savez_compressed`):
+
+| key           | shape / type        | meaning                                              |
+|---------------|---------------------|------------------------------------------------------|
+| `images`      | (T, H, W, 3) uint8  | RGB camera frames (any H, W; the same in a dataset)  |
+| `actions`     | (T, 10) float32     | actuator commands, one per tendon channel            |
+| `graph`       | (T, 10, 19) float32 | node features of the arm's 10 segments               |
+| `state`       | (T, S) float32      | optional proprioception; if absent, the previous    |
+|               |                     | step's action (zeros at t=0) stands in               |
+| `instruction` | () str              | language instruction, e.g. "touch the red ball"      |
+| `fps`         | () int              | control rate in Hz                                   |
+
+`data_prep/soft_arm_to_lerobot.py` converts a folder of these into a local LeRobotDataset.
+"""
+
+from __future__ import annotations
+
+import random
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+NUM_NODES = 10
+NODE_FEATURES = 19
+ACTION_DIM = 10
+CHUNK_SIZE = 16
+IMAGE_SIZE = 224
+IMAGE_KEY = "observation.images.front"
+STATE_KEY = "observation.state"
+GRAPH_KEY = "observation.graph"
+ACTION_KEY = "action"
+
+
+class EpisodeError(ValueError):
+    """A raw episode that cannot be used; the message names the file and what was expected."""
+
+
+@dataclass
+class RawEpisode:
+    path: Path
+    images: np.ndarray
+    actions: np.ndarray
+    graph: np.ndarray
+    state: np.ndarray
+    instruction: str
+    fps: int
+
+    @property
+    def length(self) -> int:
+        return len(self.actions)
+
+
+def _expect_shape(path: Path, key: str, array: np.ndarray, expected: tuple[int | None, ...]) -> None:
+    if array.ndim != len(expected) or any(e is not None and a != e for a, e in zip(array.shape, expected)):
+        shown = tuple("T" if e is None else e for e in expected)
+        raise EpisodeError(f"{path}: '{key}' has shape {array.shape}, expected {shown}")
+
+
+def load_raw_episode(path: str | Path) -> RawEpisode:
+    """Read and check one raw episode; raise `EpisodeError` naming the file and the problem."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise EpisodeError(f"{path}: cannot be read as an .npz episode ({error})") from error
+    missing = {"images", "actions", "graph", "instruction", "fps"} - arrays.keys()
+    if missing:
+        raise EpisodeError(f"{path}: missing keys {sorted(missing)}")
+    images, actions, graph = arrays["images"], arrays["actions"], arrays["graph"]
+    _expect_shape(path, "images", images, (None, None, None, 3))
+    _expect_shape(path, "actions", actions, (None, ACTION_DIM))
+    _expect_shape(path, "graph", graph, (None, NUM_NODES, NODE_FEATURES))
+    if images.dtype != np.uint8:
+        raise EpisodeError(f"{path}: 'images' has dtype {images.dtype}, expected uint8")
+    length = len(actions)
+    if length == 0 or len(images) != length or len(graph) != length:
+        raise EpisodeError(
+            f"{path}: images/actions/graph have {len(images)}/{length}/{len(graph)} steps, expected the same T > 0"
+        )
+    if "state" in arrays:
+        state = arrays["state"].astype(np.float32)
+        _expect_shape(path, "state", state, (length, None))
+    else:
+        state = np.concatenate([np.zeros((1, ACTION_DIM)), actions[:-1]]).astype(np.float32)
+    for key, array in (("actions", actions), ("graph", graph), ("state", state)):
+        if not np.isfinite(array).all():
+            raise EpisodeError(f"{path}: '{key}' contains NaN or inf")
+    return RawEpisode(
+        path=path,
+        images=images,
+        actions=actions.astype(np.float32),
+        graph=graph.astype(np.float32),
+        state=state,
+        instruction=str(arrays["instruction"]),
+        fps=int(arrays["fps"]),
+    )
+
+
+def save_raw_episode(path: str | Path, episode: RawEpisode) -> None:
+    """Write `episode` atomically (a temporary name, then a rename): no half-written episodes."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, images=episode.images, actions=episode.actions, graph=episode.graph,
+                        state=episode.state, instruction=np.array(episode.instruction), fps=np.array(episode.fps))  # fmt: skip
+    tmp.rename(path)
+
+
+def list_raw_episodes(raw_dir: str | Path) -> list[Path]:
+    raw_dir = Path(raw_dir)
+    if not raw_dir.is_dir():
+        raise FileNotFoundError(f"raw soft-arm episode folder {raw_dir} does not exist")
+    return sorted(p for p in raw_dir.glob("episode_*.npz") if not p.name.endswith(".tmp.npz"))
+
+
+def split_episodes(num_episodes: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Train/val split by whole episodes (no frame of a val episode is trained on)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    indices = list(range(num_episodes))
+    random.Random(seed).shuffle(indices)
+    num_val = max(1, round(num_episodes * val_fraction)) if val_fraction > 0 and num_episodes > 1 else 0
+    return sorted(indices[num_val:]), sorted(indices[:num_val])
+
+
+def make_soft_arm_datasets(
+    root: str | Path,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    chunk_size: int = CHUNK_SIZE,
+    image_size: int = IMAGE_SIZE,
+):
+    """(train, val) LeRobotDatasets over a converted soft-arm dataset: each item has the current
+    image at `image_size`^2, state and graph, the next `chunk_size` actions (`action`,
+    `action_is_pad` past the episode end) and the instruction as `task`. `val` is None when
+    `val_fraction` is 0."""
+    from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    root = Path(root)
+    if not (root / "meta" / "info.json").is_file():
+        raise FileNotFoundError(
+            f"{root} is not a LeRobotDataset (no meta/info.json); convert raw episodes with "
+            "data_prep/soft_arm_to_lerobot.py"
+        )
+    meta = LeRobotDatasetMetadata(repo_id=f"local/{root.name}", root=root)
+    for key in (IMAGE_KEY, STATE_KEY, GRAPH_KEY, ACTION_KEY):
+        if key not in meta.features:
+            raise ValueError(f"{root}: feature '{key}' missing, expected a soft-arm dataset")
+    train_episodes, val_episodes = split_episodes(meta.total_episodes, val_fraction, seed)
+    delta_timestamps = {ACTION_KEY: [step / meta.fps for step in range(chunk_size)]}
+    resize = v2.Resize((image_size, image_size), antialias=True)
+
+    def view(episodes: list[int]) -> LeRobotDataset:
+        return LeRobotDataset(repo_id=meta.repo_id, root=root, episodes=episodes,
+                              delta_timestamps=delta_timestamps, image_transforms=resize, video_backend="pyav")  # fmt: skip
+
+    return view(train_episodes), (view(val_episodes) if val_episodes else None)
+
+
+def dataset_stats(dataset) -> dict[str, dict[str, torch.Tensor]]:
+    """Normalization statistics of a LeRobotDataset, as tensors (what LeRobot's processors take)."""
+    return {
+        key: {name: torch.as_tensor(np.asarray(value), dtype=torch.float32) for name, value in stats.items()}
+        for key, stats in dataset.meta.stats.items()
+    }
