@@ -9,6 +9,7 @@ and the vision tower, projection and vocabulary sizes are hard-coded in
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -100,18 +101,16 @@ def make_pi0_policy(
             f"pi0 model {model!r} is neither a size ({', '.join(MODEL_SIZES)}), an existing local "
             "directory, nor a hub id of the form 'owner/name'"
         )
-    size = getattr(config, "model_size", None) if config is not None else _saved_model_size(model)
+    size = getattr(config, "model_size", None) if config is not None else saved_model_size(model)
     with model_size_context(size or "full"):
         return policy_cls.from_pretrained(model, config=config, **from_pretrained_kwargs)
 
 
-def _saved_model_size(path: str) -> str:
+def saved_model_size(path: str) -> str:
     """The `model_size` a local checkpoint was saved with ("full" for LeRobot's own configs)."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         return "full"
-    import json
-
     return json.loads(config_file.read_text()).get("model_size", "full")
 
 
@@ -197,3 +196,17 @@ def load_pi0_processors(path: str | Path, tokenizer: Any) -> tuple[PolicyProcess
         str(path), config_filename=f"{POLICY_POSTPROCESSOR_DEFAULT_NAME}.json"
     )
     return preprocessor, postprocessor
+
+
+def seeded_noise_and_time(
+    model: modeling_pi0.PI0Pytorch, batch_size: int, seed: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flow-matching noise (B, chunk, max_action_dim) and time (B,) drawn with LeRobot's own
+    samplers from a private RNG seeded by `seed`: a resumed run draws what the uninterrupted run
+    drew, and two branches can share them. Drawn on the CPU so the result is device-independent."""
+    config = model.config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        noise = model.sample_noise((batch_size, config.chunk_size, config.max_action_dim), "cpu")
+        time = model.sample_time(batch_size, "cpu")
+    return noise.to(device), time.to(device)

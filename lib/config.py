@@ -1,0 +1,77 @@
+"""YAML configs on OmegaConf structured schemas: `--config file.yaml key=value ...`.
+
+The schema (a dataclass) gives the defaults and the types; the YAML file and the CLI dotlist
+override it. An unknown key or a value of the wrong type is a `ConfigError` that names the key,
+the file and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config that does not fit its schema; the message names the key and the source."""
+
+
+def _describe(error: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(error, "full_key", None) or "?"
+    if isinstance(error, ConfigKeyError):
+        return ConfigError(f"{source}: unknown config key '{key}'")
+    if isinstance(error, ValidationError):
+        message = str(error).splitlines()[0]
+        return ConfigError(f"{source}: bad value for '{key}': {message}")
+    return ConfigError(f"{source}: {str(error).splitlines()[0]} (key '{key}')")
+
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Defaults of `schema`, then the YAML file at `path`, then `overrides` (["a.b=1", ...])."""
+    config = OmegaConf.structured(schema)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            file_config = OmegaConf.load(path)
+        except Exception as error:  # yaml.YAMLError and friends: say which file
+            raise ConfigError(f"{path}: not valid YAML ({error})") from error
+        try:
+            config = OmegaConf.merge(config, file_config)
+        except OmegaConfBaseException as error:
+            raise _describe(error, str(path)) from error
+    for override in overrides or []:
+        if "=" not in override:
+            raise ConfigError(f"command line: override '{override}' must look like key=value")
+        try:
+            config = OmegaConf.merge(config, OmegaConf.from_dotlist([override]))
+        except OmegaConfBaseException as error:
+            raise _describe(error, "command line") from error
+    OmegaConf.set_readonly(config, True)
+    return config
+
+
+def check(condition: bool, key: str, expected: str, value: Any) -> None:
+    """Raise a `ConfigError` naming `key` unless `condition` holds."""
+    if not condition:
+        raise ConfigError(f"config key '{key}' must be {expected}, got {value!r}")
+
+
+def to_flat_dict(config: DictConfig) -> dict[str, Any]:
+    """{"optim.lr": 1e-4, ...} for trackers' hyper-parameter tables."""
+    flat: dict[str, Any] = {}
+
+    def visit(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                visit(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node if isinstance(node, int | float | str | bool) or node is None else str(node)
+
+    visit(OmegaConf.to_container(config, resolve=True), "")
+    return flat

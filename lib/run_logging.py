@@ -1,0 +1,87 @@
+"""Per-rank log files, console logging on the main process, and tracker set-up."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+LOG_FORMAT = "%(asctime)s %(levelname)s [rank %(rank)s] %(message)s"
+
+
+def setup_logging(output_dir: str | Path, rank: int, is_main_process: bool, name: str = "train") -> logging.Logger:
+    """`output_dir/train_rank{R}.log` receives everything the rank logs; rank 0 also prints it."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    handlers: list[logging.Handler] = [logging.FileHandler(output_dir / f"train_rank{rank}.log")]
+    if is_main_process:
+        handlers.append(logging.StreamHandler(sys.stdout))
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.addFilter(lambda record: setattr(record, "rank", rank) or True)
+        logger.addHandler(handler)
+    return logger
+
+
+def init_trackers(
+    accelerator: Accelerator,
+    output_dir: str | Path,
+    project: str,
+    run_name: str,
+    config: dict[str, Any],
+    wandb_mode: str = "offline",
+) -> None:
+    """Start the trackers given to `Accelerator(log_with=...)`. The wandb run id is kept in
+    `output_dir/wandb_run_id.txt`, so a resumed run continues the same wandb run."""
+    init_kwargs: dict[str, Any] = {}
+    if "wandb" in [getattr(tracker, "value", tracker) for tracker in accelerator.log_with]:
+        id_file = Path(output_dir) / "wandb_run_id.txt"
+        if accelerator.is_main_process and not id_file.exists():
+            import wandb
+
+            id_file.write_text(wandb.util.generate_id())
+        accelerator.wait_for_everyone()
+        init_kwargs["wandb"] = {"mode": wandb_mode, "name": run_name, "id": id_file.read_text().strip(),
+                                "resume": "allow", "dir": str(output_dir)}  # fmt: skip
+    accelerator.init_trackers(project, config=config, init_kwargs=init_kwargs)
+
+
+def append_metrics(path: str | Path, step: int, metrics: dict[str, float]) -> None:
+    """One JSON line per logging event (kept across resumes)."""
+    import json
+
+    with open(path, "a") as file:
+        file.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def plot_metrics(metrics_file: str | Path, png_file: str | Path, keys: tuple[str, ...]) -> None:
+    """A PNG of each of `keys` against the step, read from a metrics JSON-lines file."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for key in keys:
+        points = sorted({row["step"]: row[key] for row in rows if key in row}.items())
+        if points:
+            axis.plot(*zip(*points), marker="." if len(points) < 50 else None, label=key)
+    axis.set_xlabel("step")
+    axis.set_yscale("log")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(png_file, dpi=100)
+    plt.close(figure)

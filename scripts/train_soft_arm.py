@@ -1,0 +1,416 @@
+"""Fine-tune graph pi0 on soft-arm episodes (flow matching) with Hugging Face Accelerate.
+
+    # CPU / 1 GPU
+    python scripts/train_soft_arm.py --config configs/debug_config.yaml
+    # 8 GPUs, bf16 DDP (FSDP: accelerate_configs/8gpu_fsdp.yaml)
+    accelerate launch --config_file accelerate_configs/8gpu.yaml scripts/train_soft_arm.py \
+        --config configs/soft_arm_config.yaml model.pretrained=lerobot/pi0_base
+    # continue the newest checkpoint of the run
+    ... scripts/train_soft_arm.py --config configs/soft_arm_config.yaml --resume latest
+    # any config key from the command line
+    ... scripts/train_soft_arm.py --config configs/debug_config.yaml train.steps=200 optim.lr=3e-4
+
+Checkpoints land in `<output_dir>/checkpoints/step_N/pretrained_model` (load with
+`PI0GraphPolicy.from_pretrained`) and `.../training_state` (`accelerator.load_state`).
+SIGTERM/SIGINT finish the current step, save a checkpoint and exit 0.
+"""
+
+import argparse
+import gc
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from lerobot.configs import FeatureType, PolicyFeature
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lib.checkpoint import GracefulStop, resolve_resume, save_checkpoint  # noqa: E402
+from lib.config import ConfigError, check, load_config, to_flat_dict  # noqa: E402
+from lib.graph_pi0 import PI0GraphConfig, PI0GraphPolicy  # noqa: E402
+from lib.pi0 import (  # noqa: E402
+    MODEL_SIZES,
+    count_parameters,
+    load_tokenizer,
+    make_pi0_policy,
+    make_pi0_processors,
+    saved_model_size,
+    seeded_noise_and_time,
+)
+from lib.run_logging import append_metrics, init_trackers, plot_metrics, setup_logging  # noqa: E402
+from lib.soft_arm import (  # noqa: E402
+    ACTION_DIM,
+    ACTION_KEY,
+    GRAPH_KEY,
+    IMAGE_KEY,
+    NODE_FEATURES,
+    NUM_NODES,
+    STATE_KEY,
+    dataset_stats,
+    make_soft_arm_datasets,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config: defaults here, overridden by the YAML file, then by `key=value` arguments.
+@dataclass
+class ModelConfig:
+    pretrained: str = "tiny"  # "tiny" / "full" (random init), or a local path / hub id (lerobot/pi0_base)
+    tokenizer: str = "artifacts/tokenizer"  # local dir, or a hub id (google/paligemma-3b-pt-224)
+    use_graph: bool = True
+    dtype: str = "float32"  # storage dtype of the VLM and expert weights: float32 or bfloat16
+    gradient_checkpointing: bool = False
+    freeze_vision_encoder: bool = False
+    train_expert_only: bool = False
+
+
+@dataclass
+class DataConfig:
+    root: str = "artifacts/soft_arm_lerobot"  # a LeRobotDataset from data_prep/soft_arm_to_lerobot.py
+    val_fraction: float = 0.1  # fraction of episodes held out for validation
+    batch_size: int = 8  # per process and micro-step
+    num_workers: int = 2
+    chunk_size: int = 16
+    image_size: int = 224
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2.5e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup_steps: int = 1000
+    decay_lr: float = 2.5e-6  # cosine decay ends here at train.steps
+    grad_clip_norm: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 30_000  # optimizer steps
+    gradient_accumulation_steps: int = 1
+    mixed_precision: Optional[str] = None  # None: the launcher's; or "no", "bf16", "fp16"
+    log_every: int = 10
+    val_every: int = 500
+    val_batches: int = 20
+    save_every: int = 2000
+    keep_last: int = 3
+
+
+@dataclass
+class TrackingConfig:
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard", "wandb"])
+    project: str = "pi0-soft-arm"
+    run_name: str = "soft_arm"
+    wandb_mode: str = "offline"  # "online" to sync to wandb
+
+
+@dataclass
+class SoftArmTrainConfig:
+    output_dir: str = "outputs/soft_arm"
+    seed: int = 42
+    resume: Optional[str] = None  # "latest" or a checkpoint directory
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def validate_config(config) -> None:
+    check(config.data.batch_size > 0, "data.batch_size", "> 0", config.data.batch_size)
+    check(0 <= config.data.val_fraction < 1, "data.val_fraction", "in [0, 1)", config.data.val_fraction)
+    check(config.data.chunk_size > 0, "data.chunk_size", "> 0", config.data.chunk_size)
+    check(config.train.steps > 0, "train.steps", "> 0", config.train.steps)
+    check(config.train.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", ">= 1",
+          config.train.gradient_accumulation_steps)  # fmt: skip
+    check(config.train.mixed_precision in (None, "no", "bf16", "fp16"), "train.mixed_precision",
+          "null, 'no', 'bf16' or 'fp16'", config.train.mixed_precision)  # fmt: skip
+    check(config.model.dtype in ("float32", "bfloat16"), "model.dtype", "'float32' or 'bfloat16'", config.model.dtype)
+    check(len(config.optim.betas) == 2, "optim.betas", "a list of two floats", list(config.optim.betas))
+    check(set(config.tracking.report_to) <= {"tensorboard", "wandb"}, "tracking.report_to",
+          "a subset of [tensorboard, wandb]", list(config.tracking.report_to))  # fmt: skip
+    for key in ("log_every", "val_every", "save_every"):
+        check(config.train[key] > 0, f"train.{key}", "> 0", config.train[key])
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, help="YAML config (configs/soft_arm_config.yaml)")
+    parser.add_argument("--resume", nargs="?", const="latest", help="'latest' (default) or a checkpoint dir")
+    parser.add_argument("--dry_run", action="store_true", help="build everything, run one step, exit")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=100")
+    return parser.parse_args()
+
+
+def cosine_with_warmup(warmup_steps: int, total_steps: int, final_ratio: float):
+    """LR factor: linear warm-up, then cosine decay from 1 to `final_ratio` at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class TrainingProgress:
+    """Optimizer steps taken; saved in `training_state` through `register_for_checkpointing`."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+
+
+def main() -> int:
+    args = parse_args()
+    try:
+        config = load_config(SoftArmTrainConfig, args.config, args.overrides)
+        validate_config(config)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    output_dir = Path(config.output_dir)
+
+    # ------------------------------------------------------------------------------------------
+    # Accelerator. `cpu=` because on a machine without a GPU, a launcher config with
+    # `use_cpu: true` starts processes that never connect (see DESIGN.md); MULTI_GPU + this
+    # gives real gloo ranks on CPU. find_unused_parameters: the graph encoder idles on batches
+    # without a graph.
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=config.train.mixed_precision,
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+        log_with=None if args.dry_run else list(config.tracking.report_to) or None,
+        project_dir=str(output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    logger = setup_logging(output_dir, accelerator.process_index, accelerator.is_main_process)
+    logger.info(
+        "processes: %d (%s), device: %s, mixed precision: %s",
+        accelerator.num_processes, accelerator.distributed_type, accelerator.device, accelerator.mixed_precision,
+    )  # fmt: skip
+    set_seed(config.seed)
+
+    # ------------------------------------------------------------------------------------------
+    # Data: 16-step action chunks, 224 px images, the current graph; split by episode.
+    train_dataset, val_dataset = make_soft_arm_datasets(
+        config.data.root, config.data.val_fraction, config.seed, config.data.chunk_size, config.data.image_size
+    )
+    logger.info("dataset %s: %d train frames, %d val frames", config.data.root, len(train_dataset),
+                len(val_dataset) if val_dataset else 0)  # fmt: skip
+    loader_kwargs = {"batch_size": config.data.batch_size, "num_workers": config.data.num_workers,
+                     "pin_memory": torch.cuda.is_available()}  # fmt: skip
+    train_loader = torch.utils.data.DataLoader(train_dataset, shuffle=True, drop_last=True, **loader_kwargs)
+    val_loader = torch.utils.data.DataLoader(val_dataset, shuffle=False, **loader_kwargs) if val_dataset else None
+    if len(train_loader) == 0:
+        raise SystemExit(f"error: {len(train_dataset)} train frames < data.batch_size {config.data.batch_size}")
+
+    # ------------------------------------------------------------------------------------------
+    # Policy: graph pi0 from a pretrained checkpoint or a fresh size, and its processors.
+    state_dim = train_dataset.meta.features[STATE_KEY]["shape"][0]
+    image_shape = (3, config.data.image_size, config.data.image_size)
+    policy_config = PI0GraphConfig(
+        model_size=config.model.pretrained if config.model.pretrained in MODEL_SIZES else saved_model_size(
+            config.model.pretrained
+        ),
+        use_graph=config.model.use_graph,
+        dtype=config.model.dtype,
+        chunk_size=config.data.chunk_size,
+        n_action_steps=config.data.chunk_size,
+        gradient_checkpointing=config.model.gradient_checkpointing,
+        freeze_vision_encoder=config.model.freeze_vision_encoder,
+        train_expert_only=config.model.train_expert_only,
+        device=str(accelerator.device),
+        input_features={
+            IMAGE_KEY: PolicyFeature(type=FeatureType.VISUAL, shape=image_shape),
+            STATE_KEY: PolicyFeature(type=FeatureType.STATE, shape=(state_dim,)),
+            GRAPH_KEY: PolicyFeature(type=FeatureType.STATE, shape=(NUM_NODES, NODE_FEATURES)),
+        },
+        output_features={ACTION_KEY: PolicyFeature(type=FeatureType.ACTION, shape=(ACTION_DIM,))},
+    )
+    # A base pi0 checkpoint has no graph encoder: pretrained weights load non-strictly (LeRobot
+    # prints the missing keys).
+    pretrained_kwargs = {} if config.model.pretrained in MODEL_SIZES else {"strict": False}
+    policy = make_pi0_policy(config.model.pretrained, policy_config, PI0GraphPolicy, **pretrained_kwargs)
+    tokenizer = load_tokenizer(config.model.tokenizer)
+    preprocessor, postprocessor = make_pi0_processors(policy.config, tokenizer, dataset_stats(train_dataset))
+    logger.info("policy: %s pi0 with graph=%s, %.2f M parameters", policy_config.model_size,
+                config.model.use_graph, count_parameters(policy) / 1e6)  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------
+    # Optimizer (AdamW, openpi's betas) and warm-up + cosine schedule. The scheduler is stepped
+    # by hand once per optimizer step, so the schedule does not depend on the process count.
+    optimizer = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad],
+        lr=config.optim.lr,
+        betas=tuple(config.optim.betas),
+        eps=config.optim.eps,
+        weight_decay=config.optim.weight_decay,
+        fused=torch.cuda.is_available(),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        cosine_with_warmup(config.optim.warmup_steps, config.train.steps, config.optim.decay_lr / config.optim.lr),
+    )
+    policy, optimizer, train_loader, val_loader = accelerator.prepare(policy, optimizer, train_loader, val_loader)
+    progress = TrainingProgress()
+    accelerator.register_for_checkpointing(scheduler, progress)
+
+    checkpoint = resolve_resume(output_dir, args.resume or config.resume)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint / "training_state"))
+        logger.info("resumed from %s at step %d", checkpoint, progress.step)
+
+    def save_model(directory: Path) -> None:
+        unwrapped = accelerator.unwrap_model(policy)
+        unwrapped.save_pretrained(directory, state_dict=accelerator.get_state_dict(policy, unwrap=True))
+        preprocessor.save_pretrained(directory)
+        postprocessor.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    def save(step: int) -> Path:
+        path = save_checkpoint(accelerator, output_dir, step, save_model, config.train.keep_last)
+        logger.info("saved checkpoint %s", path)
+        return path
+
+    def flow_loss(batch: dict, noise_seed: int) -> torch.Tensor:
+        batch = preprocessor(batch)
+        noise, flow_time = seeded_noise_and_time(
+            accelerator.unwrap_model(policy).model, batch[ACTION_KEY].shape[0], noise_seed, accelerator.device
+        )
+        loss, _ = policy(batch, noise=noise, time=flow_time)
+        return loss
+
+    @torch.no_grad()
+    def validation_loss() -> float:
+        """Mean loss over `val_batches` val batches with fixed noise: comparable across steps."""
+        policy.eval()
+        total = torch.zeros(2, device=accelerator.device)
+        for index, batch in enumerate(val_loader):
+            if index >= config.train.val_batches:
+                break
+            with accelerator.autocast():
+                loss = flow_loss(batch, noise_seed=10_000_019 * (index + 1) + accelerator.process_index)
+            total += torch.stack([loss.detach().float() * len(batch[ACTION_KEY]), torch.tensor(
+                float(len(batch[ACTION_KEY])), device=accelerator.device)])  # fmt: skip
+        policy.train()
+        total = accelerator.reduce(total, reduction="sum")
+        return (total[0] / total[1]).item()
+
+    # ------------------------------------------------------------------------------------------
+    # Trackers and the loop.
+    total_steps = 1 if args.dry_run else config.train.steps
+    if not args.dry_run:
+        init_trackers(accelerator, output_dir, config.tracking.project, config.tracking.run_name,
+                      to_flat_dict(config), config.tracking.wandb_mode)  # fmt: skip
+        if accelerator.is_main_process:
+            OmegaConf.save(config, output_dir / "config.yaml")
+    metrics_file = output_dir / "metrics.jsonl"
+    stop = GracefulStop()
+    accumulation = config.train.gradient_accumulation_steps
+    batches_per_epoch = len(train_loader)
+    step = progress.step
+    micro_step = step * accumulation
+    running_loss = torch.zeros((), device=accelerator.device)
+    running_count = 0
+    train_loss = val_loss = None
+    last_saved = step if checkpoint is not None else None
+    stopped = False
+    progress_bar = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
+    window_start = time.perf_counter()
+    policy.train()
+    while step < total_steps and not stopped:
+        epoch, skip = divmod(micro_step, batches_per_epoch)
+        # The seedable sampler shuffles by (seed, epoch): skipping the batches already seen this
+        # epoch puts a resumed run on the batch the uninterrupted run would see.
+        epoch_loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        epoch_loader.set_epoch(epoch)
+        for batch in epoch_loader:
+            with accelerator.accumulate(policy):
+                seed = (config.seed * 1_000_003 + micro_step) * 1009 + accelerator.process_index
+                loss = flow_loss(batch, noise_seed=seed)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), config.optim.grad_clip_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_step += 1
+            running_loss += loss.detach().float()
+            running_count += 1
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            step += 1
+            progress.step = step
+            progress_bar.update(1)
+
+            if step % config.train.log_every == 0 or step == total_steps:
+                train_loss = accelerator.reduce(running_loss / running_count, reduction="mean").item()
+                elapsed = time.perf_counter() - window_start
+                samples = running_count * config.data.batch_size * accelerator.num_processes
+                metrics = {"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0],
+                           "train/grad_norm": float(grad_norm), "train/samples_per_s": samples / elapsed,
+                           "train/epoch": epoch}  # fmt: skip
+                accelerator.log(metrics, step=step)
+                if accelerator.is_main_process:
+                    append_metrics(metrics_file, step, metrics)
+                progress_bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{metrics['train/lr']:.2e}")
+                logger.info("step %d loss %.4f lr %.3e grad_norm %.3f %.1f samples/s", step, train_loss,
+                            metrics["train/lr"], metrics["train/grad_norm"], metrics["train/samples_per_s"])  # fmt: skip
+                running_loss.zero_()
+                running_count = 0
+                window_start = time.perf_counter()
+
+            if val_loader is not None and (step % config.train.val_every == 0 or step == total_steps):
+                val_loss = validation_loss()
+                accelerator.log({"val/loss": val_loss}, step=step)
+                if accelerator.is_main_process:
+                    append_metrics(metrics_file, step, {"val/loss": val_loss})
+                logger.info("step %d val loss %.4f", step, val_loss)
+
+            stopped = stop.should_stop(accelerator)
+            if not args.dry_run and (step % config.train.save_every == 0 or step == total_steps or stopped):
+                checkpoint = save(step)
+                last_saved = step
+            if stopped:
+                logger.info("signal %s received: stopped at step %d after saving", stop.received, step)
+            if stopped or step >= total_steps:
+                break
+    progress_bar.close()
+
+    # ------------------------------------------------------------------------------------------
+    # Summary, then an orderly shutdown (gloo aborts at exit on Python 3.12 without it).
+    if accelerator.is_main_process and not args.dry_run:
+        if last_saved is not None:
+            print(f"checkpoint: {checkpoint / 'pretrained_model'}")
+        print(f"final train loss: {train_loss}  final val loss: {val_loss}")
+        if metrics_file.exists():
+            plot_metrics(metrics_file, output_dir / "loss.png", ("train/loss", "val/loss"))
+    if args.dry_run:
+        logger.info("dry run ok: one step on %d process(es), loss %.4f", accelerator.num_processes, loss.item())
+    accelerator.wait_for_everyone()
+    del policy, optimizer, train_loader, val_loader
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
