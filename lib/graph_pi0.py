@@ -180,7 +180,10 @@ class PI0GraphPolicy(PI0Policy):
             modeling_pi0.PI0Pytorch = original_network_cls
 
     def _graph(self, batch: dict[str, Tensor]) -> Tensor | None:
-        return batch.get(GRAPH_KEY) if self.config.use_graph else None
+        graph = batch.get(GRAPH_KEY) if self.config.use_graph else None
+        # LeRobot's AddBatchDimension step batches only the features it knows (state, images):
+        # a single observation's graph arrives as (N, F).
+        return graph.unsqueeze(0) if graph is not None and graph.ndim == 2 else graph
 
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict[str, Tensor], **kwargs: Any) -> Tensor:

@@ -24,6 +24,8 @@ from lerobot.processor import (
     TokenizerProcessorStep,
     make_default_policy_processor_steps,
     make_policy_processor_pipelines,
+    policy_action_to_transition,
+    transition_to_policy_action,
 )
 from lerobot.utils.constants import POLICY_POSTPROCESSOR_DEFAULT_NAME, POLICY_PREPROCESSOR_DEFAULT_NAME
 
@@ -193,7 +195,10 @@ def load_pi0_processors(path: str | Path, tokenizer: Any) -> tuple[PolicyProcess
         overrides={"tokenizer_processor": {"tokenizer": tokenizer}},
     )
     postprocessor = PolicyProcessorPipeline.from_pretrained(
-        str(path), config_filename=f"{POLICY_POSTPROCESSOR_DEFAULT_NAME}.json"
+        str(path),
+        config_filename=f"{POLICY_POSTPROCESSOR_DEFAULT_NAME}.json",
+        to_transition=policy_action_to_transition,
+        to_output=transition_to_policy_action,
     )
     return preprocessor, postprocessor
 

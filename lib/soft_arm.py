@@ -59,8 +59,8 @@ class RawEpisode:
 
 def _expect_shape(path: Path, key: str, array: np.ndarray, expected: tuple[int | None, ...]) -> None:
     if array.ndim != len(expected) or any(e is not None and a != e for a, e in zip(array.shape, expected)):
-        shown = tuple("T" if e is None else e for e in expected)
-        raise EpisodeError(f"{path}: '{key}' has shape {array.shape}, expected {shown}")
+        shown = ", ".join("T" if e is None else str(e) for e in expected)
+        raise EpisodeError(f"{path}: '{key}' has shape {array.shape}, expected ({shown})")
 
 
 def load_raw_episode(path: str | Path) -> RawEpisode:

@@ -236,7 +236,7 @@ def main() -> int:
         gradient_checkpointing=config.model.gradient_checkpointing,
         freeze_vision_encoder=config.model.freeze_vision_encoder,
         train_expert_only=config.model.train_expert_only,
-        device=str(accelerator.device),
+        device=accelerator.device.type,  # LeRobot takes "cuda"; accelerate has set the current GPU
         input_features={
             IMAGE_KEY: PolicyFeature(type=FeatureType.VISUAL, shape=image_shape),
             STATE_KEY: PolicyFeature(type=FeatureType.STATE, shape=(state_dim,)),

@@ -1,0 +1,55 @@
+"""Shared fixtures: the local tokenizer and a small converted soft-arm dataset, built once per
+session with the project's own data_prep scripts (real files, real LeRobotDataset)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+
+def run(command: list[str], cwd: Path = REPO, timeout: float = 600, check: bool = True, **kwargs):
+    """Run a project command; on failure show its output."""
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tokenizer")
+    run([PYTHON, "data_prep/make_tokenizer.py", "--output_dir", str(path)])
+    return path
+
+
+@pytest.fixture(scope="session")
+def raw_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("soft_arm_raw")
+    run([PYTHON, "data_prep/make_fake_soft_arm.py", "--output_dir", str(path), "--episodes", "6", "--length", "24",
+         "--image_size", "64"])  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(raw_dir, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("soft_arm_lerobot") / "dataset"
+    run([PYTHON, "data_prep/soft_arm_to_lerobot.py", "--raw_dir", str(raw_dir), "--output_dir", str(path)])
+    return path
+
+
+@pytest.fixture(scope="session")
+def train_args(tokenizer_dir, dataset_dir) -> list[str]:
+    """Overrides that point configs/debug_config.yaml at the session's data, small and quiet."""
+    return ["--config", "configs/debug_config.yaml", f"model.tokenizer={tokenizer_dir}", f"data.root={dataset_dir}",
+            "data.batch_size=4", "data.val_fraction=0.34", "train.val_batches=2", "tracking.report_to=[]"]  # fmt: skip

@@ -1,0 +1,67 @@
+"""Config loading: defaults, YAML, CLI overrides, and errors that name the key."""
+
+from dataclasses import dataclass, field
+
+import pytest
+from conftest import PYTHON, run
+
+from lib.config import ConfigError, load_config
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-4
+    steps: int = 10
+
+
+@dataclass
+class Schema:
+    name: str = "run"
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_defaults_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n  steps: 20\n")
+    config = load_config(Schema, path, ["inner.lr=0.5"])
+    assert (config.name, config.inner.steps, config.inner.lr) == ("run", 20, 0.5)
+
+
+def test_unknown_key_in_file_names_it(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n  stepz: 20\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: unknown config key 'inner.stepz'"):
+        load_config(Schema, path)
+
+
+def test_unknown_key_and_bad_type_on_command_line():
+    with pytest.raises(ConfigError, match=r"command line: unknown config key 'inner.learning_rate'"):
+        load_config(Schema, None, ["inner.learning_rate=1"])
+    with pytest.raises(ConfigError, match=r"bad value for 'inner.steps'"):
+        load_config(Schema, None, ["inner.steps=many"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(Schema, None, ["inner.steps"])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="nowhere.yaml does not exist"):
+        load_config(Schema, "nowhere.yaml")
+
+
+def test_train_script_rejects_unknown_key_and_bad_value():
+    result = run([PYTHON, "scripts/train_soft_arm.py", "--config", "configs/debug_config.yaml", "train.stepz=5"],
+                 check=False)  # fmt: skip
+    assert result.returncode == 2 and "unknown config key 'train.stepz'" in result.stderr
+    result = run([PYTHON, "scripts/train_soft_arm.py", "--config", "configs/debug_config.yaml", "data.batch_size=0"],
+                 check=False)  # fmt: skip
+    assert result.returncode == 2 and "'data.batch_size' must be > 0" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["debug_config.yaml", "soft_arm_config.yaml"])
+def test_shipped_configs_load(name):
+    from importlib import util
+
+    spec = util.spec_from_file_location("train_soft_arm", "scripts/train_soft_arm.py")
+    module = util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.validate_config(load_config(module.SoftArmTrainConfig, f"configs/{name}"))

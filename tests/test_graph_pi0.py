@@ -1,0 +1,135 @@
+"""Graph pi0 on the real LeRobot classes at the tiny size."""
+
+import pytest
+import torch
+from lerobot.configs import FeatureType, PolicyFeature
+from lerobot.policies.pi0.modeling_pi0 import PI0Pytorch
+
+from lib.graph_pi0 import GRAPH_KEY, PI0GraphConfig, PI0GraphPolicy, SimpleGraphEncoder
+from lib.pi0 import make_pi0_policy, seeded_noise_and_time, tiny_pi0_sizes
+
+BATCH, CHUNK, IMAGE = 2, 16, 224
+
+
+def make_config(**overrides) -> PI0GraphConfig:
+    features = {
+        "observation.images.front": PolicyFeature(type=FeatureType.VISUAL, shape=(3, IMAGE, IMAGE)),
+        "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(10,)),
+        GRAPH_KEY: PolicyFeature(type=FeatureType.STATE, shape=(10, 19)),
+    }
+    return PI0GraphConfig(model_size="tiny", chunk_size=CHUNK, n_action_steps=CHUNK, device="cpu",
+                          input_features=features,
+                          output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(10,))},
+                          **overrides)  # fmt: skip
+
+
+def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "observation.images.front": torch.rand(BATCH, 3, IMAGE, IMAGE, generator=generator),
+        "observation.state": torch.randn(BATCH, 10, generator=generator),
+        GRAPH_KEY: torch.randn(BATCH, 10, 19, generator=generator),
+        "action": torch.randn(BATCH, CHUNK, 10, generator=generator),
+        "observation.language.tokens": torch.randint(0, 500, (BATCH, 12), generator=generator),
+        "observation.language.attention_mask": torch.ones(BATCH, 12, dtype=torch.bool),
+    }
+
+
+def model_inputs(policy, batch):
+    images, img_masks = policy._preprocess_images(batch)
+    return (images, img_masks, batch["observation.language.tokens"], batch["observation.language.attention_mask"],
+            policy.prepare_state(batch))  # fmt: skip
+
+
+def test_encoder_shapes_and_gradients():
+    encoder = SimpleGraphEncoder(num_nodes=10, node_dim=19, token_dim=32)
+    nodes = torch.randn(3, 10, 19, requires_grad=True)
+    tokens = encoder(nodes)
+    assert tokens.shape == (3, 10, 32)
+    tokens.square().mean().backward()
+    assert nodes.grad is not None and nodes.grad.abs().sum() > 0
+    for name, parameter in encoder.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    # Message passing mixes neighbours: changing node 0 changes node 1's token, not only node 0's.
+    changed = nodes.detach().clone()
+    changed[:, 0] += 1.0
+    assert not torch.allclose(encoder(changed)[:, 1], tokens[:, 1])
+
+
+def test_encoder_rejects_wrong_shape():
+    with pytest.raises(ValueError, match=r"\(batch, 10, 19\).*\(2, 10, 18\)"):
+        SimpleGraphEncoder()(torch.randn(2, 10, 18))
+
+
+def test_without_graph_equals_parent_pi0():
+    torch.manual_seed(0)
+    graph_policy = PI0GraphPolicy(make_config())
+    with tiny_pi0_sizes():
+        parent = PI0Pytorch(graph_policy.config)
+    missing, unexpected = parent.load_state_dict(graph_policy.model.state_dict(), strict=False)
+    assert not missing and all(key.startswith("graph_encoder.") for key in unexpected)
+    batch = make_batch()
+    inputs = model_inputs(graph_policy, batch)
+    actions = graph_policy.prepare_action(batch)
+    noise, time = seeded_noise_and_time(parent, BATCH, seed=1, device="cpu")
+    expected = parent(*inputs, actions, noise, time)
+    assert torch.equal(graph_policy.model(*inputs, actions, noise, time, graph=None), expected)
+    assert torch.equal(graph_policy.model.sample_actions(*inputs, noise=noise), parent.sample_actions(*inputs, noise=noise))
+    # ... and a graph changes the result: the tokens really reach the expert.
+    with_graph = graph_policy.model(*inputs, actions, noise, time, graph=batch[GRAPH_KEY])
+    assert not torch.allclose(with_graph, expected)
+
+
+def test_graph_parameters_get_gradients():
+    torch.manual_seed(0)
+    policy = PI0GraphPolicy(make_config())
+    loss, info = policy(make_batch())
+    loss.backward()
+    assert torch.isfinite(loss) and info["loss"] == loss.detach()
+    for name, parameter in policy.model.graph_encoder.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_padded_action_steps_do_not_count():
+    torch.manual_seed(0)
+    policy = PI0GraphPolicy(make_config())
+    batch = make_batch()
+    noise, time = seeded_noise_and_time(policy.model, BATCH, seed=3, device="cpu")
+    batch["action_is_pad"] = torch.zeros(BATCH, CHUNK, dtype=torch.bool)
+    batch["action_is_pad"][:, CHUNK // 2 :] = True
+    loss, _ = policy(batch, noise=noise, time=time)
+    per_element = policy.model(*model_inputs(policy, batch), policy.prepare_action(batch), noise, time,
+                               graph=batch[GRAPH_KEY])  # fmt: skip
+    # Only the real action dims (10 of 32) of the steps before the episode's end count.
+    assert torch.allclose(loss, per_element[:, : CHUNK // 2, :10].mean())
+
+
+def test_without_graph_use_graph_false_has_no_encoder():
+    policy = PI0GraphPolicy(make_config(use_graph=False))
+    assert policy.model.graph_encoder is None
+    loss, _ = policy(make_batch())  # the graph in the batch is ignored
+    assert torch.isfinite(loss)
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    policy = make_pi0_policy("tiny", make_config(), PI0GraphPolicy)
+    policy.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = PI0GraphPolicy.from_pretrained(tmp_path)
+    assert loaded.config.model_size == "tiny" and loaded.config.use_graph
+    original, reloaded = policy.state_dict(), loaded.state_dict()
+    assert original.keys() == reloaded.keys() and any(k.startswith("model.graph_encoder.") for k in original)
+    assert all(torch.equal(original[key], reloaded[key]) for key in original)
+    batch = make_batch()
+    inputs = model_inputs(policy, batch)
+    noise, _ = seeded_noise_and_time(policy.model, BATCH, seed=5, device="cpu")
+    expected = policy.model.sample_actions(*inputs, noise=noise, graph=batch[GRAPH_KEY])
+    assert torch.equal(loaded.model.sample_actions(*inputs, noise=noise, graph=batch[GRAPH_KEY]), expected)
+    # The loader also works through lib.pi0 (reads the size from config.json).
+    assert make_pi0_policy(tmp_path, policy_cls=PI0GraphPolicy).config.model_size == "tiny"
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(FileNotFoundError, match="nonexistent_model"):
+        make_pi0_policy("nonexistent_model")

@@ -1,0 +1,102 @@
+"""Raw soft-arm episodes -> LeRobotDataset -> training view, with real files."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import PYTHON, run
+
+from lib.soft_arm import (
+    GRAPH_KEY,
+    IMAGE_KEY,
+    EpisodeError,
+    load_raw_episode,
+    make_soft_arm_datasets,
+    split_episodes,
+)
+
+
+def test_load_raw_episode_names_file_and_problem(raw_dir, tmp_path):
+    good = load_raw_episode(raw_dir / "episode_000000.npz")
+    assert good.graph.shape[1:] == (10, 19) and good.actions.shape[1:] == (10,)
+    corrupt = tmp_path / "episode_corrupt.npz"
+    corrupt.write_bytes(b"not a zip file")
+    with pytest.raises(EpisodeError, match="episode_corrupt.npz.*cannot be read"):
+        load_raw_episode(corrupt)
+    wrong = tmp_path / "episode_wrong.npz"
+    np.savez(wrong, images=good.images, actions=good.actions, graph=good.graph[:, :, :18],
+             instruction=np.array("x"), fps=np.array(10))  # fmt: skip
+    with pytest.raises(EpisodeError, match=r"episode_wrong.npz: 'graph' has shape \(24, 10, 18\), expected \(T, 10, 19\)"):
+        load_raw_episode(wrong)
+    with pytest.raises(EpisodeError, match="missing.npz: cannot be read"):
+        load_raw_episode(tmp_path / "missing.npz")
+
+
+def test_conversion_skips_and_counts_bad_episodes_and_resumes(raw_dir, tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(raw_dir, raw)
+    (raw / "episode_000002.npz").write_bytes(b"\x00" * 100)  # corrupt
+    good = dict(np.load(raw / "episode_000003.npz"))
+    good["actions"] = good["actions"][:, :7]  # wrong shape
+    np.savez(raw / "episode_000003.npz", **good)
+    aside = tmp_path / "later"
+    aside.mkdir()
+    shutil.move(raw / "episode_000005.npz", aside / "episode_000005.npz")
+
+    output = tmp_path / "dataset"
+    result = run([PYTHON, "data_prep/soft_arm_to_lerobot.py", "--raw_dir", str(raw), "--output_dir", str(output)])
+    assert "episode_000002.npz" in result.stdout + result.stderr and "episode_000003.npz" in result.stdout + result.stderr
+    report = json.loads((output / "meta/soft_arm_conversion.json").read_text())
+    assert report["converted"] == 3 and report["skipped_count"] == 2
+    assert "expected (T, 10)" in report["skipped"]["episode_000003.npz"]
+
+    # A new episode appears: re-running converts only it and keeps what is there.
+    shutil.move(aside / "episode_000005.npz", raw / "episode_000005.npz")
+    first_data = sorted(p.name for p in (output / "data").rglob("*.parquet"))
+    result = run([PYTHON, "data_prep/soft_arm_to_lerobot.py", "--raw_dir", str(raw), "--output_dir", str(output)])
+    assert "3 already converted, 3 to convert" in result.stdout
+    assert set(first_data) <= {p.name for p in (output / "data").rglob("*.parquet")}
+    sources = json.loads((output / "meta/soft_arm_sources.json").read_text())
+    assert sources == ["episode_000000.npz", "episode_000001.npz", "episode_000004.npz", "episode_000005.npz"]
+    train, val = make_soft_arm_datasets(output, val_fraction=0.0)
+    assert val is None and train.num_episodes == 4 and len(train) == 4 * 24
+
+    # Too many bad episodes fail the run (after saving what is good).
+    result = run([PYTHON, "data_prep/soft_arm_to_lerobot.py", "--raw_dir", str(raw), "--output_dir", str(output),
+                  "--max_bad_fraction", "0.1"], check=False)  # fmt: skip
+    assert result.returncode == 1 and "max_bad_fraction" in result.stderr
+
+
+def test_conversion_refuses_foreign_output(raw_dir, tmp_path):
+    foreign = tmp_path / "somebody_elses"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    result = run([PYTHON, "data_prep/soft_arm_to_lerobot.py", "--raw_dir", str(raw_dir), "--output_dir", str(foreign)],
+                 check=False)  # fmt: skip
+    assert result.returncode != 0 and "not written by this converter" in result.stderr
+    assert (foreign / "precious.txt").read_text() == "keep me"
+
+
+def test_training_view(dataset_dir):
+    train, val = make_soft_arm_datasets(dataset_dir, val_fraction=0.34, seed=0)
+    assert set(train.episodes).isdisjoint(val.episodes) and len(train.episodes) + len(val.episodes) == 6
+    item = train[len(train) - 1]  # last frame of an episode: the chunk runs past its end
+    assert item[IMAGE_KEY].shape == (3, 224, 224) and item[IMAGE_KEY].dtype == torch.float32
+    assert item["action"].shape == (16, 10) and item[GRAPH_KEY].shape == (10, 19)
+    assert item["action_is_pad"].sum() == 15 and not item["action_is_pad"][0]
+    assert isinstance(item["task"], str) and item["task"]
+
+
+def test_split_is_by_episode_and_deterministic():
+    train, val = split_episodes(10, 0.2, seed=3)
+    assert len(val) == 2 and sorted(train + val) == list(range(10))
+    assert split_episodes(10, 0.2, seed=3) == (train, val)
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_episodes(10, 1.5, seed=0)
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="soft_arm_to_lerobot.py"):
+        make_soft_arm_datasets(tmp_path / "nowhere")

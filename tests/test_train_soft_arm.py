@@ -1,0 +1,125 @@
+"""`scripts/train_soft_arm.py` end to end: real processes, real accelerate launch, real files."""
+
+import json
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ACCELERATE, PYTHON, REPO, run
+from safetensors.torch import load_file
+
+from lib.graph_pi0 import PI0GraphPolicy
+from lib.pi0 import load_pi0_processors, load_tokenizer
+
+SCRIPT = "scripts/train_soft_arm.py"
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def ranks_seen(output_dir: Path) -> set[str]:
+    """The (rank, world size) each rank's log reports, e.g. {"0/2", "1/2"}."""
+    seen = set()
+    for log in output_dir.glob("train_rank*.log"):
+        match = re.search(r"\[rank (\d+)\] processes: (\d+) ", log.read_text())
+        if match:
+            seen.add(f"{match.group(1)}/{match.group(2)}")
+    return seen
+
+
+def test_two_process_launch_checkpoint_loads(train_args, tmp_path):
+    output_dir = tmp_path / "run"
+    result = run([ACCELERATE, "launch", "--config_file", "accelerate_configs/cpu_2proc.yaml", SCRIPT, *train_args,
+                  f"output_dir={output_dir}", "train.steps=4", "train.log_every=2", "train.val_every=2",
+                  "train.save_every=2"])  # fmt: skip
+    assert ranks_seen(output_dir) == {"0/2", "1/2"}
+    assert "final train loss" in result.stdout
+    checkpoint = output_dir / "checkpoints" / "last" / "pretrained_model"
+    assert checkpoint.resolve().parent.name == "step_00000004"
+    assert [p.name for p in sorted((output_dir / "checkpoints").glob("step_*"))] == ["step_00000002", "step_00000004"]
+    assert {row["step"] for row in metrics(output_dir)} == {2, 4} and (output_dir / "loss.png").stat().st_size > 0
+
+    policy = PI0GraphPolicy.from_pretrained(checkpoint)
+    weights = load_file(checkpoint / "model.safetensors")
+    assert all(torch.equal(weights[k], v) for k, v in policy.state_dict().items() if k in weights)
+    assert any(k.startswith("model.graph_encoder.") for k in weights)
+    preprocessor, postprocessor = load_pi0_processors(checkpoint, load_tokenizer(checkpoint))
+    observation = {
+        "observation.images.front": torch.rand(3, 224, 224),
+        "observation.state": torch.zeros(10),
+        "observation.graph": torch.zeros(10, 19),
+        "task": "touch the red ball",
+    }
+    action = postprocessor(policy.select_action(preprocessor(observation)))
+    assert action.shape == (1, 10) and torch.isfinite(action).all()
+
+
+def test_resume_continues_to_the_same_loss(train_args, tmp_path):
+    common = [*train_args, "train.steps=6", "train.log_every=1", "train.val_every=3", "train.save_every=3",
+              "train.keep_last=5", "data.num_workers=1"]  # fmt: skip
+    uninterrupted = tmp_path / "uninterrupted"
+    run([PYTHON, SCRIPT, *common, f"output_dir={uninterrupted}"])
+    # A second run starts from the uninterrupted run's mid-way checkpoint (step 3) and resumes.
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    subprocess.run(["cp", "-r", str(uninterrupted / "checkpoints/step_00000003"), str(resumed / "checkpoints")], check=True)
+    result = run([PYTHON, SCRIPT, *common, f"output_dir={resumed}", "--resume", "latest"])
+    assert "resumed from" in result.stdout and "at step 3" in result.stdout
+    expected = {row["step"]: row["train/loss"] for row in metrics(uninterrupted) if "train/loss" in row}
+    got = {row["step"]: row["train/loss"] for row in metrics(resumed) if "train/loss" in row}
+    assert sorted(got) == [4, 5, 6]
+    assert all(got[step] == expected[step] for step in (4, 5, 6)), (got, expected)
+    final = "checkpoints/step_00000006/pretrained_model/model.safetensors"
+    a, b = load_file(uninterrupted / final), load_file(resumed / final)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_saves_and_exits_zero(train_args, tmp_path):
+    output_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [PYTHON, SCRIPT, *train_args, f"output_dir={output_dir}", "train.steps=100000", "train.save_every=100000"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    log = output_dir / "train_rank0.log"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and re.search(r"step \d+ loss", log.read_text())):
+        time.sleep(0.5)
+    assert process.poll() is None, process.stdout.read()
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    match = re.search(r"stopped at step (\d+) after saving", log.read_text())
+    assert match, output
+    step = int(match.group(1))
+    assert 10 <= step < 100000
+    checkpoint = output_dir / "checkpoints" / f"step_{step:08d}"
+    assert (checkpoint / "pretrained_model" / "model.safetensors").is_file()
+    assert (output_dir / "checkpoints" / "last").resolve() == checkpoint.resolve()
+
+
+LAUNCH_CONFIGS = {
+    "cpu_2proc.yaml": [],
+    "1gpu.yaml": [],
+    "8gpu.yaml": ["--num_processes", "2"],
+    "8gpu_fsdp.yaml": ["--num_processes", "2"],
+    "2node_16gpu.yaml": ["--num_processes", "2", "--num_machines", "1", "--main_process_ip", "127.0.0.1"],
+}
+
+
+@pytest.mark.parametrize("launch_config", sorted(LAUNCH_CONFIGS))
+def test_dry_run_under_each_launch_config(launch_config, train_args, tmp_path):
+    """The GPU configs are checked without a GPU: the launcher settings (process count scaled down
+    to 2, mixed precision from the file) around one real step on the CPU."""
+    result = run([ACCELERATE, "launch", "--config_file", f"accelerate_configs/{launch_config}",
+                  *LAUNCH_CONFIGS[launch_config], SCRIPT, *train_args, f"output_dir={tmp_path}",
+                  "train.mixed_precision=null", "--dry_run"])  # fmt: skip
+    processes = 1 if launch_config == "1gpu.yaml" else 2
+    assert f"dry run ok: one step on {processes} process(es)" in result.stdout
+    assert len(ranks_seen(tmp_path)) == processes
+    expected_precision = "no" if launch_config == "cpu_2proc.yaml" else "bf16"
+    assert f"mixed precision: {expected_precision}" in (tmp_path / "train_rank0.log").read_text()
