@@ -44,9 +44,19 @@ def node_features(curvature, previous_positions, actuation, ball, fps) -> np.nda
     normal = np.stack([-np.sin(heading), np.cos(heading), np.zeros(NUM_NODES)], axis=-1)
     index_angle = np.arange(NUM_NODES) / NUM_NODES * np.pi
     features = np.concatenate(
-        [positions, velocity, tangent, normal, curvature[:, None], actuation[:, None], ball[None] - positions,
-         np.sin(index_angle)[:, None], np.cos(index_angle)[:, None]], axis=-1,
-    )  # fmt: skip
+        [
+            positions,
+            velocity,
+            tangent,
+            normal,
+            curvature[:, None],
+            actuation[:, None],
+            ball[None] - positions,
+            np.sin(index_angle)[:, None],
+            np.cos(index_angle)[:, None],
+        ],
+        axis=-1,
+    )
     assert features.shape == (NUM_NODES, NODE_FEATURES)
     return features.astype(np.float32)
 
@@ -84,8 +94,15 @@ def make_episode(seed: int, length: int, fps: int, image_size: int) -> RawEpisod
     actions = np.asarray(actions, dtype=np.float32)
     assert actions.shape[1] == ACTION_DIM
     state = np.concatenate([np.zeros((1, ACTION_DIM)), actions[:-1]]).astype(np.float32)
-    return RawEpisode(path=Path(), images=np.stack(images), actions=actions, graph=np.stack(graph),
-                      state=state, instruction=instruction, fps=fps)  # fmt: skip
+    return RawEpisode(
+        path=Path(),
+        images=np.stack(images),
+        actions=actions,
+        graph=np.stack(graph),
+        state=state,
+        instruction=instruction,
+        fps=fps,
+    )
 
 
 def main() -> None:

@@ -54,7 +54,9 @@ def check_matches(episode: RawEpisode, features: dict, fps: int) -> None:
     """An episode must match the dataset it joins (image size, state width, fps)."""
     for key, array in ((IMAGE_KEY, episode.images[0]), (STATE_KEY, episode.state[0])):
         if tuple(array.shape) != tuple(features[key]["shape"]):
-            raise EpisodeError(f"{episode.path}: {key} has shape {array.shape}, the dataset has {features[key]['shape']}")
+            raise EpisodeError(
+                f"{episode.path}: {key} has shape {array.shape}, the dataset has {features[key]['shape']}"
+            )
     if episode.fps != fps:
         raise EpisodeError(f"{episode.path}: fps {episode.fps}, the dataset has {fps}")
 
@@ -103,17 +105,31 @@ def main() -> int:
                 if sources:
                     dataset = LeRobotDataset.resume(repo_id=repo_id, root=args.output_dir, video_backend="pyav")
                 else:
-                    dataset = LeRobotDataset.create(repo_id=repo_id, fps=episode.fps, root=args.output_dir,
-                                                    features=features_of(episode), robot_type="soft_arm",
-                                                    use_videos=False, metadata_buffer_size=1, video_backend="pyav")  # fmt: skip
+                    dataset = LeRobotDataset.create(
+                        repo_id=repo_id,
+                        fps=episode.fps,
+                        root=args.output_dir,
+                        features=features_of(episode),
+                        robot_type="soft_arm",
+                        use_videos=False,
+                        metadata_buffer_size=1,
+                        video_backend="pyav",
+                    )
             check_matches(episode, dataset.meta.features, dataset.meta.fps)
         except EpisodeError as error:
             tqdm.write(f"skipping bad episode: {error}")
             skipped[path.name] = str(error)
             continue
         for t in range(episode.length):
-            dataset.add_frame({IMAGE_KEY: episode.images[t], STATE_KEY: episode.state[t], GRAPH_KEY: episode.graph[t],
-                               ACTION_KEY: episode.actions[t], "task": episode.instruction})  # fmt: skip
+            dataset.add_frame(
+                {
+                    IMAGE_KEY: episode.images[t],
+                    STATE_KEY: episode.state[t],
+                    GRAPH_KEY: episode.graph[t],
+                    ACTION_KEY: episode.actions[t],
+                    "task": episode.instruction,
+                }
+            )
         sources.append(path.name)
         write_json(sources_file, sources)
         dataset.save_episode()
@@ -127,8 +143,11 @@ def main() -> int:
     print(f"dataset {args.output_dir}: {len(sources)} episodes, {len(skipped)} bad episodes skipped")
     bad_fraction = len(skipped) / len(raw_paths)
     if bad_fraction > args.max_bad_fraction:
-        print(f"error: {bad_fraction:.0%} of the raw episodes are bad (limit --max_bad_fraction "
-              f"{args.max_bad_fraction:.0%}); see {report_file}", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: {bad_fraction:.0%} of the raw episodes are bad (limit --max_bad_fraction "
+            f"{args.max_bad_fraction:.0%}); see {report_file}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -8,12 +8,10 @@ the file and what was expected.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
-
-T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -30,7 +28,7 @@ def _describe(error: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: {str(error).splitlines()[0]} (key '{key}')")
 
 
-def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+def load_config[T](schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
     """Defaults of `schema`, then the YAML file at `path`, then `overrides` (["a.b=1", ...])."""
     config = OmegaConf.structured(schema)
     if path is not None:

@@ -122,8 +122,9 @@ class PI0WithGraph(PI0Pytorch):
             return super().forward(images, img_masks, lang_tokens, lang_masks, state, actions, noise, time)
 
     @torch.no_grad()
-    def sample_actions(self, images, img_masks, lang_tokens, lang_masks, state, noise=None, num_steps=None,
-                       graph=None, **kwargs) -> Tensor:  # fmt: skip
+    def sample_actions(
+        self, images, img_masks, lang_tokens, lang_masks, state, noise=None, num_steps=None, graph=None, **kwargs
+    ) -> Tensor:
         with self.graph_conditioning(graph):
             return super().sample_actions(images, img_masks, lang_tokens, lang_masks, state, noise, num_steps, **kwargs)
 
@@ -206,8 +207,9 @@ class PI0GraphPolicy(PI0Policy):
             noise = self.model.sample_noise(actions.shape, actions.device)
         if time is None:
             time = self.model.sample_time(actions.shape[0], actions.device)
-        losses = self.model(images, img_masks, lang_tokens, lang_masks, state, actions, noise, time,
-                            graph=self._graph(batch))  # fmt: skip
+        losses = self.model(
+            images, img_masks, lang_tokens, lang_masks, state, actions, noise, time, graph=self._graph(batch)
+        )
         action_dim = self.config.output_features[ACTION].shape[0]
         per_step = losses[:, :, :action_dim].mean(dim=-1)
         valid = ~batch["action_is_pad"] if "action_is_pad" in batch else torch.ones_like(per_step, dtype=torch.bool)

@@ -34,8 +34,13 @@ from lerobot.utils.constants import POLICY_POSTPROCESSOR_DEFAULT_NAME, POLICY_PR
 TINY_VLM = GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=8, num_kv_heads=1, head_dim=16)
 TINY_EXPERT = GemmaConfig(width=32, depth=2, mlp_dim=64, num_heads=8, num_kv_heads=1, head_dim=16)
 TINY_VOCAB_SIZE = 512
-TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-               "patch_size": 16}  # fmt: skip
+TINY_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "patch_size": 16,
+}
 MODEL_SIZES = ("full", "tiny")
 
 
@@ -123,14 +128,27 @@ def count_parameters(module: torch.nn.Module) -> int:
 # --- Tokenizer and processors ------------------------------------------------------------------
 
 _TOKENIZER_CORPUS = [
-    "touch the red ball", "reach the red ball", "move the tip to the red ball", "touch the blue target",
-    "bend the arm to the left", "bend the arm to the right", "curl the soft arm upward",
-    "put the bowl on the plate", "open the top drawer of the cabinet", "pick up the black bowl",
-    "put the cream cheese in the bowl", "turn on the stove", "put the wine bottle on top of the cabinet",
-    "pick up the alphabet soup and place it in the basket", "push the plate to the front of the stove",
-    "put both the alphabet soup and the tomato sauce in the basket", "stack the left bowl on the right bowl",
-    "close the microwave", "put the mug on the plate", "pick up the book and place it in the back compartment",
-]  # fmt: skip
+    "touch the red ball",
+    "reach the red ball",
+    "move the tip to the red ball",
+    "touch the blue target",
+    "bend the arm to the left",
+    "bend the arm to the right",
+    "curl the soft arm upward",
+    "put the bowl on the plate",
+    "open the top drawer of the cabinet",
+    "pick up the black bowl",
+    "put the cream cheese in the bowl",
+    "turn on the stove",
+    "put the wine bottle on top of the cabinet",
+    "pick up the alphabet soup and place it in the basket",
+    "push the plate to the front of the stove",
+    "put both the alphabet soup and the tomato sauce in the basket",
+    "stack the left bowl on the right bowl",
+    "close the microwave",
+    "put the mug on the plate",
+    "pick up the book and place it in the back compartment",
+]
 
 
 def build_local_tokenizer(vocab_size: int = 500) -> Any:
@@ -150,8 +168,7 @@ def build_local_tokenizer(vocab_size: int = 500) -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(_TOKENIZER_CORPUS * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>",
-                                   eos_token="<eos>")  # fmt: skip
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
 
 
 def load_tokenizer(name_or_path: str | Path) -> Any:

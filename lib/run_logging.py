@@ -50,8 +50,13 @@ def init_trackers(
 
             id_file.write_text(wandb.util.generate_id())
         accelerator.wait_for_everyone()
-        init_kwargs["wandb"] = {"mode": wandb_mode, "name": run_name, "id": id_file.read_text().strip(),
-                                "resume": "allow", "dir": str(output_dir)}  # fmt: skip
+        init_kwargs["wandb"] = {
+            "mode": wandb_mode,
+            "name": run_name,
+            "id": id_file.read_text().strip(),
+            "resume": "allow",
+            "dir": str(output_dir),
+        }
     accelerator.init_trackers(project, config=config, init_kwargs=init_kwargs)
 
 
@@ -77,7 +82,7 @@ def plot_metrics(metrics_file: str | Path, png_file: str | Path, keys: tuple[str
     for key in keys:
         points = sorted({row["step"]: row[key] for row in rows if key in row}.items())
         if points:
-            axis.plot(*zip(*points), marker="." if len(points) < 50 else None, label=key)
+            axis.plot(*zip(*points, strict=True), marker="." if len(points) < 50 else None, label=key)
     axis.set_xlabel("step")
     axis.set_yscale("log")
     axis.grid(alpha=0.3)

@@ -58,7 +58,7 @@ class RawEpisode:
 
 
 def _expect_shape(path: Path, key: str, array: np.ndarray, expected: tuple[int | None, ...]) -> None:
-    if array.ndim != len(expected) or any(e is not None and a != e for a, e in zip(array.shape, expected)):
+    if array.ndim != len(expected) or any(e is not None and a != e for a, e in zip(array.shape, expected, strict=True)):
         shown = ", ".join("T" if e is None else str(e) for e in expected)
         raise EpisodeError(f"{path}: '{key}' has shape {array.shape}, expected ({shown})")
 
@@ -108,8 +108,15 @@ def save_raw_episode(path: str | Path, episode: RawEpisode) -> None:
     """Write `episode` atomically (a temporary name, then a rename): no half-written episodes."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, images=episode.images, actions=episode.actions, graph=episode.graph,
-                        state=episode.state, instruction=np.array(episode.instruction), fps=np.array(episode.fps))  # fmt: skip
+    np.savez_compressed(
+        tmp,
+        images=episode.images,
+        actions=episode.actions,
+        graph=episode.graph,
+        state=episode.state,
+        instruction=np.array(episode.instruction),
+        fps=np.array(episode.fps),
+    )
     tmp.rename(path)
 
 
@@ -159,8 +166,14 @@ def make_soft_arm_datasets(
     resize = v2.Resize((image_size, image_size), antialias=True)
 
     def view(episodes: list[int]) -> LeRobotDataset:
-        return LeRobotDataset(repo_id=meta.repo_id, root=root, episodes=episodes,
-                              delta_timestamps=delta_timestamps, image_transforms=resize, video_backend="pyav")  # fmt: skip
+        return LeRobotDataset(
+            repo_id=meta.repo_id,
+            root=root,
+            episodes=episodes,
+            delta_timestamps=delta_timestamps,
+            image_transforms=resize,
+            video_backend="pyav",
+        )
 
     return view(train_episodes), (view(val_episodes) if val_episodes else None)
 

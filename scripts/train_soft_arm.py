@@ -130,14 +130,26 @@ def validate_config(config) -> None:
     check(0 <= config.data.val_fraction < 1, "data.val_fraction", "in [0, 1)", config.data.val_fraction)
     check(config.data.chunk_size > 0, "data.chunk_size", "> 0", config.data.chunk_size)
     check(config.train.steps > 0, "train.steps", "> 0", config.train.steps)
-    check(config.train.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", ">= 1",
-          config.train.gradient_accumulation_steps)  # fmt: skip
-    check(config.train.mixed_precision in (None, "no", "bf16", "fp16"), "train.mixed_precision",
-          "null, 'no', 'bf16' or 'fp16'", config.train.mixed_precision)  # fmt: skip
+    check(
+        config.train.gradient_accumulation_steps >= 1,
+        "train.gradient_accumulation_steps",
+        ">= 1",
+        config.train.gradient_accumulation_steps,
+    )
+    check(
+        config.train.mixed_precision in (None, "no", "bf16", "fp16"),
+        "train.mixed_precision",
+        "null, 'no', 'bf16' or 'fp16'",
+        config.train.mixed_precision,
+    )
     check(config.model.dtype in ("float32", "bfloat16"), "model.dtype", "'float32' or 'bfloat16'", config.model.dtype)
     check(len(config.optim.betas) == 2, "optim.betas", "a list of two floats", list(config.optim.betas))
-    check(set(config.tracking.report_to) <= {"tensorboard", "wandb"}, "tracking.report_to",
-          "a subset of [tensorboard, wandb]", list(config.tracking.report_to))  # fmt: skip
+    check(
+        set(config.tracking.report_to) <= {"tensorboard", "wandb"},
+        "tracking.report_to",
+        "a subset of [tensorboard, wandb]",
+        list(config.tracking.report_to),
+    )
     for key in ("log_every", "val_every", "save_every"):
         check(config.train[key] > 0, f"train.{key}", "> 0", config.train[key])
 
@@ -203,8 +215,11 @@ def main() -> int:
     logger = setup_logging(output_dir, accelerator.process_index, accelerator.is_main_process)
     logger.info(
         "processes: %d (%s), device: %s, mixed precision: %s",
-        accelerator.num_processes, accelerator.distributed_type, accelerator.device, accelerator.mixed_precision,
-    )  # fmt: skip
+        accelerator.num_processes,
+        accelerator.distributed_type,
+        accelerator.device,
+        accelerator.mixed_precision,
+    )
     set_seed(config.seed)
 
     # ------------------------------------------------------------------------------------------
@@ -212,10 +227,17 @@ def main() -> int:
     train_dataset, val_dataset = make_soft_arm_datasets(
         config.data.root, config.data.val_fraction, config.seed, config.data.chunk_size, config.data.image_size
     )
-    logger.info("dataset %s: %d train frames, %d val frames", config.data.root, len(train_dataset),
-                len(val_dataset) if val_dataset else 0)  # fmt: skip
-    loader_kwargs = {"batch_size": config.data.batch_size, "num_workers": config.data.num_workers,
-                     "pin_memory": torch.cuda.is_available()}  # fmt: skip
+    logger.info(
+        "dataset %s: %d train frames, %d val frames",
+        config.data.root,
+        len(train_dataset),
+        len(val_dataset) if val_dataset else 0,
+    )
+    loader_kwargs = {
+        "batch_size": config.data.batch_size,
+        "num_workers": config.data.num_workers,
+        "pin_memory": torch.cuda.is_available(),
+    }
     train_loader = torch.utils.data.DataLoader(train_dataset, shuffle=True, drop_last=True, **loader_kwargs)
     val_loader = torch.utils.data.DataLoader(val_dataset, shuffle=False, **loader_kwargs) if val_dataset else None
     if len(train_loader) == 0:
@@ -226,9 +248,9 @@ def main() -> int:
     state_dim = train_dataset.meta.features[STATE_KEY]["shape"][0]
     image_shape = (3, config.data.image_size, config.data.image_size)
     policy_config = PI0GraphConfig(
-        model_size=config.model.pretrained if config.model.pretrained in MODEL_SIZES else saved_model_size(
-            config.model.pretrained
-        ),
+        model_size=config.model.pretrained
+        if config.model.pretrained in MODEL_SIZES
+        else saved_model_size(config.model.pretrained),
         use_graph=config.model.use_graph,
         dtype=config.model.dtype,
         chunk_size=config.data.chunk_size,
@@ -250,8 +272,12 @@ def main() -> int:
     policy = make_pi0_policy(config.model.pretrained, policy_config, PI0GraphPolicy, **pretrained_kwargs)
     tokenizer = load_tokenizer(config.model.tokenizer)
     preprocessor, postprocessor = make_pi0_processors(policy.config, tokenizer, dataset_stats(train_dataset))
-    logger.info("policy: %s pi0 with graph=%s, %.2f M parameters", policy_config.model_size,
-                config.model.use_graph, count_parameters(policy) / 1e6)  # fmt: skip
+    logger.info(
+        "policy: %s pi0 with graph=%s, %.2f M parameters",
+        policy_config.model_size,
+        config.model.use_graph,
+        count_parameters(policy) / 1e6,
+    )
 
     # ------------------------------------------------------------------------------------------
     # Optimizer (AdamW, openpi's betas) and warm-up + cosine schedule. The scheduler is stepped
@@ -307,8 +333,12 @@ def main() -> int:
                 break
             with accelerator.autocast():
                 loss = flow_loss(batch, noise_seed=10_000_019 * (index + 1) + accelerator.process_index)
-            total += torch.stack([loss.detach().float() * len(batch[ACTION_KEY]), torch.tensor(
-                float(len(batch[ACTION_KEY])), device=accelerator.device)])  # fmt: skip
+            total += torch.stack(
+                [
+                    loss.detach().float() * len(batch[ACTION_KEY]),
+                    torch.tensor(float(len(batch[ACTION_KEY])), device=accelerator.device),
+                ]
+            )
         policy.train()
         total = accelerator.reduce(total, reduction="sum")
         return (total[0] / total[1]).item()
@@ -317,8 +347,14 @@ def main() -> int:
     # Trackers and the loop.
     total_steps = 1 if args.dry_run else config.train.steps
     if not args.dry_run:
-        init_trackers(accelerator, output_dir, config.tracking.project, config.tracking.run_name,
-                      to_flat_dict(config), config.tracking.wandb_mode)  # fmt: skip
+        init_trackers(
+            accelerator,
+            output_dir,
+            config.tracking.project,
+            config.tracking.run_name,
+            to_flat_dict(config),
+            config.tracking.wandb_mode,
+        )
         if accelerator.is_main_process:
             OmegaConf.save(config, output_dir / "config.yaml")
     metrics_file = output_dir / "metrics.jsonl"
@@ -364,15 +400,25 @@ def main() -> int:
                 train_loss = accelerator.reduce(running_loss / running_count, reduction="mean").item()
                 elapsed = time.perf_counter() - window_start
                 samples = running_count * config.data.batch_size * accelerator.num_processes
-                metrics = {"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0],
-                           "train/grad_norm": float(grad_norm), "train/samples_per_s": samples / elapsed,
-                           "train/epoch": epoch}  # fmt: skip
+                metrics = {
+                    "train/loss": train_loss,
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/grad_norm": float(grad_norm),
+                    "train/samples_per_s": samples / elapsed,
+                    "train/epoch": epoch,
+                }
                 accelerator.log(metrics, step=step)
                 if accelerator.is_main_process:
                     append_metrics(metrics_file, step, metrics)
                 progress_bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{metrics['train/lr']:.2e}")
-                logger.info("step %d loss %.4f lr %.3e grad_norm %.3f %.1f samples/s", step, train_loss,
-                            metrics["train/lr"], metrics["train/grad_norm"], metrics["train/samples_per_s"])  # fmt: skip
+                logger.info(
+                    "step %d loss %.4f lr %.3e grad_norm %.3f %.1f samples/s",
+                    step,
+                    train_loss,
+                    metrics["train/lr"],
+                    metrics["train/grad_norm"],
+                    metrics["train/samples_per_s"],
+                )
                 running_loss.zero_()
                 running_count = 0
                 window_start = time.perf_counter()
@@ -405,7 +451,7 @@ def main() -> int:
     if args.dry_run:
         logger.info("dry run ok: one step on %d process(es), loss %.4f", accelerator.num_processes, loss.item())
     accelerator.wait_for_everyone()
-    del policy, optimizer, train_loader, val_loader
+    policy = optimizer = train_loader = val_loader = None  # drop the last references before free_memory
     accelerator.free_memory()
     gc.collect()
     accelerator.end_training()

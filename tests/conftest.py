@@ -22,7 +22,9 @@ def run(command: list[str], cwd: Path = REPO, timeout: float = 600, check: bool 
     """Run a project command; on failure show its output."""
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, **kwargs)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+        )
     return result
 
 
@@ -36,8 +38,20 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def raw_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("soft_arm_raw")
-    run([PYTHON, "data_prep/make_fake_soft_arm.py", "--output_dir", str(path), "--episodes", "6", "--length", "24",
-         "--image_size", "64"])  # fmt: skip
+    run(
+        [
+            PYTHON,
+            "data_prep/make_fake_soft_arm.py",
+            "--output_dir",
+            str(path),
+            "--episodes",
+            "6",
+            "--length",
+            "24",
+            "--image_size",
+            "64",
+        ]
+    )
     return path
 
 
@@ -51,5 +65,13 @@ def dataset_dir(raw_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def train_args(tokenizer_dir, dataset_dir) -> list[str]:
     """Overrides that point configs/debug_config.yaml at the session's data, small and quiet."""
-    return ["--config", "configs/debug_config.yaml", f"model.tokenizer={tokenizer_dir}", f"data.root={dataset_dir}",
-            "data.batch_size=4", "data.val_fraction=0.34", "train.val_batches=2", "tracking.report_to=[]"]  # fmt: skip
+    return [
+        "--config",
+        "configs/debug_config.yaml",
+        f"model.tokenizer={tokenizer_dir}",
+        f"data.root={dataset_dir}",
+        "data.batch_size=4",
+        "data.val_fraction=0.34",
+        "train.val_batches=2",
+        "tracking.report_to=[]",
+    ]

@@ -49,11 +49,13 @@ def test_missing_file():
 
 
 def test_train_script_rejects_unknown_key_and_bad_value():
-    result = run([PYTHON, "scripts/train_soft_arm.py", "--config", "configs/debug_config.yaml", "train.stepz=5"],
-                 check=False)  # fmt: skip
+    result = run(
+        [PYTHON, "scripts/train_soft_arm.py", "--config", "configs/debug_config.yaml", "train.stepz=5"], check=False
+    )
     assert result.returncode == 2 and "unknown config key 'train.stepz'" in result.stderr
-    result = run([PYTHON, "scripts/train_soft_arm.py", "--config", "configs/debug_config.yaml", "data.batch_size=0"],
-                 check=False)  # fmt: skip
+    result = run(
+        [PYTHON, "scripts/train_soft_arm.py", "--config", "configs/debug_config.yaml", "data.batch_size=0"], check=False
+    )
     assert result.returncode == 2 and "'data.batch_size' must be > 0" in result.stderr
 
 

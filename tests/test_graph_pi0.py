@@ -17,10 +17,15 @@ def make_config(**overrides) -> PI0GraphConfig:
         "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(10,)),
         GRAPH_KEY: PolicyFeature(type=FeatureType.STATE, shape=(10, 19)),
     }
-    return PI0GraphConfig(model_size="tiny", chunk_size=CHUNK, n_action_steps=CHUNK, device="cpu",
-                          input_features=features,
-                          output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(10,))},
-                          **overrides)  # fmt: skip
+    return PI0GraphConfig(
+        model_size="tiny",
+        chunk_size=CHUNK,
+        n_action_steps=CHUNK,
+        device="cpu",
+        input_features=features,
+        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(10,))},
+        **overrides,
+    )
 
 
 def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -37,8 +42,13 @@ def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def model_inputs(policy, batch):
     images, img_masks = policy._preprocess_images(batch)
-    return (images, img_masks, batch["observation.language.tokens"], batch["observation.language.attention_mask"],
-            policy.prepare_state(batch))  # fmt: skip
+    return (
+        images,
+        img_masks,
+        batch["observation.language.tokens"],
+        batch["observation.language.attention_mask"],
+        policy.prepare_state(batch),
+    )
 
 
 def test_encoder_shapes_and_gradients():
@@ -74,7 +84,9 @@ def test_without_graph_equals_parent_pi0():
     noise, time = seeded_noise_and_time(parent, BATCH, seed=1, device="cpu")
     expected = parent(*inputs, actions, noise, time)
     assert torch.equal(graph_policy.model(*inputs, actions, noise, time, graph=None), expected)
-    assert torch.equal(graph_policy.model.sample_actions(*inputs, noise=noise), parent.sample_actions(*inputs, noise=noise))
+    assert torch.equal(
+        graph_policy.model.sample_actions(*inputs, noise=noise), parent.sample_actions(*inputs, noise=noise)
+    )
     # ... and a graph changes the result: the tokens really reach the expert.
     with_graph = graph_policy.model(*inputs, actions, noise, time, graph=batch[GRAPH_KEY])
     assert not torch.allclose(with_graph, expected)
@@ -98,8 +110,9 @@ def test_padded_action_steps_do_not_count():
     batch["action_is_pad"] = torch.zeros(BATCH, CHUNK, dtype=torch.bool)
     batch["action_is_pad"][:, CHUNK // 2 :] = True
     loss, _ = policy(batch, noise=noise, time=time)
-    per_element = policy.model(*model_inputs(policy, batch), policy.prepare_action(batch), noise, time,
-                               graph=batch[GRAPH_KEY])  # fmt: skip
+    per_element = policy.model(
+        *model_inputs(policy, batch), policy.prepare_action(batch), noise, time, graph=batch[GRAPH_KEY]
+    )
     # Only the real action dims (10 of 32) of the steps before the episode's end count.
     assert torch.allclose(loss, per_element[:, : CHUNK // 2, :10].mean())
 

@@ -26,9 +26,17 @@ def test_load_raw_episode_names_file_and_problem(raw_dir, tmp_path):
     with pytest.raises(EpisodeError, match="episode_corrupt.npz.*cannot be read"):
         load_raw_episode(corrupt)
     wrong = tmp_path / "episode_wrong.npz"
-    np.savez(wrong, images=good.images, actions=good.actions, graph=good.graph[:, :, :18],
-             instruction=np.array("x"), fps=np.array(10))  # fmt: skip
-    with pytest.raises(EpisodeError, match=r"episode_wrong.npz: 'graph' has shape \(24, 10, 18\), expected \(T, 10, 19\)"):
+    np.savez(
+        wrong,
+        images=good.images,
+        actions=good.actions,
+        graph=good.graph[:, :, :18],
+        instruction=np.array("x"),
+        fps=np.array(10),
+    )
+    with pytest.raises(
+        EpisodeError, match=r"episode_wrong.npz: 'graph' has shape \(24, 10, 18\), expected \(T, 10, 19\)"
+    ):
         load_raw_episode(wrong)
     with pytest.raises(EpisodeError, match="missing.npz: cannot be read"):
         load_raw_episode(tmp_path / "missing.npz")
@@ -47,7 +55,9 @@ def test_conversion_skips_and_counts_bad_episodes_and_resumes(raw_dir, tmp_path)
 
     output = tmp_path / "dataset"
     result = run([PYTHON, "data_prep/soft_arm_to_lerobot.py", "--raw_dir", str(raw), "--output_dir", str(output)])
-    assert "episode_000002.npz" in result.stdout + result.stderr and "episode_000003.npz" in result.stdout + result.stderr
+    assert (
+        "episode_000002.npz" in result.stdout + result.stderr and "episode_000003.npz" in result.stdout + result.stderr
+    )
     report = json.loads((output / "meta/soft_arm_conversion.json").read_text())
     assert report["converted"] == 3 and report["skipped_count"] == 2
     assert "expected (T, 10)" in report["skipped"]["episode_000003.npz"]
@@ -64,8 +74,19 @@ def test_conversion_skips_and_counts_bad_episodes_and_resumes(raw_dir, tmp_path)
     assert val is None and train.num_episodes == 4 and len(train) == 4 * 24
 
     # Too many bad episodes fail the run (after saving what is good).
-    result = run([PYTHON, "data_prep/soft_arm_to_lerobot.py", "--raw_dir", str(raw), "--output_dir", str(output),
-                  "--max_bad_fraction", "0.1"], check=False)  # fmt: skip
+    result = run(
+        [
+            PYTHON,
+            "data_prep/soft_arm_to_lerobot.py",
+            "--raw_dir",
+            str(raw),
+            "--output_dir",
+            str(output),
+            "--max_bad_fraction",
+            "0.1",
+        ],
+        check=False,
+    )
     assert result.returncode == 1 and "max_bad_fraction" in result.stderr
 
 
@@ -73,8 +94,10 @@ def test_conversion_refuses_foreign_output(raw_dir, tmp_path):
     foreign = tmp_path / "somebody_elses"
     foreign.mkdir()
     (foreign / "precious.txt").write_text("keep me")
-    result = run([PYTHON, "data_prep/soft_arm_to_lerobot.py", "--raw_dir", str(raw_dir), "--output_dir", str(foreign)],
-                 check=False)  # fmt: skip
+    result = run(
+        [PYTHON, "data_prep/soft_arm_to_lerobot.py", "--raw_dir", str(raw_dir), "--output_dir", str(foreign)],
+        check=False,
+    )
     assert result.returncode != 0 and "not written by this converter" in result.stderr
     assert (foreign / "precious.txt").read_text() == "keep me"
 

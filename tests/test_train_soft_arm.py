@@ -34,9 +34,21 @@ def ranks_seen(output_dir: Path) -> set[str]:
 
 def test_two_process_launch_checkpoint_loads(train_args, tmp_path):
     output_dir = tmp_path / "run"
-    result = run([ACCELERATE, "launch", "--config_file", "accelerate_configs/cpu_2proc.yaml", SCRIPT, *train_args,
-                  f"output_dir={output_dir}", "train.steps=4", "train.log_every=2", "train.val_every=2",
-                  "train.save_every=2"])  # fmt: skip
+    result = run(
+        [
+            ACCELERATE,
+            "launch",
+            "--config_file",
+            "accelerate_configs/cpu_2proc.yaml",
+            SCRIPT,
+            *train_args,
+            f"output_dir={output_dir}",
+            "train.steps=4",
+            "train.log_every=2",
+            "train.val_every=2",
+            "train.save_every=2",
+        ]
+    )
     assert ranks_seen(output_dir) == {"0/2", "1/2"}
     assert "final train loss" in result.stdout
     checkpoint = output_dir / "checkpoints" / "last" / "pretrained_model"
@@ -60,14 +72,23 @@ def test_two_process_launch_checkpoint_loads(train_args, tmp_path):
 
 
 def test_resume_continues_to_the_same_loss(train_args, tmp_path):
-    common = [*train_args, "train.steps=6", "train.log_every=1", "train.val_every=3", "train.save_every=3",
-              "train.keep_last=5", "data.num_workers=1"]  # fmt: skip
+    common = [
+        *train_args,
+        "train.steps=6",
+        "train.log_every=1",
+        "train.val_every=3",
+        "train.save_every=3",
+        "train.keep_last=5",
+        "data.num_workers=1",
+    ]
     uninterrupted = tmp_path / "uninterrupted"
     run([PYTHON, SCRIPT, *common, f"output_dir={uninterrupted}"])
     # A second run starts from the uninterrupted run's mid-way checkpoint (step 3) and resumes.
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
-    subprocess.run(["cp", "-r", str(uninterrupted / "checkpoints/step_00000003"), str(resumed / "checkpoints")], check=True)
+    subprocess.run(
+        ["cp", "-r", str(uninterrupted / "checkpoints/step_00000003"), str(resumed / "checkpoints")], check=True
+    )
     result = run([PYTHON, SCRIPT, *common, f"output_dir={resumed}", "--resume", "latest"])
     assert "resumed from" in result.stdout and "at step 3" in result.stdout
     expected = {row["step"]: row["train/loss"] for row in metrics(uninterrupted) if "train/loss" in row}
@@ -83,8 +104,11 @@ def test_sigterm_saves_and_exits_zero(train_args, tmp_path):
     output_dir = tmp_path / "run"
     process = subprocess.Popen(
         [PYTHON, SCRIPT, *train_args, f"output_dir={output_dir}", "train.steps=100000", "train.save_every=100000"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     log = output_dir / "train_rank0.log"
     deadline = time.time() + 300
     while time.time() < deadline and not (log.exists() and re.search(r"step \d+ loss", log.read_text())):
@@ -115,9 +139,20 @@ LAUNCH_CONFIGS = {
 def test_dry_run_under_each_launch_config(launch_config, train_args, tmp_path):
     """The GPU configs are checked without a GPU: the launcher settings (process count scaled down
     to 2, mixed precision from the file) around one real step on the CPU."""
-    result = run([ACCELERATE, "launch", "--config_file", f"accelerate_configs/{launch_config}",
-                  *LAUNCH_CONFIGS[launch_config], SCRIPT, *train_args, f"output_dir={tmp_path}",
-                  "train.mixed_precision=null", "--dry_run"])  # fmt: skip
+    result = run(
+        [
+            ACCELERATE,
+            "launch",
+            "--config_file",
+            f"accelerate_configs/{launch_config}",
+            *LAUNCH_CONFIGS[launch_config],
+            SCRIPT,
+            *train_args,
+            f"output_dir={tmp_path}",
+            "train.mixed_precision=null",
+            "--dry_run",
+        ]
+    )
     processes = 1 if launch_config == "1gpu.yaml" else 2
     assert f"dry run ok: one step on {processes} process(es)" in result.stdout
     assert len(ranks_seen(tmp_path)) == processes
