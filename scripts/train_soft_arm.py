@@ -391,6 +391,7 @@ def main() -> int:
             running_count += 1
             if not accelerator.sync_gradients:
                 continue
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
             step += 1
             progress.step = step
@@ -402,7 +403,7 @@ def main() -> int:
                 samples = running_count * config.data.batch_size * accelerator.num_processes
                 metrics = {
                     "train/loss": train_loss,
-                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/lr": lr,
                     "train/grad_norm": float(grad_norm),
                     "train/samples_per_s": samples / elapsed,
                     "train/epoch": epoch,

@@ -146,3 +146,25 @@ def test_save_load_round_trip(tmp_path):
 def test_unknown_model_name_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="nonexistent_model"):
         make_pi0_policy("nonexistent_model")
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    """Checkpointing recomputes parts of embed_suffix in backward: the graph tokens must survive."""
+    torch.manual_seed(0)
+    plain = PI0GraphPolicy(make_config())
+    checkpointed = PI0GraphPolicy(make_config(gradient_checkpointing=True))
+    checkpointed.load_state_dict(plain.state_dict())
+    batch = make_batch()
+    noise, time = seeded_noise_and_time(plain.model, BATCH, seed=7, device="cpu")
+    results = []
+    for policy in (plain, checkpointed):
+        policy.train()
+        loss, _ = policy(batch, noise=noise, time=time)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert checkpointed.model.gradient_checkpointing_enabled
+    assert torch.allclose(loss_a, loss_b) and grads_a.keys() == grads_b.keys()
+    assert any(name.startswith("model.graph_encoder.") for name in grads_b)
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-6), name

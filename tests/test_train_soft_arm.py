@@ -158,3 +158,23 @@ def test_dry_run_under_each_launch_config(launch_config, train_args, tmp_path):
     assert len(ranks_seen(tmp_path)) == processes
     expected_precision = "no" if launch_config == "cpu_2proc.yaml" else "bf16"
     assert f"mixed precision: {expected_precision}" in (tmp_path / "train_rank0.log").read_text()
+
+
+def test_gradient_accumulation_and_checkpointing_run(train_args, tmp_path):
+    run(
+        [
+            PYTHON,
+            SCRIPT,
+            *train_args,
+            f"output_dir={tmp_path}",
+            "train.steps=2",
+            "train.log_every=1",
+            "train.gradient_accumulation_steps=2",
+            "model.gradient_checkpointing=true",
+            "optim.warmup_steps=2",
+        ]
+    )
+    rows = [row for row in metrics(tmp_path) if "train/loss" in row]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert [row["train/lr"] for row in rows] == [pytest.approx(5e-4), pytest.approx(1e-3)]
+    assert all(torch.isfinite(torch.tensor(row["train/loss"])) for row in rows)
