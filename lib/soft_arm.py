@@ -59,7 +59,7 @@ class RawEpisode:
 
 def _expect_shape(path: Path, key: str, array: np.ndarray, expected: tuple[int | None, ...]) -> None:
     if array.ndim != len(expected) or any(e is not None and a != e for a, e in zip(array.shape, expected, strict=True)):
-        shown = ", ".join("T" if e is None else str(e) for e in expected)
+        shown = ", ".join(str(e) if e is not None else ("T" if i == 0 else "*") for i, e in enumerate(expected))
         raise EpisodeError(f"{path}: '{key}' has shape {array.shape}, expected ({shown})")
 
 

@@ -303,14 +303,17 @@ def main() -> int:
         accelerator.load_state(str(checkpoint / "training_state"))
         logger.info("resumed from %s at step %d", checkpoint, progress.step)
 
-    def save_model(directory: Path) -> None:
-        unwrapped = accelerator.unwrap_model(policy)
-        unwrapped.save_pretrained(directory, state_dict=accelerator.get_state_dict(policy, unwrap=True))
-        preprocessor.save_pretrained(directory)
-        postprocessor.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-
     def save(step: int) -> Path:
+        # Every rank takes part in gathering the weights (a collective under FSDP); the main
+        # process writes them as safetensors with the processors and the tokenizer.
+        state_dict = accelerator.get_state_dict(policy, unwrap=True)
+
+        def save_model(directory: Path) -> None:
+            accelerator.unwrap_model(policy).save_pretrained(directory, state_dict=state_dict)
+            preprocessor.save_pretrained(directory)
+            postprocessor.save_pretrained(directory)
+            tokenizer.save_pretrained(directory)
+
         path = save_checkpoint(accelerator, output_dir, step, save_model, config.train.keep_last)
         logger.info("saved checkpoint %s", path)
         return path
