@@ -1,0 +1,183 @@
+"""RIPT pieces on hand-made groups, and the RL objectives on the real tiny pi0."""
+
+import pytest
+import torch
+from lerobot.configs import FeatureType, PolicyFeature
+
+from lib.pi0 import seeded_noise_and_time
+from lib.ript import (
+    NULL_FLAG,
+    OPTIMAL_FLAG,
+    PI0CFGConfig,
+    PI0CFGPolicy,
+    StateOutcomeHistory,
+    collect_informative_groups,
+    is_informative,
+    leave_one_out_advantages,
+)
+
+
+def test_leave_one_out_advantages_exact():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    expected = torch.tensor([[2 / 3, -2 / 3, -2 / 3, 2 / 3], [1 / 3, 1 / 3, 1 / 3, -1.0], [0.0, 0.0, 0.0, 0.0]])
+    assert torch.allclose(leave_one_out_advantages(rewards), expected)
+    assert torch.allclose(leave_one_out_advantages(torch.tensor([[3.0, 1.0]])), torch.tensor([[2.0, -2.0]]))
+    with pytest.raises(ValueError, match=r"\(groups, K\) with K >= 2"):
+        leave_one_out_advantages(torch.tensor([[1.0], [0.0]]))
+
+
+def test_is_informative():
+    assert is_informative(torch.tensor([1.0, 0.0, 1.0]))
+    assert not is_informative(torch.tensor([1.0, 1.0, 1.0]))
+    assert not is_informative(torch.tensor([0.0, 0.0]))
+
+
+def test_history_skips_states_solved_in_a_row_then_retries():
+    history = StateOutcomeHistory(skip_after=3, skip_for=2)
+    solved, mixed = torch.ones(4), torch.tensor([1.0, 0.0, 1.0, 1.0])
+    for _ in range(2):
+        history.record((0, 1), solved)
+    history.record((0, 1), mixed)  # a failure breaks the streak
+    for _ in range(2):
+        history.record((0, 1), solved)
+    assert not history.take_skip((0, 1))
+    history.record((0, 1), solved)  # third in a row
+    assert [history.take_skip((0, 1)) for _ in range(3)] == [True, True, False]
+    restored = StateOutcomeHistory(skip_after=3, skip_for=2)
+    history.record((5, 7), solved)
+    restored.load_state_dict(history.state_dict())
+    assert restored.solved_streak == history.solved_streak and restored.skips_left == history.skips_left
+
+
+def test_collect_refills_until_enough_informative_groups():
+    # Init states are ints; each one's K=4 outcomes are fixed by hand.
+    outcomes = {0: [1, 1, 1, 1], 1: [0, 0, 0, 0], 2: [1, 0, 0, 0], 3: [1, 1, 0, 1], 4: [0, 1, 0, 0], 5: [0, 0, 0, 0]}
+    draws = iter([[0, 1], [2, 3], [4, 5]])
+    rolled = []
+
+    def rollout(states):
+        rolled.extend(states)
+        return torch.tensor([outcomes[s] for s in states], dtype=torch.float32)
+
+    kept, stats = collect_informative_groups(
+        lambda: next(draws), rollout, lambda s: (0, s), StateOutcomeHistory(), target_groups=3, max_rounds=10
+    )
+    assert [state for state, _ in kept] == [2, 3, 4]
+    assert rolled == [0, 1, 2, 3, 4, 5]
+    assert (stats.rounds, stats.dropped_all_success, stats.dropped_all_failure) == (3, 1, 2)
+
+
+def test_collect_stops_at_round_limit_and_never_loops_on_a_solved_task():
+    history = StateOutcomeHistory(skip_after=1, skip_for=100)
+
+    def rollout(states):
+        return torch.ones(len(states), 4)  # everything always solved: no group is informative
+
+    kept, stats = collect_informative_groups(
+        lambda: [0, 1], rollout, lambda s: (0, s), history, target_groups=2, max_rounds=5
+    )
+    assert kept == [] and stats.rounds == 5
+    # After round 1 every drawn state rests, so each draw is rolled out anyway (progress guaranteed).
+    assert stats.groups_rolled_out == 10 and stats.skipped_states == 0
+
+
+def test_collect_skips_resting_states_while_others_remain():
+    history = StateOutcomeHistory(skip_after=1, skip_for=1)
+    history.record((0, 0), torch.ones(2))  # state 0 rests for one draw
+    rollout_calls = []
+
+    def rollout(states):
+        rollout_calls.append(list(states))
+        return torch.tensor([[1.0, 0.0]] * len(states))
+
+    kept, stats = collect_informative_groups(
+        lambda: [0, 1], rollout, lambda s: (0, s), history, target_groups=3, max_rounds=3
+    )
+    assert rollout_calls == [[1], [0, 1]] and stats.skipped_states == 1 and len(kept) == 3
+
+
+# --- Objectives on the tiny pi0 ------------------------------------------------------------------
+
+BATCH, CHUNK = 4, 8
+
+
+@pytest.fixture(scope="module")
+def policy():
+    torch.manual_seed(0)
+    config = PI0CFGConfig(
+        model_size="tiny",
+        chunk_size=CHUNK,
+        n_action_steps=CHUNK,
+        device="cpu",
+        guidance_weight=1.5,
+        input_features={
+            "observation.images.agentview": PolicyFeature(type=FeatureType.VISUAL, shape=(3, 64, 64)),
+            "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(8,)),
+        },
+        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(7,))},
+    )
+    policy = PI0CFGPolicy(config)
+    with torch.no_grad():  # a trained-looking flag embedding, so the two branches differ
+        policy.model.condition_embedding.weight.normal_(0, 0.5)
+    return policy
+
+
+def make_batch():
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "observation.images.agentview": torch.rand(BATCH, 3, 64, 64, generator=generator),
+        "observation.state": torch.randn(BATCH, 8, generator=generator),
+        "action": torch.randn(BATCH, CHUNK, 7, generator=generator),
+        "observation.language.tokens": torch.randint(0, 500, (BATCH, 10), generator=generator),
+        "observation.language.attention_mask": torch.ones(BATCH, 10, dtype=torch.bool),
+    }
+
+
+def test_cfg_rl_loss_is_the_formula_and_reaches_the_condition_token(policy):
+    batch, advantages = make_batch(), torch.tensor([0.5, -0.5, 0.0, 1.0])
+    noise, time = seeded_noise_and_time(policy.model, BATCH, seed=2, device="cpu")
+    policy.zero_grad()
+    loss, info = policy(batch, advantages, noise, time, objective="cfg_rl", alpha=0.1)
+    loss.backward()
+    with torch.no_grad():
+        cond = policy.flow_losses(batch, torch.full((BATCH,), OPTIMAL_FLAG), noise, time)
+        null = policy.flow_losses(batch, torch.full((BATCH,), NULL_FLAG), noise, time)
+    expected = (torch.tensor([1.0, 0.0, 0.0, 1.0]) * cond + 0.1 * null).mean()
+    assert torch.allclose(loss, expected, atol=1e-6) and info["positive_fraction"] == 0.5
+    grad = policy.model.condition_embedding.weight.grad
+    assert torch.isfinite(grad).all() and grad[OPTIMAL_FLAG].abs().sum() > 0 and grad[NULL_FLAG].abs().sum() > 0
+    assert all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
+
+
+def test_advantage_filtered_loss_uses_only_positive_windows(policy):
+    batch, advantages = make_batch(), torch.tensor([0.5, -0.5, 0.0, 1.0])
+    noise, time = seeded_noise_and_time(policy.model, BATCH, seed=3, device="cpu")
+    loss, _ = policy(batch, advantages, noise, time, objective="advantage_filtered")
+    with torch.no_grad():
+        null = policy.flow_losses(batch, torch.full((BATCH,), NULL_FLAG), noise, time)
+    assert torch.allclose(loss, null[[0, 3]].mean(), atol=1e-6)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        policy(batch, advantages, noise, time, objective="ppo")
+
+
+def test_guidance_mixes_the_two_branches(policy):
+    batch = make_batch()
+    inputs = policy._model_inputs(batch)
+    noise, _ = seeded_noise_and_time(policy.model, BATCH, seed=4, device="cpu")
+    with policy.model.conditioning(torch.full((BATCH,), OPTIMAL_FLAG)):
+        conditional = policy.model.sample_actions(*inputs, noise=noise)
+    with policy.model.conditioning(torch.full((BATCH,), NULL_FLAG)):
+        unconditional = policy.model.sample_actions(*inputs, noise=noise)
+    assert torch.allclose(policy.model.sample_actions_guided(*inputs, 1.0, noise=noise), conditional, atol=1e-5)
+    assert torch.allclose(policy.model.sample_actions_guided(*inputs, 0.0, noise=noise), unconditional, atol=1e-5)
+    assert not torch.allclose(conditional, unconditional, atol=1e-3)
+    assert policy.predict_action_chunk(batch, noise=noise).shape == (BATCH, CHUNK, 7)
+
+
+def test_save_load_round_trip(policy, tmp_path):
+    policy.save_pretrained(tmp_path)
+    loaded = PI0CFGPolicy.from_pretrained(tmp_path)
+    assert loaded.config.guidance_weight == 1.5 and loaded.config.model_size == "tiny"
+    assert all(
+        torch.equal(a, b) for a, b in zip(policy.state_dict().values(), loaded.state_dict().values(), strict=True)
+    )
