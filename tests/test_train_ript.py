@@ -1,0 +1,82 @@
+"""`scripts/train_ript_pi0.py` on real LIBERO with the tiny pi0 (configs/minimal_test.yaml)."""
+
+import json
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import ACCELERATE, PYTHON, REPO, run
+
+from lib.pi0 import load_pi0_processors, load_tokenizer
+from lib.ript import PI0CFGPolicy
+
+SCRIPT = "scripts/train_ript_pi0.py"
+
+
+@pytest.fixture()
+def args(tokenizer_dir, tmp_path):
+    return ["--config_path", "configs/minimal_test.yaml", f"model.tokenizer={tokenizer_dir}", f"output_dir={tmp_path}"]
+
+
+def iterations_logged(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_iterations_on_libero(args, tmp_path):
+    result = run([PYTHON, SCRIPT, *args])
+    rows = iterations_logged(tmp_path)
+    assert [row["step"] for row in rows] == [1, 2]
+    for row in rows:
+        assert row["rollout/episodes"] == 2 and 0.0 <= row["rollout/success_rate"] <= 1.0
+        assert (
+            row["sampling/groups_kept"] + row["sampling/dropped_all_success"] + row["sampling/dropped_all_failure"] == 1
+        )
+        assert row["rollout/env_steps_per_s"] > 0
+    assert "eval/success_rate" in rows[1] and "eval/success_rate" not in rows[0]
+    assert (tmp_path / "success.png").stat().st_size > 0
+    checkpoint = tmp_path / "checkpoints" / "last" / "pretrained_model"
+    assert f"checkpoint: {tmp_path}" in result.stdout
+    policy = PI0CFGPolicy.from_pretrained(checkpoint)
+    assert policy.config.model_size == "tiny" and policy.config.chunk_size == 4
+    load_pi0_processors(checkpoint, load_tokenizer(checkpoint))
+
+
+def test_two_process_launch(args, tmp_path):
+    run([ACCELERATE, "launch", "--config_file", "accelerate_configs/cpu_2proc.yaml", SCRIPT, *args])
+    seen = set()
+    for log in tmp_path.glob("train_rank*.log"):
+        match = re.search(r"\[rank (\d+)\] processes: (\d+) ", log.read_text())
+        seen.add(f"{match.group(1)}/{match.group(2)}")
+    assert seen == {"0/2", "1/2"}
+    rows = iterations_logged(tmp_path)
+    assert [row["step"] for row in rows] == [1, 2]
+    assert all(row["rollout/episodes"] == 4 for row in rows)  # 2 ranks x K=2, gathered
+
+
+def test_stop_and_resume(args, tmp_path):
+    process = subprocess.Popen(
+        [PYTHON, SCRIPT, *args, "train.iterations=3"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    log = tmp_path / "train_rank0.log"
+    deadline = time.time() + 400
+    while time.time() < deadline and not (log.exists() and "iteration 1:" in log.read_text()):
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=400)
+    assert process.returncode == 0, output
+    stopped = re.search(r"stopped at iteration (\d+) after saving", log.read_text())
+    assert stopped, output
+    stopped_at = int(stopped.group(1))
+    assert stopped_at < 3 and (tmp_path / f"checkpoints/step_{stopped_at:08d}/training_state").is_dir()
+
+    result = run([PYTHON, SCRIPT, *args, "train.iterations=3", "--resume"])
+    assert f"at iteration {stopped_at}" in result.stdout
+    assert [row["step"] for row in iterations_logged(tmp_path)] == [1, 2, 3][:stopped_at] + list(
+        range(stopped_at + 1, 4)
+    )
