@@ -190,9 +190,39 @@ class EpisodeResult:
 PolicyFn = Callable[[list[dict[str, Any]]], np.ndarray]
 
 
+def observations_to_batch(observations: list[dict[str, Any]]) -> dict[str, Any]:
+    """Simulator observations (HWC uint8 images) -> a policy batch (CHW float images in [0, 1])."""
+    batch: dict[str, Any] = {
+        key: torch.from_numpy(np.stack([o[key] for o in observations])).permute(0, 3, 1, 2).float() / 255.0
+        for key in (AGENTVIEW_KEY, WRIST_KEY)
+    }
+    batch[STATE_KEY] = torch.from_numpy(np.stack([o[STATE_KEY] for o in observations]))
+    batch["task"] = [o["task"] for o in observations]
+    return batch
+
+
+def make_policy_fn(
+    policy: Any,
+    preprocessor: Callable,
+    postprocessor: Callable,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> PolicyFn:
+    """The simulators' view of a policy: observations in, unnormalized action chunks (n, chunk, 7)
+    out, one batched `predict_action_chunk` for all of them."""
+
+    @torch.no_grad()
+    def policy_fn(observations: list[dict[str, Any]]) -> np.ndarray:
+        with autocast():
+            chunks = policy.predict_action_chunk(preprocessor(observations_to_batch(observations)))
+        return postprocessor(chunks.float()).numpy()
+
+    return policy_fn
+
+
 class VectorLiberoRollout:
     """`num_envs` LIBERO worker processes; `run(requests, policy_fn)` rolls out one episode per
-    request (a dict with `task_id`, `init_state`, `instruction`) and returns their results in order.
+    request (a dict with `task_id`, `init_state`, `instruction`, and optionally `record` to keep
+    its frames) and returns their results in order.
 
     `policy_fn(observations)` gets a list of policy-feature dicts (plus `task`) and returns action
     chunks (n, chunk, 7); each env executes `replan_steps` of its chunk before the next call.
@@ -296,7 +326,8 @@ class VectorLiberoRollout:
                 steps = min(self.replan_steps, self.max_steps - result.length, len(chunk))
                 actions = np.clip(chunk[:steps], -1.0, 1.0)
                 try:
-                    next_observation, success, executed, frames = self._call(worker, ("step", actions, record_frames))
+                    record = bool(result.request.get("record", record_frames))
+                    next_observation, success, executed, frames = self._call(worker, ("step", actions, record))
                 except RuntimeError:
                     self._fail(worker, episode, results, pending)
                     start_next(worker)

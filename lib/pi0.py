@@ -204,12 +204,16 @@ def make_pi0_processors(
     return make_policy_processor_pipelines(input_steps=input_steps, output_steps=output_steps)
 
 
-def load_pi0_processors(path: str | Path, tokenizer: Any) -> tuple[PolicyProcessorPipeline, PolicyProcessorPipeline]:
-    """Reload the pipelines saved beside a checkpoint, handing them the tokenizer object."""
+def load_pi0_processors(
+    path: str | Path, tokenizer: Any, device: str | None = None
+) -> tuple[PolicyProcessorPipeline, PolicyProcessorPipeline]:
+    """Reload the pipelines saved beside a checkpoint, handing them the tokenizer object (and,
+    if given, the device batches should go to instead of the saved one)."""
+    overrides: dict[str, Any] = {"tokenizer_processor": {"tokenizer": tokenizer}}
+    if device is not None:
+        overrides["device_processor"] = {"device": device}
     preprocessor = PolicyProcessorPipeline.from_pretrained(
-        str(path),
-        config_filename=f"{POLICY_PREPROCESSOR_DEFAULT_NAME}.json",
-        overrides={"tokenizer_processor": {"tokenizer": tokenizer}},
+        str(path), config_filename=f"{POLICY_PREPROCESSOR_DEFAULT_NAME}.json", overrides=overrides
     )
     postprocessor = PolicyProcessorPipeline.from_pretrained(
         str(path),

@@ -42,6 +42,8 @@ from lib.libero import (  # noqa: E402
     LiberoInitStateDataset,
     VectorLiberoRollout,
     collate_fn_state,
+    make_policy_fn,
+    observations_to_batch,
 )
 from lib.pi0 import (  # noqa: E402
     MODEL_SIZES,
@@ -193,17 +195,6 @@ class TrainingProgress:
         self.iteration, self.draws = state["iteration"], state["draws"]
 
 
-def observations_to_batch(observations: list[dict[str, Any]]) -> dict[str, Any]:
-    """Simulator observations (HWC uint8 images) -> a policy batch (CHW float images in [0, 1])."""
-    batch: dict[str, Any] = {
-        key: torch.from_numpy(np.stack([o[key] for o in observations])).permute(0, 3, 1, 2).float() / 255.0
-        for key in (AGENTVIEW_KEY, WRIST_KEY)
-    }
-    batch[STATE_KEY] = torch.from_numpy(np.stack([o[STATE_KEY] for o in observations]))
-    batch["task"] = [o["task"] for o in observations]
-    return batch
-
-
 def main() -> int:
     args = parse_args()
     try:
@@ -316,12 +307,7 @@ def main() -> int:
     state_batches = draw_state_batches()
     unwrapped = accelerator.unwrap_model(policy)
 
-    @torch.no_grad()
-    def policy_fn(observations: list[dict[str, Any]]) -> np.ndarray:
-        """Batched action chunks for the simulators (unnormalized, on the CPU)."""
-        with accelerator.autocast():
-            chunks = unwrapped.predict_action_chunk(preprocessor(observations_to_batch(observations)))
-        return postprocessor(chunks.float()).numpy()
+    policy_fn = make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast)
 
     def save(iteration: int) -> Path:
         # Each rank saw other init states: merge the outcome histories so every rank saves them all.

@@ -80,3 +80,68 @@ def test_stop_and_resume(args, tmp_path):
     assert [row["step"] for row in iterations_logged(tmp_path)] == [1, 2, 3][:stopped_at] + list(
         range(stopped_at + 1, 4)
     )
+
+
+def test_eval_libero_writes_summary_plot_and_video(tokenizer_dir, tmp_path):
+    from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature
+
+    from lib.pi0 import make_pi0_processors
+    from lib.ript import PI0CFGConfig
+
+    image = PolicyFeature(type=FeatureType.VISUAL, shape=(3, 64, 64))
+    config = PI0CFGConfig(
+        model_size="tiny",
+        chunk_size=4,
+        n_action_steps=4,
+        num_inference_steps=2,
+        image_resolution=(64, 64),
+        device="cpu",
+        normalization_mapping={k: NormalizationMode.IDENTITY for k in ("VISUAL", "STATE", "ACTION")},
+        input_features={
+            "observation.images.agentview": image,
+            "observation.images.wrist": image,
+            "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(8,)),
+        },
+        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(7,))},
+    )
+    checkpoint = tmp_path / "checkpoint"
+    PI0CFGPolicy(config).save_pretrained(checkpoint)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    for pipeline in make_pi0_processors(config, tokenizer):
+        pipeline.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+
+    output = tmp_path / "eval"
+    result = run(
+        [
+            PYTHON,
+            "scripts/eval_libero.py",
+            "--checkpoint",
+            str(checkpoint),
+            "--task_names",
+            "pick_up_the_black_bowl_between_the_plate_and_the_ramekin_and_place_it_on_the_plate",
+            "--num_init_states",
+            "2",
+            "--num_envs",
+            "2",
+            "--camera_size",
+            "64",
+            "--max_steps",
+            "6",
+            "--replan_steps",
+            "3",
+            "--videos_per_task",
+            "1",
+            "--output_dir",
+            str(output),
+        ]
+    )
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["episodes"] == 2 and summary["tasks"][0]["episodes"] == 2
+    assert summary["tasks"][0]["mean_length"] == 6 and summary["overall_success_rate"] == 0.0
+    assert "overall 0.0% over 2 episodes" in result.stdout
+    assert (output / "success_per_task.png").stat().st_size > 0
+    assert [p.name for p in (output / "videos").iterdir()] == ["task0_init0_failure.mp4"]
+
+    bad = run([PYTHON, "scripts/eval_libero.py", "--checkpoint", str(tmp_path / "nowhere")], check=False)
+    assert bad.returncode == 2 and "has no config.json" in bad.stderr
