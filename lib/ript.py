@@ -14,10 +14,12 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from lerobot.configs import PreTrainedConfig
 from lerobot.policies.pi0 import modeling_pi0
@@ -307,3 +309,55 @@ def advantage_filtered_loss(
     positive = (advantages > 0).to(losses.dtype)
     loss = (positive * losses).sum() / positive.sum().clamp_min(1.0)
     return loss, {"loss": loss.detach(), "positive_fraction": positive.mean()}
+
+
+# --- Rollout groups -> training windows (shared by train_ript_pi0.py and the stage scripts) -----
+
+
+def init_state_key(state: dict[str, Any]) -> tuple[int, int]:
+    """History key of an init state: (task id, init-state index)."""
+    return int(state["task_id"]), int(state["init_index"])
+
+
+def rollout_groups(envs: Any, policy_fn: Callable, states: list[dict[str, Any]], k: int, sink: list) -> Tensor:
+    """K episodes from each init state in `envs` (a `VectorLiberoRollout`); each state keeps its
+    episodes as `state["episodes"]`, every result is appended to `sink`; (len(states), K) rewards."""
+    results = envs.run([state for state in states for _ in range(k)], policy_fn)
+    sink.extend(results)
+    for index, state in enumerate(states):
+        state["episodes"] = results[index * k : (index + 1) * k]
+    return torch.tensor([r.success for r in results], dtype=torch.float32).view(len(states), k)
+
+
+def windows_with_advantages(kept: list[tuple[dict[str, Any], Tensor]]) -> tuple[list[Any], list[float]]:
+    """Every policy call (window) of every kept rollout, with its rollout's leave-one-out advantage."""
+    windows: list[Any] = []
+    advantages: list[float] = []
+    for state, rewards in kept:
+        for episode, advantage in zip(state["episodes"], leave_one_out_advantages(rewards[None])[0], strict=True):
+            windows.extend(episode.windows)
+            advantages.extend([float(advantage)] * len(episode.windows))
+    return windows, advantages
+
+
+def minibatch_order(num_windows: int, steps: int, minibatch_size: int, seed: int) -> list[list[int]]:
+    """`steps` minibatches of window indices: shuffled passes over all windows, repeated as needed
+    (a rank with fewer windows than others cycles through its own)."""
+    generator = torch.Generator().manual_seed(seed)
+    passes = math.ceil(steps * minibatch_size / num_windows)
+    order = torch.cat([torch.randperm(num_windows, generator=generator) for _ in range(passes)]).tolist()
+    return [order[i * minibatch_size : (i + 1) * minibatch_size] for i in range(steps)]
+
+
+def window_batch(
+    windows: list[Any], advantages: list[float], picked: list[int], chunk_size: int
+) -> tuple[dict[str, Any], Tensor]:
+    """A raw policy batch (before the pre-processor) of the picked windows: observations and the
+    chunk each produced (steps past the executed ones marked `action_is_pad`); and their advantages."""
+    from lib.libero import observations_to_batch
+
+    batch = observations_to_batch([windows[i].observation for i in picked])
+    batch[ACTION] = torch.from_numpy(np.stack([windows[i].actions for i in picked]))
+    executed = torch.tensor([windows[i].executed for i in picked])
+    batch["action_is_pad"] = torch.arange(chunk_size)[None] >= executed[:, None]
+    return batch, torch.tensor([advantages[i] for i in picked])

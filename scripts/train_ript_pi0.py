@@ -19,9 +19,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import gather_object, set_seed
@@ -43,7 +42,6 @@ from lib.libero import (  # noqa: E402
     VectorLiberoRollout,
     collate_fn_state,
     make_policy_fn,
-    observations_to_batch,
 )
 from lib.pi0 import (  # noqa: E402
     MODEL_SIZES,
@@ -61,7 +59,11 @@ from lib.ript import (  # noqa: E402
     PI0CFGPolicy,
     StateOutcomeHistory,
     collect_informative_groups,
-    leave_one_out_advantages,
+    init_state_key,
+    minibatch_order,
+    rollout_groups,
+    window_batch,
+    windows_with_advantages,
 )
 from lib.run_logging import append_metrics, init_trackers, plot_metrics, setup_logging  # noqa: E402
 
@@ -365,15 +367,6 @@ def main() -> int:
     )
     all_results = []  # every episode rolled out in the current iteration
 
-    def rollout_groups(states: list[dict[str, Any]]) -> torch.Tensor:
-        """K episodes from each state; each state keeps its episodes; (len(states), K) rewards."""
-        requests = [state for state in states for _ in range(k)]
-        results = vector_env.run(requests, policy_fn)
-        all_results.extend(results)
-        for index, state in enumerate(states):
-            state["episodes"] = results[index * k : (index + 1) * k]
-        return torch.tensor([r.success for r in results], dtype=torch.float32).view(len(states), k)
-
     try:
         while progress.iteration < config.train.iterations:
             iteration = progress.iteration + 1
@@ -384,8 +377,8 @@ def main() -> int:
             unwrapped.eval()
             kept, stats = collect_informative_groups(
                 lambda: next(state_batches),
-                rollout_groups,
-                lambda s: (int(s["task_id"]), int(s["init_index"])),
+                lambda states: rollout_groups(vector_env, policy_fn, states, k, all_results),
+                init_state_key,
                 history,
                 config.rl.target_groups,
                 config.rl.max_draw_rounds,
@@ -393,13 +386,7 @@ def main() -> int:
             rollout_time = time.perf_counter() - rollout_start
 
             # 2. Leave-one-out advantage of every kept rollout, given to each of its windows.
-            windows, advantages = [], []
-            for state, rewards in kept:
-                for episode, advantage in zip(
-                    state["episodes"], leave_one_out_advantages(rewards[None])[0], strict=True
-                ):
-                    windows.extend(episode.windows)
-                    advantages.extend([float(advantage)] * len(episode.windows))
+            windows, advantages = windows_with_advantages(kept)
 
             # 3. Update. Every rank must run the same number of steps (DDP): the rank with the
             # most windows sets it, the others cycle through theirs; no update if a rank has none.
@@ -409,19 +396,11 @@ def main() -> int:
             if int(counts.min()) > 0:
                 unwrapped.train()
                 steps = config.rl.update_epochs * math.ceil(int(counts.max()) / config.rl.minibatch_size)
-                order_rng = torch.Generator().manual_seed(config.seed * 7919 + iteration * 31 + rank)
-                order = torch.cat(
-                    [
-                        torch.randperm(len(windows), generator=order_rng)
-                        for _ in range(math.ceil(steps * config.rl.minibatch_size / len(windows)))
-                    ]
-                )
-                for step in range(steps):
-                    picked = order[step * config.rl.minibatch_size : (step + 1) * config.rl.minibatch_size].tolist()
-                    batch = observations_to_batch([windows[i].observation for i in picked])
-                    batch["action"] = torch.from_numpy(np.stack([windows[i].actions for i in picked]))
-                    executed = torch.tensor([windows[i].executed for i in picked])
-                    batch["action_is_pad"] = torch.arange(config.model.chunk_size)[None] >= executed[:, None]
+                order_seed = config.seed * 7919 + iteration * 31 + rank
+                for step, picked in enumerate(
+                    minibatch_order(len(windows), steps, config.rl.minibatch_size, order_seed)
+                ):
+                    batch, batch_advantages = window_batch(windows, advantages, picked, config.model.chunk_size)
                     batch = preprocessor(batch)
                     noise, flow_time = seeded_noise_and_time(
                         unwrapped.model,
@@ -430,9 +409,9 @@ def main() -> int:
                         accelerator.device,
                     )
                     with accelerator.autocast():
-                        loss, info = policy(
+                        loss, _ = policy(
                             batch,
-                            torch.tensor([advantages[i] for i in picked], device=accelerator.device),
+                            batch_advantages.to(accelerator.device),
                             noise,
                             flow_time,
                             objective=config.rl.objective,

@@ -1,5 +1,6 @@
 """RIPT pieces on hand-made groups, and the RL objectives on the real tiny pi0."""
 
+import numpy as np
 import pytest
 import torch
 from lerobot.configs import FeatureType, PolicyFeature
@@ -181,3 +182,32 @@ def test_save_load_round_trip(policy, tmp_path):
     assert all(
         torch.equal(a, b) for a, b in zip(policy.state_dict().values(), loaded.state_dict().values(), strict=True)
     )
+
+
+def test_windows_carry_their_rollouts_leave_one_out_advantage():
+    from lib.libero import AGENTVIEW_KEY, STATE_KEY, WRIST_KEY, EpisodeResult, Window
+    from lib.ript import minibatch_order, window_batch, windows_with_advantages
+
+    def window(executed):
+        observation = {
+            AGENTVIEW_KEY: np.zeros((8, 8, 3), np.uint8),
+            WRIST_KEY: np.full((8, 8, 3), 255, np.uint8),
+            STATE_KEY: np.arange(8, dtype=np.float32),
+            "task": "t",
+        }
+        return Window(observation=observation, actions=np.ones((4, 7), np.float32), executed=executed)
+
+    episodes = [EpisodeResult(request={}, success=s, windows=[window(2)] * n) for s, n in ((True, 1), (False, 2))]
+    kept = [({"episodes": episodes}, torch.tensor([1.0, 0.0]))]
+    windows, advantages = windows_with_advantages(kept)
+    assert advantages == [1.0, -1.0, -1.0] and len(windows) == 3
+
+    batches = minibatch_order(num_windows=3, steps=4, minibatch_size=2, seed=0)
+    assert len(batches) == 4 and all(len(b) == 2 for b in batches)
+    assert sorted(batches[0] + batches[1][:1]) == [0, 1, 2]  # a full shuffled pass before repeating
+
+    batch, batch_advantages = window_batch(windows, advantages, [0, 2], chunk_size=4)
+    assert batch_advantages.tolist() == [1.0, -1.0]
+    assert batch[AGENTVIEW_KEY].shape == (2, 3, 8, 8) and batch[WRIST_KEY].max() == 1.0
+    assert batch["action"].shape == (2, 4, 7) and batch["action_is_pad"][0].tolist() == [False, False, True, True]
+    assert batch["task"] == ["t", "t"]
