@@ -17,18 +17,28 @@ import contextlib
 import math
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from lerobot.configs import PreTrainedConfig
+from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature, PreTrainedConfig
 from lerobot.policies.pi0 import modeling_pi0
 from lerobot.policies.pi0.configuration_pi0 import PI0Config
 from lerobot.policies.pi0.modeling_pi0 import PI0Policy, PI0Pytorch
 from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
 from torch import Tensor, nn
 
-from lib.pi0 import model_size_context
+from lib.libero import ACTION_DIM, AGENTVIEW_KEY, STATE_DIM, STATE_KEY, WRIST_KEY, observations_to_batch
+from lib.pi0 import (
+    MODEL_SIZES,
+    load_pi0_processors,
+    load_tokenizer,
+    make_pi0_policy,
+    make_pi0_processors,
+    model_size_context,
+    saved_model_size,
+)
 
 NULL_FLAG, OPTIMAL_FLAG = 0, 1
 OBJECTIVES = ("cfg_rl", "advantage_filtered")
@@ -354,10 +364,46 @@ def window_batch(
 ) -> tuple[dict[str, Any], Tensor]:
     """A raw policy batch (before the pre-processor) of the picked windows: observations and the
     chunk each produced (steps past the executed ones marked `action_is_pad`); and their advantages."""
-    from lib.libero import observations_to_batch
-
     batch = observations_to_batch([windows[i].observation for i in picked])
     batch[ACTION] = torch.from_numpy(np.stack([windows[i].actions for i in picked]))
     executed = torch.tensor([windows[i].executed for i in picked])
     batch["action_is_pad"] = torch.arange(chunk_size)[None] >= executed[:, None]
     return batch, torch.tensor([advantages[i] for i in picked])
+
+
+def make_ript_policy(model: Any, device: str) -> tuple[PI0CFGPolicy, Any, Any, Any]:
+    """The flag-conditioned pi0 for LIBERO (two cameras, 8-dim state, 7-dim actions) from the
+    `model` section of a RIPT config, with its pre/post-processors and tokenizer. A checkpoint's
+    own processors are used when it has them; a fresh model gets identity normalization (there is
+    no dataset to take statistics from). A base pi0 checkpoint has no flag embedding: it loads
+    non-strictly (LeRobot prints the missing keys)."""
+    image = PolicyFeature(type=FeatureType.VISUAL, shape=(3, model.image_size, model.image_size))
+    pretrained = model.pretrained
+    config = PI0CFGConfig(
+        model_size=pretrained if pretrained in MODEL_SIZES else saved_model_size(pretrained),
+        dtype=model.dtype,
+        chunk_size=model.chunk_size,
+        n_action_steps=model.chunk_size,
+        num_inference_steps=model.num_inference_steps,
+        image_resolution=(model.image_size, model.image_size),
+        guidance_weight=model.guidance_weight,
+        device=device,
+        input_features={
+            AGENTVIEW_KEY: image,
+            WRIST_KEY: image,
+            STATE_KEY: PolicyFeature(type=FeatureType.STATE, shape=(STATE_DIM,)),
+        },
+        output_features={ACTION: PolicyFeature(type=FeatureType.ACTION, shape=(ACTION_DIM,))},
+    )
+    has_processors = pretrained not in MODEL_SIZES and (Path(pretrained) / "policy_preprocessor.json").is_file()
+    if not has_processors:
+        config.normalization_mapping = {key: NormalizationMode.IDENTITY for key in ("VISUAL", "STATE", "ACTION")}
+    policy = make_pi0_policy(
+        pretrained, config, PI0CFGPolicy, **({} if pretrained in MODEL_SIZES else {"strict": False})
+    )
+    tokenizer = load_tokenizer(model.tokenizer)
+    if has_processors:
+        preprocessor, postprocessor = load_pi0_processors(pretrained, tokenizer, device)
+    else:
+        preprocessor, postprocessor = make_pi0_processors(policy.config, tokenizer)
+    return policy, preprocessor, postprocessor, tokenizer

@@ -17,162 +17,40 @@ import gc
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import gather_object, set_seed
-from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib.checkpoint import GracefulStop, resolve_resume, save_checkpoint  # noqa: E402
-from lib.config import ConfigError, check, load_config, to_flat_dict  # noqa: E402
+from lib.config import ConfigError, load_config, to_flat_dict  # noqa: E402
 from lib.libero import (  # noqa: E402
-    ACTION_DIM,
-    AGENTVIEW_KEY,
-    STATE_DIM,
-    STATE_KEY,
-    WRIST_KEY,
     LiberoInitStateDataset,
     VectorLiberoRollout,
     collate_fn_state,
     make_policy_fn,
 )
 from lib.pi0 import (  # noqa: E402
-    MODEL_SIZES,
     count_parameters,
-    load_pi0_processors,
-    load_tokenizer,
-    make_pi0_policy,
-    make_pi0_processors,
-    saved_model_size,
     seeded_noise_and_time,
 )
 from lib.ript import (  # noqa: E402
-    OBJECTIVES,
-    PI0CFGConfig,
-    PI0CFGPolicy,
     StateOutcomeHistory,
     collect_informative_groups,
     init_state_key,
+    make_ript_policy,
     minibatch_order,
     rollout_groups,
     window_batch,
     windows_with_advantages,
 )
+from lib.ript_config import RIPTConfig, validate_config  # noqa: E402
 from lib.run_logging import append_metrics, init_trackers, plot_metrics, setup_logging  # noqa: E402
-
-
-# ----------------------------------------------------------------------------------------------
-# Config: defaults here, overridden by the YAML file, then by `key=value` arguments.
-@dataclass
-class ModelConfig:
-    pretrained: str = "tiny"  # "tiny" / "full" (random init), or a local path / hub id of a pi0 checkpoint
-    tokenizer: str = "artifacts/tokenizer"  # local dir or hub id (google/paligemma-3b-pt-224)
-    dtype: str = "float32"
-    chunk_size: int = 50
-    num_inference_steps: int = 10
-    image_size: int = 224
-    guidance_weight: float = 1.0  # w in v = v_null + w (v_cond - v_null); 1 = plain conditional
-
-
-@dataclass
-class EnvConfig:
-    benchmark: str = "libero_spatial"
-    task_names: Optional[list[str]] = None  # None: every task of the suite
-    num_envs: int = 8  # simulator processes per rank
-    camera_size: int = 128
-    max_steps: Optional[int] = None  # None: the suite's standard limit
-    replan_steps: int = 5  # actions executed from each chunk before the next policy call
-
-
-@dataclass
-class RLConfig:
-    rollouts_per_state: int = 4  # K
-    states_per_draw: int = 4  # init states drawn per rank at a time
-    target_groups: int = 4  # informative groups wanted per rank and iteration
-    max_draw_rounds: int = 4  # dynamic-sampling draws per iteration at most
-    skip_after: int = 3  # a state solved K/K this many times in a row ...
-    skip_for: int = 5  # ... is skipped for this many draws
-    objective: str = "cfg_rl"  # cfg_rl | advantage_filtered
-    alpha: float = 0.1  # weight of the unconditional branch in cfg_rl
-    update_epochs: int = 4
-    minibatch_size: int = 16
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-5
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 1.0
-
-
-@dataclass
-class TrainConfig:
-    iterations: int = 100
-    mixed_precision: Optional[str] = None  # None: the launcher's; or "no", "bf16", "fp16"
-    eval_every: int = 10
-    eval_init_indices: list[int] = field(default_factory=lambda: [0, 1])  # per task, fixed
-    save_every: int = 10
-    keep_last: int = 3
-
-
-@dataclass
-class TrackingConfig:
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard", "wandb"])
-    project: str = "pi0-ript"
-    run_name: str = "ript"
-    wandb_mode: str = "offline"
-
-
-@dataclass
-class RIPTConfig:
-    output_dir: str = "outputs/ript"
-    seed: int = 42
-    resume: Optional[str] = None
-    model: ModelConfig = field(default_factory=ModelConfig)
-    env: EnvConfig = field(default_factory=EnvConfig)
-    rl: RLConfig = field(default_factory=RLConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-
-def validate_config(config) -> None:
-    check(
-        config.rl.rollouts_per_state >= 2, "rl.rollouts_per_state", ">= 2 (leave-one-out)", config.rl.rollouts_per_state
-    )
-    check(config.rl.objective in OBJECTIVES, "rl.objective", f"one of {list(OBJECTIVES)}", config.rl.objective)
-    for key in ("states_per_draw", "target_groups", "max_draw_rounds", "update_epochs", "minibatch_size"):
-        check(config.rl[key] > 0, f"rl.{key}", "> 0", config.rl[key])
-    check(config.env.num_envs > 0, "env.num_envs", "> 0", config.env.num_envs)
-    check(config.env.replan_steps > 0, "env.replan_steps", "> 0", config.env.replan_steps)
-    check(
-        0 < config.env.replan_steps <= config.model.chunk_size,
-        "env.replan_steps",
-        f"in [1, model.chunk_size={config.model.chunk_size}]",
-        config.env.replan_steps,
-    )
-    check(config.train.iterations > 0, "train.iterations", "> 0", config.train.iterations)
-    check(
-        config.train.mixed_precision in (None, "no", "bf16", "fp16"),
-        "train.mixed_precision",
-        "null, 'no', 'bf16' or 'fp16'",
-        config.train.mixed_precision,
-    )
-    check(
-        set(config.tracking.report_to) <= {"tensorboard", "wandb"},
-        "tracking.report_to",
-        "a subset of [tensorboard, wandb]",
-        list(config.tracking.report_to),
-    )
 
 
 def parse_args() -> argparse.Namespace:
@@ -245,36 +123,9 @@ def main() -> int:
     # ------------------------------------------------------------------------------------------
     # Policy: flag-conditioned pi0, and its processors (a checkpoint's own, or identity
     # normalization for a fresh model: there is no dataset to take statistics from).
-    image_shape = (3, config.model.image_size, config.model.image_size)
-    pretrained = config.model.pretrained
-    policy_config = PI0CFGConfig(
-        model_size=pretrained if pretrained in MODEL_SIZES else saved_model_size(pretrained),
-        dtype=config.model.dtype,
-        chunk_size=config.model.chunk_size,
-        n_action_steps=config.model.chunk_size,
-        num_inference_steps=config.model.num_inference_steps,
-        image_resolution=(config.model.image_size, config.model.image_size),
-        guidance_weight=config.model.guidance_weight,
-        device=accelerator.device.type,
-        input_features={
-            AGENTVIEW_KEY: PolicyFeature(type=FeatureType.VISUAL, shape=image_shape),
-            WRIST_KEY: PolicyFeature(type=FeatureType.VISUAL, shape=image_shape),
-            STATE_KEY: PolicyFeature(type=FeatureType.STATE, shape=(STATE_DIM,)),
-        },
-        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(ACTION_DIM,))},
-    )
-    has_processors = pretrained not in MODEL_SIZES and (Path(pretrained) / "policy_preprocessor.json").is_file()
-    if not has_processors:
-        policy_config.normalization_mapping = {k: NormalizationMode.IDENTITY for k in ("VISUAL", "STATE", "ACTION")}
-    pretrained_kwargs = {} if pretrained in MODEL_SIZES else {"strict": False}  # a base pi0 has no flag embedding
-    policy = make_pi0_policy(pretrained, policy_config, PI0CFGPolicy, **pretrained_kwargs)
-    tokenizer = load_tokenizer(config.model.tokenizer)
-    if has_processors:
-        preprocessor, postprocessor = load_pi0_processors(pretrained, tokenizer)
-    else:
-        preprocessor, postprocessor = make_pi0_processors(policy.config, tokenizer)
+    policy, preprocessor, postprocessor, tokenizer = make_ript_policy(config.model, accelerator.device.type)
     logger.info(
-        "policy: %s pi0 (flag-conditioned), %.2f M parameters", policy_config.model_size, count_parameters(policy) / 1e6
+        "policy: %s pi0 (flag-conditioned), %.2f M parameters", policy.config.model_size, count_parameters(policy) / 1e6
     )
 
     optimizer = torch.optim.AdamW(
