@@ -1,7 +1,8 @@
 """Stage 08 of the RIPT reproduction: the base script (see scripts/STAGES.md).
 
-RL post-training of pi0 in LIBERO in one process: a hard-coded `AdvancedTrainingConfig`, a simple
-`InitialStateDataset`, print output and a JSON progress file. Every iteration ("epoch") draws init
+RL post-training of pi0 in LIBERO in one process: a hard-coded config (`advanced_training_config`,
+the seed's AdvancedTrainingConfig), a simple `InitialStateDataset`, print output and a JSON
+progress file. Every iteration ("epoch") draws init
 states, rolls out K episodes from each, keeps the groups whose outcomes differ (smart sampling),
 and trains on their windows in minibatches with the CFG-RL objective. The later stages add one
 capability each: 09 YAML configs, 10 multi-process, 11 logging, 12 a PyTorch dataset, 13
@@ -42,6 +43,8 @@ from lib.ript import (  # noqa: E402
 )
 from lib.ript_config import EnvConfig, ModelConfig, OptimConfig, RIPTConfig, RLConfig, TrainConfig  # noqa: E402
 
+TASK = "pick_up_the_black_bowl_between_the_plate_and_the_ramekin_and_place_it_on_the_plate"
+
 
 def advanced_training_config(args: argparse.Namespace) -> RIPTConfig:
     """The hard-coded training config: the tiny pi0 on one LIBERO task, one simulator, short
@@ -71,9 +74,6 @@ def advanced_training_config(args: argparse.Namespace) -> RIPTConfig:
         optim=OptimConfig(lr=1e-4),
         train=TrainConfig(iterations=args.iterations),
     )
-
-
-TASK = "pick_up_the_black_bowl_between_the_plate_and_the_ramekin_and_place_it_on_the_plate"
 
 
 class InitialStateDataset:
