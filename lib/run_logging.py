@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from accelerate import Accelerator
 
@@ -91,3 +92,37 @@ def plot_metrics(metrics_file: str | Path, png_file: str | Path, keys: tuple[str
     figure.tight_layout()
     figure.savefig(png_file, dpi=100)
     plt.close(figure)
+
+
+class TeeIO(io.TextIOBase):
+    """A text stream that writes to a console stream (or nowhere) and a log file at once."""
+
+    def __init__(self, console: TextIO | None, log_file: TextIO) -> None:
+        super().__init__()
+        self.console = console
+        self.log_file = log_file
+
+    def write(self, text: str) -> int:
+        if self.console is not None:
+            self.console.write(text)
+        self.log_file.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.console is not None:
+            self.console.flush()
+        self.log_file.flush()
+
+    def isatty(self) -> bool:
+        return self.console is not None and self.console.isatty()
+
+
+def tee_output(output_dir: str | Path, rank: int, is_main_process: bool) -> Path:
+    """Everything this rank prints (stdout and stderr) also goes to `output_dir/train_rank{R}.log`;
+    only the main process's stdout reaches the console (every rank's errors do)."""
+    path = Path(output_dir) / f"train_rank{rank}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log_file = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
+    sys.stdout = TeeIO(sys.__stdout__ if is_main_process else None, log_file)
+    sys.stderr = TeeIO(sys.__stderr__, log_file)
+    return path

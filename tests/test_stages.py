@@ -71,3 +71,29 @@ def test_stage_10_two_processes_with_torchrun(tokenizer_dir, tmp_path):
     result = run(stage_10_command([torchrun, "--nproc_per_node", "2"], tokenizer_dir, tmp_path))
     assert "processes: 2 (DistributedType.MULTI_CPU)" in result.stdout
     assert iterations_in(tmp_path / "progress.json")[0]["episodes"] == 4
+
+
+def test_stage_11_logs_per_rank_and_trackers(tokenizer_dir, tmp_path):
+    result = run(
+        [
+            ACCELERATE,
+            "launch",
+            "--config_file",
+            "accelerate_configs/cpu_2proc.yaml",
+            "scripts/11_train_with_logging.py",
+            "--config_path",
+            "configs/minimal_test.yaml",
+            f"model.tokenizer={tokenizer_dir}",
+            f"output_dir={tmp_path}",
+            "train.iterations=1",
+            "tracking.report_to=[tensorboard,wandb]",
+        ]
+    )
+    assert result.stdout.count("iteration 1/1") == 1
+    for rank in (0, 1):  # every rank's own output is in its log file
+        assert "iteration 1/1: success" in (tmp_path / f"train_rank{rank}.log").read_text()
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["step"] == 1 and metrics[0]["ript/episodes"] == 4
+    assert (tmp_path / "success.png").stat().st_size > 0
+    assert list((tmp_path / "pi0-ript").glob("events.out.tfevents.*"))  # tensorboard
+    assert list((tmp_path / "wandb").glob("offline-run-*")) and (tmp_path / "wandb_run_id.txt").is_file()
