@@ -97,3 +97,22 @@ def test_stage_11_logs_per_rank_and_trackers(tokenizer_dir, tmp_path):
     assert (tmp_path / "success.png").stat().st_size > 0
     assert list((tmp_path / "pi0-ript").glob("events.out.tfevents.*"))  # tensorboard
     assert list((tmp_path / "wandb").glob("offline-run-*")) and (tmp_path / "wandb_run_id.txt").is_file()
+
+
+def test_stage_12_dataset_sharded_by_accelerate(tokenizer_dir, tmp_path):
+    result = run(
+        [
+            ACCELERATE,
+            "launch",
+            "--config_file",
+            "accelerate_configs/cpu_2proc.yaml",
+            "scripts/12_train_with_dataset.py",
+            "--config_path",
+            "configs/minimal_test.yaml",
+            f"model.tokenizer={tokenizer_dir}",
+            f"output_dir={tmp_path}",
+            "train.iterations=1",
+        ]
+    )
+    assert "50 init states, 25 batches per epoch and rank" in result.stdout
+    assert iterations_in(tmp_path / "progress.json")[0]["episodes"] == 4
