@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install debug test test-all lint format clean stage-08 stage-09 stage-10 stage-11 stage-12
+.PHONY: install debug test test-all lint format clean stage-08 stage-09 stage-10 stage-11 stage-12 stage-13
 
 # Python 3.12 is required: try `python3.12`, then pyenv's 3.12 (its shim fails when the global
 # version is another one), then give up with a clear message.
@@ -58,6 +58,10 @@ stage-11: $(TOKENIZER_DIR)/tokenizer.json
 
 stage-12: $(TOKENIZER_DIR)/tokenizer.json
 	$(ACCELERATE) launch --config_file accelerate_configs/cpu_2proc.yaml scripts/12_train_with_dataset.py \
+		--config_path configs/debug_train_pi0.yaml
+
+stage-13: $(TOKENIZER_DIR)/tokenizer.json
+	$(ACCELERATE) launch --config_file accelerate_configs/cpu_2proc.yaml scripts/13_train_production_ready.py \
 		--config_path configs/debug_train_pi0.yaml
 
 test:

@@ -14,6 +14,7 @@ import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -65,6 +66,23 @@ def save_checkpoint(
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def save_policy_checkpoint(
+    accelerator: Accelerator, output_dir: str | Path, step: int, model: Any, extras: list[Any], keep_last: int = 3
+) -> Path:
+    """`save_checkpoint` of a (prepared) LeRobot policy: its weights are gathered on every rank (a
+    collective under FSDP) and written as safetensors by `save_pretrained`, beside each of
+    `extras` (processors, tokenizer: anything with `save_pretrained(directory)`)."""
+    state_dict = accelerator.get_state_dict(model, unwrap=True)
+    unwrapped = accelerator.unwrap_model(model)
+
+    def save_model(directory: Path) -> None:
+        unwrapped.save_pretrained(directory, state_dict=state_dict)
+        for extra in extras:
+            extra.save_pretrained(directory)
+
+    return save_checkpoint(accelerator, output_dir, step, save_model, keep_last)
 
 
 def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:

@@ -87,6 +87,14 @@ class StateOutcomeHistory:
         self.skips_left[key] = left - 1
         return True
 
+    def merge(self, state_dicts: list[dict[str, Any]]) -> None:
+        """Take in the records of other histories (e.g. every rank's, which saw other states)."""
+        for state in state_dicts:
+            other = StateOutcomeHistory()
+            other.load_state_dict(state)
+            self.solved_streak.update(other.solved_streak)
+            self.skips_left.update(other.skips_left)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "solved_streak": [[list(k), v] for k, v in self.solved_streak.items()],
@@ -96,6 +104,21 @@ class StateOutcomeHistory:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.solved_streak = {tuple(k): v for k, v in state["solved_streak"]}
         self.skips_left = {tuple(k): v for k, v in state["skips_left"]}
+
+
+class RIPTProgress:
+    """Iterations done and init-state batches drawn (the sampler position): checkpointed through
+    `accelerator.register_for_checkpointing`, so a resumed run draws the next batch in order."""
+
+    def __init__(self) -> None:
+        self.iteration = 0
+        self.draws = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"iteration": self.iteration, "draws": self.draws}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.iteration, self.draws = state["iteration"], state["draws"]
 
 
 @dataclass

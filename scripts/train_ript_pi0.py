@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib.checkpoint import GracefulStop, resolve_resume, save_checkpoint  # noqa: E402
+from lib.checkpoint import GracefulStop, resolve_resume, save_policy_checkpoint  # noqa: E402
 from lib.config import ConfigError, load_config, to_flat_dict  # noqa: E402
 from lib.libero import (  # noqa: E402
     LiberoInitStateDataset,
@@ -40,6 +40,7 @@ from lib.pi0 import (  # noqa: E402
     seeded_noise_and_time,
 )
 from lib.ript import (  # noqa: E402
+    RIPTProgress,
     StateOutcomeHistory,
     collect_informative_groups,
     init_state_key,
@@ -59,20 +60,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--resume", nargs="?", const="latest", help="'latest' (default) or a checkpoint dir")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. rl.rollouts_per_state=8")
     return parser.parse_args()
-
-
-class TrainingProgress:
-    """Iterations done and init-state batches drawn (the sampler position), for resume."""
-
-    def __init__(self) -> None:
-        self.iteration = 0
-        self.draws = 0
-
-    def state_dict(self) -> dict:
-        return {"iteration": self.iteration, "draws": self.draws}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.iteration, self.draws = state["iteration"], state["draws"]
 
 
 def main() -> int:
@@ -137,7 +124,7 @@ def main() -> int:
         fused=torch.cuda.is_available(),
     )
     policy, optimizer, state_loader = accelerator.prepare(policy, optimizer, state_loader)
-    progress = TrainingProgress()
+    progress = RIPTProgress()
     history = StateOutcomeHistory(skip_after=config.rl.skip_after, skip_for=config.rl.skip_for)
     accelerator.register_for_checkpointing(progress, history)
     checkpoint = resolve_resume(output_dir, args.resume or config.resume)
@@ -163,23 +150,11 @@ def main() -> int:
     policy_fn = make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast)
 
     def save(iteration: int) -> Path:
-        # Each rank saw other init states: merge the outcome histories so every rank saves them all.
-        merged = StateOutcomeHistory(history.skip_after, history.skip_for)
-        for state in gather_object([history.state_dict()]):
-            other = StateOutcomeHistory()
-            other.load_state_dict(state)
-            merged.solved_streak.update(other.solved_streak)
-            merged.skips_left.update(other.skips_left)
-        history.load_state_dict(merged.state_dict())
-        state_dict = accelerator.get_state_dict(policy, unwrap=True)
-
-        def save_model(directory: Path) -> None:
-            unwrapped.save_pretrained(directory, state_dict=state_dict)
-            preprocessor.save_pretrained(directory)
-            postprocessor.save_pretrained(directory)
-            tokenizer.save_pretrained(directory)
-
-        path = save_checkpoint(accelerator, output_dir, iteration, save_model, config.train.keep_last)
+        # Each rank saw other init states: merge the outcome histories so the checkpoint has them all.
+        history.merge(gather_object([history.state_dict()]))
+        path = save_policy_checkpoint(
+            accelerator, output_dir, iteration, policy, [preprocessor, postprocessor, tokenizer], config.train.keep_last
+        )
         logger.info("saved checkpoint %s", path)
         return path
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib.checkpoint import GracefulStop, resolve_resume, save_checkpoint  # noqa: E402
+from lib.checkpoint import GracefulStop, resolve_resume, save_policy_checkpoint  # noqa: E402
 from lib.config import ConfigError, check, load_config, to_flat_dict  # noqa: E402
 from lib.graph_pi0 import PI0GraphConfig, PI0GraphPolicy  # noqa: E402
 from lib.pi0 import (  # noqa: E402
@@ -304,17 +304,9 @@ def main() -> int:
         logger.info("resumed from %s at step %d", checkpoint, progress.step)
 
     def save(step: int) -> Path:
-        # Every rank takes part in gathering the weights (a collective under FSDP); the main
-        # process writes them as safetensors with the processors and the tokenizer.
-        state_dict = accelerator.get_state_dict(policy, unwrap=True)
-
-        def save_model(directory: Path) -> None:
-            accelerator.unwrap_model(policy).save_pretrained(directory, state_dict=state_dict)
-            preprocessor.save_pretrained(directory)
-            postprocessor.save_pretrained(directory)
-            tokenizer.save_pretrained(directory)
-
-        path = save_checkpoint(accelerator, output_dir, step, save_model, config.train.keep_last)
+        path = save_policy_checkpoint(
+            accelerator, output_dir, step, policy, [preprocessor, postprocessor, tokenizer], config.train.keep_last
+        )
         logger.info("saved checkpoint %s", path)
         return path
 

@@ -211,3 +211,11 @@ def test_windows_carry_their_rollouts_leave_one_out_advantage():
     assert batch[AGENTVIEW_KEY].shape == (2, 3, 8, 8) and batch[WRIST_KEY].max() == 1.0
     assert batch["action"].shape == (2, 4, 7) and batch["action_is_pad"][0].tolist() == [False, False, True, True]
     assert batch["task"] == ["t", "t"]
+
+
+def test_history_merge_takes_in_other_ranks_records():
+    mine, theirs = StateOutcomeHistory(skip_after=1, skip_for=2), StateOutcomeHistory(skip_after=1, skip_for=2)
+    mine.record((0, 1), torch.ones(2))
+    theirs.record((0, 9), torch.ones(2))
+    mine.merge([theirs.state_dict()])
+    assert set(mine.skips_left) == {(0, 1), (0, 9)}

@@ -1,10 +1,16 @@
 """The stage-by-stage RIPT reproduction: each stage script runs on real LIBERO with the tiny pi0."""
 
 import json
+import re
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from conftest import ACCELERATE, PYTHON, run
+import torch
+from conftest import ACCELERATE, PYTHON, REPO, run
+from safetensors.torch import load_file
 
 
 def iterations_in(progress_file) -> list[dict]:
@@ -116,3 +122,55 @@ def test_stage_12_dataset_sharded_by_accelerate(tokenizer_dir, tmp_path):
     )
     assert "50 init states, 25 batches per epoch and rank" in result.stdout
     assert iterations_in(tmp_path / "progress.json")[0]["episodes"] == 4
+
+
+def test_stage_13_sigint_saves_and_resume_continues(tokenizer_dir, tmp_path):
+    args = [
+        "scripts/13_train_production_ready.py",
+        "--config_path",
+        "configs/minimal_test.yaml",
+        f"model.tokenizer={tokenizer_dir}",
+        f"output_dir={tmp_path}",
+        "train.iterations=3",
+    ]
+    process = subprocess.Popen([PYTHON, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "train_rank0.log"
+    deadline = time.time() + 400
+    while time.time() < deadline and not (log.exists() and "iteration 1/3" in log.read_text()):
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=400)
+    assert process.returncode == 0, output
+    stopped_at = int(re.search(r"stopped at iteration (\d+) after saving", output).group(1))
+    assert stopped_at < 3 and (tmp_path / f"checkpoints/step_{stopped_at:08d}/pretrained_model").is_dir()
+
+    result = run([PYTHON, *args, "--resume"])
+    assert f"at iteration {stopped_at}" in result.stdout and "iteration 3/3" in result.stdout
+    assert [row["iteration"] for row in iterations_in(tmp_path / "progress.json")] == [1, 2, 3]
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["ript/env_steps_per_s"] > 0 and row["ript/rss_gib"] > 0 for row in metrics)
+
+
+@pytest.mark.slow
+def test_stage_13_and_the_final_script_agree(tokenizer_dir, tmp_path):
+    """Same config and seed: stage 13 and train_ript_pi0.py draw the same init states and measure
+    the same rollouts over 2 iterations (the final script adds only evaluation)."""
+    common = ["--config_path", "configs/minimal_test.yaml", f"model.tokenizer={tokenizer_dir}", "train.eval_every=100"]
+    run([PYTHON, "scripts/13_train_production_ready.py", *common, f"output_dir={tmp_path / 'stage13'}"])
+    run([PYTHON, "scripts/train_ript_pi0.py", *common, f"output_dir={tmp_path / 'final'}"])
+    stage = [json.loads(line) for line in (tmp_path / "stage13/metrics.jsonl").read_text().splitlines()]
+    final = [json.loads(line) for line in (tmp_path / "final/metrics.jsonl").read_text().splitlines()]
+    pairs = {
+        "success_rate": "rollout/success_rate",
+        "episodes": "rollout/episodes",
+        "groups_kept": "sampling/groups_kept",
+        "dropped_all_failure": "sampling/dropped_all_failure",
+        "dropped_all_success": "sampling/dropped_all_success",
+        "update_steps": "update/steps",
+    }
+    assert len(stage) == len(final) == 2
+    for ours, theirs in zip(stage, final, strict=True):
+        assert {k: ours[f"ript/{k}"] for k in pairs} == {k: theirs[v] for k, v in pairs.items()}
+    a = load_file(tmp_path / "stage13/checkpoints/last/pretrained_model/model.safetensors")
+    b = load_file(tmp_path / "final/checkpoints/last/pretrained_model/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,336 @@
+"""Stage 13 of the RIPT reproduction: stage 12 + production readiness (see scripts/STAGES.md).
+
+New: checkpoints (weights + config + processors in `pretrained_model/`, optimizer, RNG, iteration,
+sampler position and per-state outcome history in `training_state/`) every `train.save_every`
+iterations; `--resume` continues the newest one; SIGTERM/SIGINT finish the iteration, save and
+exit 0 (a second signal ends the process at once); memory is reported and garbage-collected every
+iteration; a failed iteration is reported with its traceback in the rank's log before the run
+stops (resume from the last checkpoint); rollout and update throughput are measured.
+
+Init states come from `LiberoInitStateDataset` (every task and init state of the suite) and a
+`DataLoader` with `collate_fn_state`; accelerate shards its batches across ranks (the distributed
+sampler) with a seedable shuffle, so the order is a function of seed and epoch.
+
+Everything each rank prints is also written to `output_dir/train_rank{R}.log` (the seed's
+`_TeeIO`: `lib.run_logging.TeeIO`); metrics go to the trackers (tensorboard, and wandb offline
+unless `tracking.wandb_mode=online`; the wandb run id is kept in `output_dir`, so a re-run with the
+same output_dir continues the same run) and to `metrics.jsonl`; `success.png` plots them.
+
+Multi-process through Hugging Face Accelerate: each rank rolls out from its own shard of the init
+states in its own simulators, DDP averages the gradients, statistics are reduced across ranks.
+
+The config comes from a YAML file on top of the schema's defaults (lib/ript_config.py), with
+`key=value` overrides; a JSON progress file.
+Every iteration ("epoch") draws init states, rolls out K episodes from each, keeps the groups
+whose outcomes differ (smart sampling), and trains on their windows in minibatches with the
+CFG-RL objective. `train_ript_pi0.py`, the final script, adds evaluation on fixed init states.
+
+    python scripts/13_train_production_ready.py --config_path configs/debug_train_pi0.yaml
+    accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/13_train_production_ready.py \
+        --config_path configs/minimal_test.yaml
+    ... scripts/13_train_production_ready.py --config_path configs/minimal_test.yaml --resume
+"""
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import psutil
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.utils import gather_object
+from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lib.checkpoint import GracefulStop, resolve_resume, save_policy_checkpoint  # noqa: E402
+from lib.config import ConfigError, load_config, to_flat_dict  # noqa: E402
+from lib.libero import (  # noqa: E402
+    LiberoInitStateDataset,
+    VectorLiberoRollout,
+    collate_fn_state,
+    make_policy_fn,
+)
+from lib.pi0 import seeded_noise_and_time  # noqa: E402
+from lib.ript import (  # noqa: E402
+    RIPTProgress,
+    StateOutcomeHistory,
+    collect_informative_groups,
+    init_state_key,
+    make_ript_policy,
+    minibatch_order,
+    rollout_groups,
+    window_batch,
+    windows_with_advantages,
+)
+from lib.ript_config import RIPTConfig, validate_config  # noqa: E402
+from lib.run_logging import append_metrics, init_trackers, plot_metrics, tee_output  # noqa: E402
+
+
+# New in stage 09: YAML config + CLI overrides + validation, replacing the hard-coded config.
+def load_config_from_yaml(path: Path, overrides: list[str]) -> DictConfig:
+    """The schema's defaults (lib/ript_config.py), then the YAML file, then `key=value` overrides."""
+    config = load_config(RIPTConfig, path, overrides)
+    validate_config(config)
+    return config
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # New in stage 09: a config file and overrides instead of a few fixed flags.
+    parser.add_argument("--config_path", type=Path, default=Path("configs/debug_train_pi0.yaml"))
+    parser.add_argument(
+        "--resume", nargs="?", const="latest", help="'latest' (default) or a checkpoint dir"
+    )  # stage 13
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.iterations=2")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    # New in stage 09: load and validate the YAML config.
+    try:
+        config = load_config_from_yaml(args.config_path, args.overrides)
+    except ConfigError as error:
+        print(f"✗ config error: {error}", file=sys.stderr)
+        return 2
+    # New in stage 10: the seed's setup_distributed(). `cpu=` because a launcher config with
+    # `use_cpu: true` starts processes that never connect on a machine without a GPU (DESIGN.md).
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=config.train.mixed_precision,
+        log_with=list(config.tracking.report_to) or None,  # New in stage 11: trackers
+        project_dir=config.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # New in stage 12
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    # New in stage 11: every rank prints into output_dir/train_rank{R}.log; only the main
+    # process's output also reaches the console.
+    log_file = tee_output(config.output_dir, rank, accelerator.is_main_process)
+    print(f"✓ config loaded from {args.config_path} and validated")
+    print(f"processes: {world} ({accelerator.distributed_type}), device: {accelerator.device}")
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    print(f"config: {OmegaConf.to_container(config)}")
+    # New in stage 11: trackers (wandb offline by default, its run id kept for re-runs).
+    init_trackers(
+        accelerator,
+        output_dir,
+        config.tracking.project,
+        config.tracking.run_name,
+        to_flat_dict(config),
+        config.tracking.wandb_mode,
+    )
+    metrics_file = output_dir / "metrics.jsonl"
+
+    # Policy: the flag-conditioned pi0 and its processors.
+    device = accelerator.device.type
+    policy, preprocessor, postprocessor, tokenizer = make_ript_policy(config.model, device)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.optim.lr)
+    # New in stage 12: init states as a PyTorch dataset, batched by a DataLoader that
+    # accelerate shards across ranks.
+    dataset = LiberoInitStateDataset(config.env.benchmark, config.env.task_names)
+    state_loader = torch.utils.data.DataLoader(
+        dataset, batch_size=config.rl.states_per_draw, shuffle=True, drop_last=True, collate_fn=collate_fn_state
+    )
+    # New in stage 10: DDP-wrap the policy; `unwrap_model` is the seed's get_model_from_ddp().
+    policy, optimizer, state_loader = accelerator.prepare(policy, optimizer, state_loader)
+    unwrapped = accelerator.unwrap_model(policy)
+    policy_fn = make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast)
+    history = StateOutcomeHistory()
+    parameters = sum(p.numel() for p in policy.parameters())
+    print(f"{len(dataset)} init states, {len(state_loader)} batches per epoch and rank; {parameters} parameters")
+
+    # New in stage 13: what a checkpoint restores besides weights, optimizer and RNG.
+    progress_state = RIPTProgress()
+    accelerator.register_for_checkpointing(progress_state, history)
+    checkpoint = resolve_resume(output_dir, args.resume or config.resume)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint / "training_state"))
+        print(f"resumed from {checkpoint} at iteration {progress_state.iteration}")
+
+    def save(iteration: int) -> Path:
+        """New in stage 13: an atomic checkpoint; every rank's outcome history goes into it."""
+        history.merge(gather_object([history.state_dict()]))
+        path = save_policy_checkpoint(
+            accelerator, output_dir, iteration, policy, [preprocessor, postprocessor, tokenizer], config.train.keep_last
+        )
+        print(f"saved checkpoint {path}")
+        return path
+
+    def draw_state_batches():
+        """Init-state batches forever, epoch after epoch (a new shuffle each); resumes at the
+        sampler position of the checkpoint (New in stage 13)."""
+        while True:
+            epoch, skip = divmod(progress_state.draws, len(state_loader))
+            loader = accelerator.skip_first_batches(state_loader, skip) if skip else state_loader
+            loader.set_epoch(epoch)
+            for batch in loader:
+                progress_state.draws += 1
+                batch = {key: value.cpu() if torch.is_tensor(value) else value for key, value in batch.items()}
+                yield [{key: batch[key][i] for key in batch} for i in range(len(batch["instruction"]))]
+
+    state_batches = draw_state_batches()
+
+    progress_file = output_dir / "progress.json"
+    progress = {"config": OmegaConf.to_container(config), "iterations": []}
+    if checkpoint is not None and progress_file.exists():  # New in stage 13: keep the earlier iterations
+        progress["iterations"] = [
+            r for r in json.loads(progress_file.read_text())["iterations"] if r["iteration"] <= progress_state.iteration
+        ]
+    envs = VectorLiberoRollout(
+        config.env.benchmark,
+        config.env.num_envs,
+        config.env.camera_size,
+        config.env.max_steps,
+        config.env.replan_steps,
+        seed=config.seed + 1000 * rank,
+    )
+    all_results = []  # every episode rolled out in the current iteration
+    stop = GracefulStop()  # New in stage 13: SIGTERM/SIGINT -> save and exit 0
+    process = psutil.Process()
+    try:
+        for iteration in range(progress_state.iteration + 1, config.train.iterations + 1):
+            # Rollouts with smart sampling: keep only groups whose K outcomes differ.
+            started = time.perf_counter()
+            all_results.clear()
+            kept, stats = collect_informative_groups(
+                lambda: next(state_batches),
+                lambda states: rollout_groups(envs, policy_fn, states, config.rl.rollouts_per_state, all_results),
+                init_state_key,
+                history,
+                config.rl.target_groups,
+                config.rl.max_draw_rounds,
+            )
+            rollout_time = time.perf_counter() - started
+
+            # Batched training on the kept rollouts' windows, weighted by leave-one-out advantage.
+            windows, advantages = windows_with_advantages(kept)
+            losses = []
+            # New in stage 10: every rank must run the same number of DDP steps; the rank with the
+            # most windows sets it, the others cycle through theirs; no update if a rank has none.
+            counts = accelerator.gather(torch.tensor([len(windows)], device=accelerator.device))
+            if int(counts.min()) > 0:
+                unwrapped.train()
+                steps = config.rl.update_epochs * math.ceil(int(counts.max()) / config.rl.minibatch_size)
+                order_seed = config.seed * 7919 + iteration * 31 + rank
+                for step, picked in enumerate(
+                    minibatch_order(len(windows), steps, config.rl.minibatch_size, order_seed)
+                ):
+                    batch, batch_advantages = window_batch(windows, advantages, picked, config.model.chunk_size)
+                    batch = preprocessor(batch)
+                    noise, flow_time = seeded_noise_and_time(
+                        unwrapped.model,
+                        len(picked),
+                        (config.seed * 1_000_003 + iteration) * 10_007 + step * world + rank,
+                        accelerator.device,
+                    )
+                    with accelerator.autocast():
+                        loss, _ = policy(
+                            batch,
+                            batch_advantages.to(accelerator.device),
+                            noise,
+                            flow_time,
+                            objective=config.rl.objective,
+                            alpha=config.rl.alpha,
+                        )
+                    accelerator.backward(loss)
+                    accelerator.clip_grad_norm_(policy.parameters(), config.optim.grad_clip_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.append(loss.detach())
+            update_time = time.perf_counter() - started - rollout_time  # New in stage 13
+
+            # New in stage 10: statistics summed (loss averaged) over all ranks.
+            successes, episodes, groups, dropped_success, dropped_failure, env_steps = accelerator.reduce(
+                torch.tensor(
+                    [
+                        sum(r.success for r in all_results),
+                        len(all_results),
+                        len(kept),
+                        stats.dropped_all_success,
+                        stats.dropped_all_failure,
+                        sum(r.length for r in all_results),
+                    ],
+                    device=accelerator.device,
+                ),
+                "sum",
+            ).tolist()
+            record = {
+                "iteration": iteration,
+                "success_rate": successes / max(episodes, 1),
+                "episodes": episodes,
+                "groups_kept": groups,
+                "dropped_all_success": dropped_success,
+                "dropped_all_failure": dropped_failure,
+                "update_steps": len(losses),
+                "loss": accelerator.reduce(torch.stack(losses).mean(), "mean").item() if losses else None,
+                "rollout_time_s": rollout_time,
+                # New in stage 13: performance and memory monitoring.
+                "update_time_s": update_time,
+                "env_steps_per_s": env_steps / max(rollout_time, 1e-9),
+                "worker_restarts": envs.worker_restarts,
+                "rss_gib": process.memory_info().rss / 2**30,
+                "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
+            }
+            progress["iterations"].append(record)
+            # New in stage 11: metrics to the trackers and to metrics.jsonl.
+            metrics = {
+                f"ript/{key}": value for key, value in record.items() if key != "iteration" and value is not None
+            }
+            accelerator.log(metrics, step=iteration)
+            if accelerator.is_main_process:
+                progress_file.write_text(json.dumps(progress, indent=2))
+                append_metrics(metrics_file, iteration, metrics)
+            print(
+                f"iteration {iteration}/{config.train.iterations}: success {record['success_rate']:.2f}, "
+                f"{groups} groups kept, {len(losses)} updates, loss {record['loss']}, "
+                f"rollout {rollout_time:.1f} s, update {update_time:.1f} s, {record['rss_gib']:.1f} GiB RSS"
+            )
+            progress_state.iteration = iteration
+            # New in stage 13: free what the iteration left behind (rollout windows, frames).
+            del kept, windows, advantages
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+            # New in stage 13: checkpoints, and a clean stop on SIGTERM/SIGINT.
+            stopped = stop.should_stop(accelerator)
+            if iteration % config.train.save_every == 0 or iteration == config.train.iterations or stopped:
+                checkpoint = save(iteration)
+            if stopped:
+                print(f"signal {stop.received} received: stopped at iteration {iteration} after saving")
+                break
+    except Exception:
+        # New in stage 13: the failure goes to this rank's log; resume from the last checkpoint.
+        traceback.print_exc()
+        print(f"iteration {progress_state.iteration + 1} failed; resume with --resume", file=sys.stderr)
+        raise
+    finally:
+        envs.close()
+    print(f"progress written to {progress_file}")
+    # New in stage 11: a plot of the success rate, and where the logs are.
+    if accelerator.is_main_process and metrics_file.exists():
+        plot_metrics(metrics_file, output_dir / "success.png", ("ript/success_rate",), log_scale=False)
+    print(f"logs: {log_file} (one per rank), metrics: {metrics_file}")
+    if checkpoint is not None:
+        print(f"checkpoint: {checkpoint / 'pretrained_model'}")
+    # New in stage 10: the seed's cleanup_distributed(); an orderly end (gloo aborts at exit on
+    # Python 3.12 without it).
+    accelerator.wait_for_everyone()
+    policy = optimizer = unwrapped = state_loader = None
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
