@@ -23,13 +23,11 @@ from typing import Any
 
 import torch
 from lerobot.configs import PreTrainedConfig
-from lerobot.policies.pi0 import modeling_pi0
-from lerobot.policies.pi0.configuration_pi0 import PI0Config
 from lerobot.policies.pi0.modeling_pi0 import PI0Policy, PI0Pytorch
 from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
 from torch import Tensor, nn
 
-from lib.pi0 import model_size_context
+from lib.pi0 import SizedPI0Config, building_network
 
 GRAPH_KEY = "observation.graph"
 
@@ -146,20 +144,14 @@ class PI0WithGraph(PI0Pytorch):
 
 @PreTrainedConfig.register_subclass("pi0_graph")
 @dataclass
-class PI0GraphConfig(PI0Config):
+class PI0GraphConfig(SizedPI0Config):
     """`PI0Config` plus the graph encoder and the model size ("full" or "tiny", see lib/pi0.py)."""
 
-    model_size: str = "full"
     use_graph: bool = True
     graph_num_nodes: int = 10
     graph_node_dim: int = 19
     graph_hidden_dim: int = 64
     graph_message_passing_steps: int = 2
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.model_size not in ("full", "tiny"):
-            raise ValueError(f"model_size must be 'full' or 'tiny', got {self.model_size!r}")
 
 
 class PI0GraphPolicy(PI0Policy):
@@ -170,15 +162,8 @@ class PI0GraphPolicy(PI0Policy):
     name = "pi0_graph"
 
     def __init__(self, config: PI0GraphConfig, **kwargs: Any) -> None:
-        # PI0Policy.__init__ builds `PI0Pytorch(...)` by its module-level name; build ours instead
-        # of building the parent's and replacing it (twice the memory at full size).
-        original_network_cls = modeling_pi0.PI0Pytorch
-        modeling_pi0.PI0Pytorch = PI0WithGraph
-        try:
-            with model_size_context(config.model_size):
-                super().__init__(config, **kwargs)
-        finally:
-            modeling_pi0.PI0Pytorch = original_network_cls
+        with building_network(PI0WithGraph, config.model_size):
+            super().__init__(config, **kwargs)
 
     def _graph(self, batch: dict[str, Tensor]) -> Tensor | None:
         graph = batch.get(GRAPH_KEY) if self.config.use_graph else None

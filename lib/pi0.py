@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,34 @@ def model_size_context(model_size: str) -> contextlib.AbstractContextManager:
     if model_size not in MODEL_SIZES:
         raise ValueError(f"model_size must be one of {MODEL_SIZES}, got {model_size!r}")
     return tiny_pi0_sizes() if model_size == "tiny" else contextlib.nullcontext()
+
+
+@dataclass
+class SizedPI0Config(PI0Config):
+    """`PI0Config` plus the size its network is built at ("full" or "tiny"): saved in config.json,
+    so `from_pretrained` rebuilds a tiny checkpoint at the tiny size."""
+
+    model_size: str = "full"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.model_size not in MODEL_SIZES:
+            raise ValueError(f"model_size must be one of {MODEL_SIZES}, got {self.model_size!r}")
+
+
+@contextlib.contextmanager
+def building_network(network_cls: type[modeling_pi0.PI0Pytorch], model_size: str) -> Iterator[None]:
+    """While active, `PI0Policy.__init__` builds `network_cls` (a `PI0Pytorch` subclass) at
+    `model_size`. It builds its network by the module-level name `PI0Pytorch`; swapping the name
+    builds ours directly instead of building the parent's and replacing it (twice the memory at
+    full size)."""
+    original_network_cls = modeling_pi0.PI0Pytorch
+    modeling_pi0.PI0Pytorch = network_cls
+    try:
+        with model_size_context(model_size):
+            yield
+    finally:
+        modeling_pi0.PI0Pytorch = original_network_cls
 
 
 def make_pi0_policy(

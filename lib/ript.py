@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature, PreTrainedConfig
-from lerobot.policies.pi0 import modeling_pi0
 from lerobot.policies.pi0.configuration_pi0 import PI0Config
 from lerobot.policies.pi0.modeling_pi0 import PI0Policy, PI0Pytorch
 from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
@@ -32,11 +31,12 @@ from torch import Tensor, nn
 from lib.libero import ACTION_DIM, AGENTVIEW_KEY, STATE_DIM, STATE_KEY, WRIST_KEY, observations_to_batch
 from lib.pi0 import (
     MODEL_SIZES,
+    SizedPI0Config,
+    building_network,
     load_pi0_processors,
     load_tokenizer,
     make_pi0_policy,
     make_pi0_processors,
-    model_size_context,
     saved_model_size,
 )
 
@@ -241,16 +241,10 @@ class PI0WithCondition(PI0Pytorch):
 
 @PreTrainedConfig.register_subclass("pi0_cfg")
 @dataclass
-class PI0CFGConfig(PI0Config):
+class PI0CFGConfig(SizedPI0Config):
     """`PI0Config` plus the model size ("full"/"tiny") and the guidance weight used at sampling."""
 
-    model_size: str = "full"
     guidance_weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.model_size not in ("full", "tiny"):
-            raise ValueError(f"model_size must be 'full' or 'tiny', got {self.model_size!r}")
 
 
 class PI0CFGPolicy(PI0Policy):
@@ -260,13 +254,8 @@ class PI0CFGPolicy(PI0Policy):
     name = "pi0_cfg"
 
     def __init__(self, config: PI0CFGConfig, **kwargs: Any) -> None:
-        original_network_cls = modeling_pi0.PI0Pytorch
-        modeling_pi0.PI0Pytorch = PI0WithCondition  # PI0Policy builds its network by this name
-        try:
-            with model_size_context(config.model_size):
-                super().__init__(config, **kwargs)
-        finally:
-            modeling_pi0.PI0Pytorch = original_network_cls
+        with building_network(PI0WithCondition, config.model_size):
+            super().__init__(config, **kwargs)
 
     def _model_inputs(self, batch: dict[str, Tensor]) -> tuple:
         images, img_masks = self._preprocess_images(batch)
