@@ -174,3 +174,24 @@ def test_stage_13_and_the_final_script_agree(tokenizer_dir, tmp_path):
     a = load_file(tmp_path / "stage13/checkpoints/last/pretrained_model/model.safetensors")
     b = load_file(tmp_path / "final/checkpoints/last/pretrained_model/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stage_13_two_processes_checkpoint(tokenizer_dir, tmp_path):
+    result = run(
+        [
+            ACCELERATE,
+            "launch",
+            "--config_file",
+            "accelerate_configs/cpu_2proc.yaml",
+            "scripts/13_train_production_ready.py",
+            "--config_path",
+            "configs/minimal_test.yaml",
+            f"model.tokenizer={tokenizer_dir}",
+            f"output_dir={tmp_path}",
+            "train.iterations=1",
+        ]
+    )
+    assert "processes: 2 (DistributedType.MULTI_CPU)" in result.stdout
+    assert iterations_in(tmp_path / "progress.json")[0]["episodes"] == 4
+    state = tmp_path / "checkpoints/step_00000001/training_state"
+    assert sorted(p.name for p in state.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
