@@ -123,7 +123,13 @@ def main() -> int:
     # Policy: the flag-conditioned pi0 and its processors.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     policy, preprocessor, postprocessor, _ = make_ript_policy(config.model, device)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.optim.lr)
+    optimizer = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad],
+        lr=config.optim.lr,
+        betas=tuple(config.optim.betas),
+        eps=config.optim.eps,
+        weight_decay=config.optim.weight_decay,
+    )
     policy_fn = make_policy_fn(policy, preprocessor, postprocessor)
     dataset = InitialStateDataset(config.env.benchmark, config.env.task_names, config.seed)
     history = StateOutcomeHistory()

@@ -133,7 +133,13 @@ def main() -> int:
     # Policy: the flag-conditioned pi0 and its processors.
     device = accelerator.device.type
     policy, preprocessor, postprocessor, tokenizer = make_ript_policy(config.model, device)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.optim.lr)
+    optimizer = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad],
+        lr=config.optim.lr,
+        betas=tuple(config.optim.betas),
+        eps=config.optim.eps,
+        weight_decay=config.optim.weight_decay,
+    )
     # New in stage 12: init states as a PyTorch dataset, batched by a DataLoader that
     # accelerate shards across ranks.
     dataset = LiberoInitStateDataset(config.env.benchmark, config.env.task_names)
