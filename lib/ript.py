@@ -341,14 +341,33 @@ def init_state_key(state: dict[str, Any]) -> tuple[int, int]:
     return int(state["task_id"]), int(state["init_index"])
 
 
-def rollout_groups(envs: Any, policy_fn: Callable, states: list[dict[str, Any]], k: int, sink: list) -> Tensor:
+def rollout_groups(
+    envs: Any, policy_fn: Callable, states: list[dict[str, Any]], k: int, sink: list, record_first: bool = False
+) -> Tensor:
     """K episodes from each init state in `envs` (a `VectorLiberoRollout`); each state keeps its
-    episodes as `state["episodes"]`, every result is appended to `sink`; (len(states), K) rewards."""
-    results = envs.run([state for state in states for _ in range(k)], policy_fn)
+    episodes as `state["episodes"]`, every result is appended to `sink`; (len(states), K) rewards.
+    `record_first` keeps the frames of the first episode (for a video)."""
+    requests = [
+        dict(state, record=record_first and i == 0) for i, state in enumerate(s for s in states for _ in range(k))
+    ]
+    results = envs.run(requests, policy_fn)
     sink.extend(results)
     for index, state in enumerate(states):
         state["episodes"] = results[index * k : (index + 1) * k]
     return torch.tensor([r.success for r in results], dtype=torch.float32).view(len(states), k)
+
+
+def save_rollout_video(results: list[Any], directory: Path, iteration: int, fps: int = 20) -> Path | None:
+    """The first recorded episode of `results` as `directory/iteration_<N>_<success|failure>.mp4`."""
+    from lerobot.utils.io_utils import write_video
+
+    recorded = next((r for r in results if r.frames), None)
+    if recorded is None:
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"iteration_{iteration:05d}_{'success' if recorded.success else 'failure'}.mp4"
+    write_video(path, recorded.frames, fps)
+    return path
 
 
 def windows_with_advantages(kept: list[tuple[dict[str, Any], Tensor]]) -> tuple[list[Any], list[float]]:

@@ -68,6 +68,7 @@ class TrackingConfig:
     project: str = "pi0-ript"
     run_name: str = "ript"
     wandb_mode: str = "offline"
+    video_every: int = 10  # a rollout video every N iterations (0: none), from stage 11 on
 
 
 @dataclass

@@ -51,6 +51,7 @@ from lib.ript import (  # noqa: E402
     make_ript_policy,
     minibatch_order,
     rollout_groups,
+    save_rollout_video,
     window_batch,
     windows_with_advantages,
 )
@@ -175,15 +176,25 @@ def main() -> int:
             # Rollouts with smart sampling: keep only groups whose K outcomes differ.
             started = time.perf_counter()
             all_results.clear()
+            # New in stage 11: a video of one rollout every `tracking.video_every` iterations.
+            record_video = (
+                accelerator.is_main_process
+                and config.tracking.video_every > 0
+                and (iteration % config.tracking.video_every == 0)
+            )
             kept, stats = collect_informative_groups(
                 lambda: dataset.sample(config.rl.states_per_draw),
-                lambda states: rollout_groups(envs, policy_fn, states, config.rl.rollouts_per_state, all_results),
+                lambda states, record=record_video: rollout_groups(
+                    envs, policy_fn, states, config.rl.rollouts_per_state, all_results, record_first=record
+                ),
                 init_state_key,
                 history,
                 config.rl.target_groups,
                 config.rl.max_draw_rounds,
             )
             rollout_time = time.perf_counter() - started
+            if record_video:  # New in stage 11
+                print(f"video: {save_rollout_video(all_results, output_dir / 'videos', iteration)}")
 
             # Batched training on the kept rollouts' windows, weighted by leave-one-out advantage.
             windows, advantages = windows_with_advantages(kept)

@@ -47,6 +47,7 @@ from lib.ript import (  # noqa: E402
     make_ript_policy,
     minibatch_order,
     rollout_groups,
+    save_rollout_video,
     window_batch,
     windows_with_advantages,
 )
@@ -200,16 +201,25 @@ def main() -> int:
             # 1. Rollouts with dynamic sampling.
             rollout_start = time.perf_counter()
             all_results.clear()
+            record_video = (
+                accelerator.is_main_process
+                and config.tracking.video_every > 0
+                and (iteration % config.tracking.video_every == 0)
+            )
             unwrapped.eval()
             kept, stats = collect_informative_groups(
                 lambda: next(state_batches),
-                lambda states: rollout_groups(vector_env, policy_fn, states, k, all_results),
+                lambda states, record=record_video: rollout_groups(
+                    vector_env, policy_fn, states, k, all_results, record_first=record
+                ),
                 init_state_key,
                 history,
                 config.rl.target_groups,
                 config.rl.max_draw_rounds,
             )
             rollout_time = time.perf_counter() - rollout_start
+            if record_video:
+                logger.info("video: %s", save_rollout_video(all_results, output_dir / "videos", iteration))
 
             # 2. Leave-one-out advantage of every kept rollout, given to each of its windows.
             windows, advantages = windows_with_advantages(kept)

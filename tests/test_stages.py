@@ -101,6 +101,7 @@ def test_stage_11_logs_per_rank_and_trackers(tokenizer_dir, tmp_path):
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["step"] == 1 and metrics[0]["ript/episodes"] == 4
     assert (tmp_path / "success.png").stat().st_size > 0
+    assert [p.name for p in (tmp_path / "videos").iterdir()] == ["iteration_00001_failure.mp4"]
     assert list((tmp_path / "pi0-ript").glob("events.out.tfevents.*"))  # tensorboard
     assert list((tmp_path / "wandb").glob("offline-run-*")) and (tmp_path / "wandb_run_id.txt").is_file()
 

@@ -36,6 +36,10 @@ def test_two_iterations_on_libero(args, tmp_path):
         assert row["rollout/env_steps_per_s"] > 0
     assert "eval/success_rate" in rows[1] and "eval/success_rate" not in rows[0]
     assert (tmp_path / "success.png").stat().st_size > 0
+    assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == [
+        "iteration_00001_failure.mp4",
+        "iteration_00002_failure.mp4",
+    ]
     checkpoint = tmp_path / "checkpoints" / "last" / "pretrained_model"
     assert f"checkpoint: {tmp_path}" in result.stdout
     policy = PI0CFGPolicy.from_pretrained(checkpoint)
