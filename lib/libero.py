@@ -98,6 +98,13 @@ def collate_fn_state(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def split_state_batch(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """A `collate_fn_state` batch (possibly on a GPU, from a prepared DataLoader) back into
+    per-state dicts on the CPU, as `VectorLiberoRollout.run` takes them."""
+    batch = {key: value.cpu() if torch.is_tensor(value) else value for key, value in batch.items()}
+    return [{key: batch[key][i] for key in batch} for i in range(len(batch["instruction"]))]
+
+
 def make_libero_env(benchmark_name: str, task_id: int, camera_size: int = 128, seed: int = 0) -> Any:
     """An off-screen LIBERO env for one task of a suite."""
     from libero.libero import get_libero_path
@@ -332,9 +339,7 @@ class VectorLiberoRollout:
                     self._fail(worker, episode, results, pending)
                     start_next(worker)
                     continue
-                result.windows.append(
-                    Window(observation={k: v for k, v in observation.items()}, actions=chunk, executed=executed)
-                )
+                result.windows.append(Window(observation=observation, actions=chunk, executed=executed))
                 result.frames.extend(frames)
                 result.length += executed
                 if success or result.length >= self.max_steps:

@@ -44,6 +44,7 @@ from lib.libero import (  # noqa: E402
     VectorLiberoRollout,
     collate_fn_state,
     make_policy_fn,
+    split_state_batch,
 )
 from lib.pi0 import seeded_noise_and_time  # noqa: E402
 from lib.ript import (  # noqa: E402
@@ -146,8 +147,7 @@ def main() -> int:
         while True:
             state_loader.set_epoch(epoch)
             for batch in state_loader:
-                batch = {key: value.cpu() if torch.is_tensor(value) else value for key, value in batch.items()}
-                yield [{key: batch[key][i] for key in batch} for i in range(len(batch["instruction"]))]
+                yield split_state_batch(batch)
             epoch += 1
 
     state_batches = draw_state_batches()

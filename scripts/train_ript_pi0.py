@@ -34,6 +34,7 @@ from lib.libero import (  # noqa: E402
     VectorLiberoRollout,
     collate_fn_state,
     make_policy_fn,
+    split_state_batch,
 )
 from lib.pi0 import (  # noqa: E402
     count_parameters,
@@ -142,8 +143,7 @@ def main() -> int:
             loader.set_epoch(epoch)
             for batch in loader:
                 progress.draws += 1
-                batch = {key: value.cpu() if torch.is_tensor(value) else value for key, value in batch.items()}
-                yield [{key: batch[key][i] for key in batch} for i in range(len(batch["instruction"]))]
+                yield split_state_batch(batch)
 
     state_batches = draw_state_batches()
     unwrapped = accelerator.unwrap_model(policy)
@@ -185,7 +185,6 @@ def main() -> int:
     )
     stop = GracefulStop()
     k = config.rl.rollouts_per_state
-    checkpoint_iteration = progress.iteration if checkpoint is not None else None
     bar = tqdm(
         total=config.train.iterations,
         initial=progress.iteration,
@@ -327,7 +326,6 @@ def main() -> int:
             stopped = stop.should_stop(accelerator)
             if iteration % config.train.save_every == 0 or iteration == config.train.iterations or stopped:
                 checkpoint = save(iteration)
-                checkpoint_iteration = iteration
             if stopped:
                 logger.info("signal %s received: stopped at iteration %d after saving", stop.received, iteration)
                 break
@@ -338,7 +336,7 @@ def main() -> int:
     # ------------------------------------------------------------------------------------------
     # Summary and an orderly shutdown.
     if accelerator.is_main_process:
-        if checkpoint_iteration is not None:
+        if checkpoint is not None:
             print(f"checkpoint: {checkpoint / 'pretrained_model'}")
         if metrics_file.exists():
             plot_metrics(

@@ -361,7 +361,6 @@ def main() -> int:
     running_loss = torch.zeros((), device=accelerator.device)
     running_count = 0
     train_loss = val_loss = None
-    last_saved = step if checkpoint is not None else None
     stopped = False
     progress_bar = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     window_start = time.perf_counter()
@@ -429,7 +428,6 @@ def main() -> int:
             stopped = stop.should_stop(accelerator)
             if not args.dry_run and (step % config.train.save_every == 0 or step == total_steps or stopped):
                 checkpoint = save(step)
-                last_saved = step
             if stopped:
                 logger.info("signal %s received: stopped at step %d after saving", stop.received, step)
             if stopped or step >= total_steps:
@@ -439,7 +437,7 @@ def main() -> int:
     # ------------------------------------------------------------------------------------------
     # Summary, then an orderly shutdown (gloo aborts at exit on Python 3.12 without it).
     if accelerator.is_main_process and not args.dry_run:
-        if last_saved is not None:
+        if checkpoint is not None:
             print(f"checkpoint: {checkpoint / 'pretrained_model'}")
         print(f"final train loss: {train_loss}  final val loss: {val_loss}")
         if metrics_file.exists():
