@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lib.rollout import PolicyFn, Window
+
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 
@@ -175,16 +177,6 @@ def _env_worker(connection: Any, benchmark_name: str, camera_size: int, seed: in
 
 
 @dataclass
-class Window:
-    """One policy call of an episode: what it saw and the chunk it produced (first `executed`
-    actions were run in the simulator)."""
-
-    observation: dict[str, np.ndarray]
-    actions: np.ndarray
-    executed: int
-
-
-@dataclass
 class EpisodeResult:
     request: dict[str, Any]
     success: bool = False
@@ -192,38 +184,6 @@ class EpisodeResult:
     windows: list[Window] = field(default_factory=list)
     frames: list[np.ndarray] = field(default_factory=list)
     retries: int = 0
-
-
-PolicyFn = Callable[[list[dict[str, Any]]], np.ndarray]
-
-
-def observations_to_batch(observations: list[dict[str, Any]]) -> dict[str, Any]:
-    """Simulator observations (HWC uint8 images) -> a policy batch (CHW float images in [0, 1])."""
-    batch: dict[str, Any] = {
-        key: torch.from_numpy(np.stack([o[key] for o in observations])).permute(0, 3, 1, 2).float() / 255.0
-        for key in (AGENTVIEW_KEY, WRIST_KEY)
-    }
-    batch[STATE_KEY] = torch.from_numpy(np.stack([o[STATE_KEY] for o in observations]))
-    batch["task"] = [o["task"] for o in observations]
-    return batch
-
-
-def make_policy_fn(
-    policy: Any,
-    preprocessor: Callable,
-    postprocessor: Callable,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> PolicyFn:
-    """The simulators' view of a policy: observations in, unnormalized action chunks (n, chunk, 7)
-    out, one batched `predict_action_chunk` for all of them."""
-
-    @torch.no_grad()
-    def policy_fn(observations: list[dict[str, Any]]) -> np.ndarray:
-        with autocast():
-            chunks = policy.predict_action_chunk(preprocessor(observations_to_batch(observations)))
-        return postprocessor(chunks.float()).numpy()
-
-    return policy_fn
 
 
 class VectorLiberoRollout:

@@ -28,7 +28,7 @@ from lerobot.policies.pi0.modeling_pi0 import PI0Policy, PI0Pytorch
 from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
 from torch import Tensor, nn
 
-from lib.libero import ACTION_DIM, AGENTVIEW_KEY, STATE_DIM, STATE_KEY, WRIST_KEY, observations_to_batch
+from lib.libero import ACTION_DIM, AGENTVIEW_KEY, STATE_DIM, STATE_KEY, WRIST_KEY
 from lib.pi0 import (
     MODEL_SIZES,
     SizedPI0Config,
@@ -39,6 +39,7 @@ from lib.pi0 import (
     make_pi0_processors,
     saved_model_size,
 )
+from lib.rollout import observations_to_batch
 
 NULL_FLAG, OPTIMAL_FLAG = 0, 1
 OBJECTIVES = ("cfg_rl", "advantage_filtered")

@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lib.libero import (  # noqa: E402
     VectorLiberoRollout,
     get_suite,
-    make_policy_fn,
 )
 from lib.pi0 import seeded_noise_and_time  # noqa: E402
 from lib.ript import (  # noqa: E402
@@ -42,6 +41,7 @@ from lib.ript import (  # noqa: E402
     windows_with_advantages,
 )
 from lib.ript_config import EnvConfig, ModelConfig, OptimConfig, RIPTConfig, RLConfig, TrainConfig  # noqa: E402
+from lib.rollout import make_policy_fn  # noqa: E402
 
 TASK = "pick_up_the_black_bowl_between_the_plate_and_the_ramekin_and_place_it_on_the_plate"
 

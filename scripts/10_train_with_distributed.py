@@ -40,7 +40,6 @@ from lib.config import ConfigError, load_config  # noqa: E402
 from lib.libero import (  # noqa: E402
     VectorLiberoRollout,
     get_suite,
-    make_policy_fn,
 )
 from lib.pi0 import seeded_noise_and_time  # noqa: E402
 from lib.ript import (  # noqa: E402
@@ -54,6 +53,7 @@ from lib.ript import (  # noqa: E402
     windows_with_advantages,
 )
 from lib.ript_config import RIPTConfig, validate_config  # noqa: E402
+from lib.rollout import make_policy_fn  # noqa: E402
 
 
 # New in stage 09: YAML config + CLI overrides + validation, replacing the hard-coded config.

@@ -41,7 +41,6 @@ from lib.config import ConfigError, load_config, to_flat_dict  # noqa: E402
 from lib.libero import (  # noqa: E402
     VectorLiberoRollout,
     get_suite,
-    make_policy_fn,
 )
 from lib.pi0 import seeded_noise_and_time  # noqa: E402
 from lib.ript import (  # noqa: E402
@@ -56,6 +55,7 @@ from lib.ript import (  # noqa: E402
     windows_with_advantages,
 )
 from lib.ript_config import RIPTConfig, validate_config  # noqa: E402
+from lib.rollout import make_policy_fn  # noqa: E402
 from lib.run_logging import append_metrics, init_trackers, plot_metrics, tee_output  # noqa: E402
 
 

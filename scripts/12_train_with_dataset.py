@@ -43,7 +43,6 @@ from lib.libero import (  # noqa: E402
     LiberoInitStateDataset,
     VectorLiberoRollout,
     collate_fn_state,
-    make_policy_fn,
     split_state_batch,
 )
 from lib.pi0 import seeded_noise_and_time  # noqa: E402
@@ -59,6 +58,7 @@ from lib.ript import (  # noqa: E402
     windows_with_advantages,
 )
 from lib.ript_config import RIPTConfig, validate_config  # noqa: E402
+from lib.rollout import make_policy_fn  # noqa: E402
 from lib.run_logging import append_metrics, init_trackers, plot_metrics, tee_output  # noqa: E402
 
 

@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib.libero import LiberoInitStateDataset, VectorLiberoRollout, make_policy_fn, max_steps_of  # noqa: E402
+from lib.libero import LiberoInitStateDataset, VectorLiberoRollout, max_steps_of  # noqa: E402
 from lib.pi0 import load_pi0_processors, load_tokenizer, make_pi0_policy  # noqa: E402
 from lib.ript import PI0CFGPolicy  # noqa: E402
+from lib.rollout import make_policy_fn  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

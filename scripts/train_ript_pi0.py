@@ -33,7 +33,6 @@ from lib.libero import (  # noqa: E402
     LiberoInitStateDataset,
     VectorLiberoRollout,
     collate_fn_state,
-    make_policy_fn,
     split_state_batch,
 )
 from lib.pi0 import (  # noqa: E402
@@ -53,6 +52,7 @@ from lib.ript import (  # noqa: E402
     windows_with_advantages,
 )
 from lib.ript_config import RIPTConfig, validate_config  # noqa: E402
+from lib.rollout import make_policy_fn  # noqa: E402
 from lib.run_logging import append_metrics, init_trackers, plot_metrics, setup_logging  # noqa: E402
 
 

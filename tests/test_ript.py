@@ -185,8 +185,9 @@ def test_save_load_round_trip(policy, tmp_path):
 
 
 def test_windows_carry_their_rollouts_leave_one_out_advantage():
-    from lib.libero import AGENTVIEW_KEY, STATE_KEY, WRIST_KEY, EpisodeResult, Window
+    from lib.libero import AGENTVIEW_KEY, STATE_KEY, WRIST_KEY, EpisodeResult
     from lib.ript import minibatch_order, window_batch, windows_with_advantages
+    from lib.rollout import Window
 
     def window(executed):
         observation = {
