@@ -1,0 +1,165 @@
+"""Closed-loop evaluation on the simulated soft arm (lib/soft_arm_sim.py): success rate, final
+tip-to-ball distance and episode length of a checkpoint (or the scripted expert) on held-out seeds.
+
+    python scripts/eval_soft_arm.py --checkpoint outputs/soft_arm_sim/checkpoints/last/pretrained_model \
+        --num_episodes 50 --output_dir outputs/eval_soft_arm
+    python scripts/eval_soft_arm.py --expert --output_dir outputs/eval_soft_arm_expert
+
+Episodes run on `--num_envs` simulators at once with one batched policy call per round; the policy
+executes the first `--replan_steps` actions of each 16-step chunk before it is called again.
+Held-out seeds start at 10_000_000 (training data from data_prep/simulate_soft_arm.py with
+`--seed` < 10 never uses them). Writes `summary.json` (rates and per-episode results),
+`distance.png` (tip-to-ball distance over each episode) and `videos/seed<S>_<success|failure>.mp4`
+for the first `--videos` episodes. Accepts checkpoints written by scripts/train_soft_arm.py.
+"""
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lib.graph_pi0 import PI0GraphPolicy  # noqa: E402
+from lib.pi0 import load_pi0_processors, load_tokenizer, make_pi0_policy  # noqa: E402
+from lib.rollout import make_policy_fn  # noqa: E402
+from lib.soft_arm_sim import (  # noqa: E402
+    CONTROL_HZ,
+    MAX_STEPS,
+    SUCCESS_RADIUS,
+    expert_policy_fn,
+    run_soft_arm_episodes,
+)
+
+HELD_OUT_SEED_START = 10_000_000
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    policy = parser.add_mutually_exclusive_group(required=True)
+    policy.add_argument("--checkpoint", type=Path, help="a pretrained_model directory of train_soft_arm.py")
+    policy.add_argument("--expert", action="store_true", help="evaluate the scripted expert (the reference)")
+    parser.add_argument("--num_episodes", type=int, default=50)
+    parser.add_argument("--seed_start", type=int, default=HELD_OUT_SEED_START, help="episodes use consecutive seeds")
+    parser.add_argument("--num_envs", type=int, default=10, help="simulators stepped per batched policy call")
+    parser.add_argument("--replan_steps", type=int, default=8, help="chunk actions executed between policy calls")
+    parser.add_argument("--max_steps", type=int, default=MAX_STEPS)
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--videos", type=int, default=3, help="record the first N episodes")
+    parser.add_argument("--seed", type=int, default=0, help="torch seed of the flow-matching noise")
+    parser.add_argument("--label", default=None, help="name in the plot title (default: policy or expert)")
+    parser.add_argument("--output_dir", type=Path, default=Path("outputs/eval_soft_arm"))
+    args = parser.parse_args()
+    if args.num_episodes < 1 or args.num_envs < 1 or args.replan_steps < 1 or args.max_steps < 1:
+        parser.error("--num_episodes, --num_envs, --replan_steps and --max_steps must be >= 1")
+    return args
+
+
+def load_policy_fn(checkpoint: Path):
+    if not (checkpoint / "config.json").is_file():
+        raise SystemExit(f"error: {checkpoint} has no config.json; pass a checkpoint's pretrained_model directory")
+    saved_type = json.loads((checkpoint / "config.json").read_text()).get("type")
+    if saved_type != PI0GraphPolicy.name:
+        raise SystemExit(
+            f"error: {checkpoint} holds a '{saved_type}' policy; this script evaluates "
+            f"'{PI0GraphPolicy.name}' checkpoints from train_soft_arm.py"
+        )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    policy = make_pi0_policy(checkpoint, policy_cls=PI0GraphPolicy).to(device).eval()
+    preprocessor, postprocessor = load_pi0_processors(checkpoint, load_tokenizer(checkpoint), device)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else contextlib.nullcontext
+    return make_policy_fn(policy, preprocessor, postprocessor, autocast)
+
+
+def plot_distances(episodes, png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for episode in episodes:
+        seconds = np.arange(1, len(episode.distances) + 1) / CONTROL_HZ
+        axis.plot(seconds, episode.distances, color="tab:green" if episode.success else "tab:red", alpha=0.5, lw=1)
+    axis.axhline(SUCCESS_RADIUS, color="black", ls="--", lw=1, label=f"success radius {SUCCESS_RADIUS * 100:.0f} cm")
+    axis.set_xlabel("time (s)")
+    axis.set_ylabel("tip to ball distance (m)")
+    axis.set_title(title)
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(png, dpi=100)
+    plt.close(figure)
+
+
+def main() -> int:
+    args = parse_args()
+    torch.manual_seed(args.seed)
+    policy_fn = expert_policy_fn() if args.expert else load_policy_fn(args.checkpoint)
+    # The expert acts every step; a policy runs `replan_steps` of each chunk.
+    replan_steps = 1 if args.expert else args.replan_steps
+    seeds = list(range(args.seed_start, args.seed_start + args.num_episodes))
+    started = time.perf_counter()
+    with tqdm(total=len(seeds), desc="soft-arm episodes", unit="ep") as bar:
+        episodes = run_soft_arm_episodes(
+            seeds,
+            policy_fn,
+            num_envs=args.num_envs,
+            replan_steps=replan_steps,
+            max_steps=args.max_steps,
+            image_size=args.image_size,
+            record=range(args.videos),
+            progress=bar.update,
+        )
+    elapsed = time.perf_counter() - started
+
+    from lerobot.utils.io_utils import write_video
+
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "videos").mkdir(exist_ok=True)
+    for episode in episodes:
+        if episode.frames:
+            outcome = "success" if episode.success else "failure"
+            write_video(args.output_dir / "videos" / f"seed{episode.seed}_{outcome}.mp4", episode.frames, CONTROL_HZ)
+    successes = [e.success for e in episodes]
+    summary = {
+        "policy": "scripted expert" if args.expert else str(args.checkpoint),
+        "episodes": len(episodes),
+        "seeds": [seeds[0], seeds[-1]],
+        "success_rate": float(np.mean(successes)),
+        "mean_final_distance_m": float(np.mean([e.final_distance for e in episodes])),
+        "mean_length": float(np.mean([e.length for e in episodes])),
+        "mean_length_success": float(np.mean([e.length for e in episodes if e.success])) if any(successes) else None,
+        "max_steps": args.max_steps,
+        "replan_steps": replan_steps,
+        "seconds": elapsed,
+        "per_episode": [
+            {
+                "seed": e.seed,
+                "instruction": e.instruction,
+                "success": e.success,
+                "length": e.length,
+                "final_distance_m": e.final_distance,
+            }
+            for e in episodes
+        ],
+    }
+    (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    name = args.label or ("scripted expert" if args.expert else "policy")
+    plot_distances(episodes, args.output_dir / "distance.png", f"{name}: {summary['success_rate']:.0%} success")
+    print(
+        f"success {summary['success_rate']:.1%} over {len(episodes)} episodes, final distance "
+        f"{summary['mean_final_distance_m'] * 100:.1f} cm, length {summary['mean_length']:.1f} steps; "
+        f"{elapsed:.0f} s; results in {args.output_dir}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
