@@ -137,6 +137,39 @@ def split_episodes(num_episodes: int, val_fraction: float, seed: int) -> tuple[l
     return sorted(indices[num_val:]), sorted(indices[:num_val])
 
 
+class ActionChunkDataset(torch.utils.data.Dataset):
+    """A LeRobotDataset's frames with the next `chunk_size` actions of the same episode (`action`,
+    (chunk, action_dim); steps past the episode end repeat its last action and are marked in
+    `action_is_pad`), as LeRobot's `delta_timestamps` would give them. LeRobot 0.6.1 fetches a
+    delta-timestamp query as whole rows, decoding every image of the chunk to return its actions;
+    here the actions are read once from the table and each item decodes one image."""
+
+    def __init__(self, frames, chunk_size: int) -> None:
+        self.frames = frames
+        self.meta = frames.meta
+        self.episodes = frames.episodes
+        self.num_episodes = frames.num_episodes
+        self.chunk_size = chunk_size
+        table = frames.hf_dataset.with_format("numpy").select_columns([ACTION_KEY, "episode_index"])[:]
+        self.actions = torch.from_numpy(np.stack(table[ACTION_KEY]).astype(np.float32))
+        episode_index = np.asarray(table["episode_index"])
+        # Rows of an episode are contiguous: the row each frame's episode ends at (exclusive).
+        boundaries = np.flatnonzero(np.diff(episode_index)) + 1
+        ends = np.append(boundaries, len(episode_index))
+        self.episode_end = torch.from_numpy(ends[np.searchsorted(ends, np.arange(len(episode_index)), side="right")])
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.frames[index]
+        rows = torch.arange(index, index + self.chunk_size)
+        last = int(self.episode_end[index]) - 1
+        item[ACTION_KEY] = self.actions[rows.clamp(max=last)]
+        item["action_is_pad"] = rows > last
+        return item
+
+
 def make_soft_arm_datasets(
     root: str | Path,
     val_fraction: float = 0.1,
@@ -144,10 +177,9 @@ def make_soft_arm_datasets(
     chunk_size: int = CHUNK_SIZE,
     image_size: int = IMAGE_SIZE,
 ):
-    """(train, val) LeRobotDatasets over a converted soft-arm dataset: each item has the current
-    image at `image_size`^2, state and graph, the next `chunk_size` actions (`action`,
-    `action_is_pad` past the episode end) and the instruction as `task`. `val` is None when
-    `val_fraction` is 0."""
+    """(train, val) datasets over a converted soft-arm dataset: each item has the current image at
+    `image_size`^2, state and graph, the next `chunk_size` actions (`action`, `action_is_pad` past
+    the episode end) and the instruction as `task`. `val` is None when `val_fraction` is 0."""
     from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
@@ -162,18 +194,13 @@ def make_soft_arm_datasets(
         if key not in meta.features:
             raise ValueError(f"{root}: feature '{key}' missing, expected a soft-arm dataset")
     train_episodes, val_episodes = split_episodes(meta.total_episodes, val_fraction, seed)
-    delta_timestamps = {ACTION_KEY: [step / meta.fps for step in range(chunk_size)]}
     resize = v2.Resize((image_size, image_size), antialias=True)
 
-    def view(episodes: list[int]) -> LeRobotDataset:
-        return LeRobotDataset(
-            repo_id=meta.repo_id,
-            root=root,
-            episodes=episodes,
-            delta_timestamps=delta_timestamps,
-            image_transforms=resize,
-            video_backend="pyav",
+    def view(episodes: list[int]) -> ActionChunkDataset:
+        frames = LeRobotDataset(
+            repo_id=meta.repo_id, root=root, episodes=episodes, image_transforms=resize, video_backend="pyav"
         )
+        return ActionChunkDataset(frames, chunk_size)
 
     return view(train_episodes), (view(val_episodes) if val_episodes else None)
 

@@ -112,6 +112,25 @@ def test_training_view(dataset_dir):
     assert isinstance(item["task"], str) and item["task"]
 
 
+def test_action_chunks_match_lerobot_delta_timestamps(dataset_dir):
+    """Our chunking is what LeRobot's own `delta_timestamps` query returns, frame for frame."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    train, _ = make_soft_arm_datasets(dataset_dir, val_fraction=0.34, seed=0)
+    reference = LeRobotDataset(
+        repo_id="local/reference",
+        root=dataset_dir,
+        episodes=train.episodes,
+        delta_timestamps={"action": [step / train.meta.fps for step in range(16)]},
+        video_backend="pyav",
+    )
+    assert len(train) == len(reference)
+    for index in range(len(train)):
+        ours, theirs = train[index], reference[index]
+        assert torch.equal(ours["action"], theirs["action"]), index
+        assert torch.equal(ours["action_is_pad"], theirs["action_is_pad"]), index
+
+
 def test_split_is_by_episode_and_deterministic():
     train, val = split_episodes(10, 0.2, seed=3)
     assert len(val) == 2 and sorted(train + val) == list(range(10))
