@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install debug test test-all lint format clean stage-08 stage-09 stage-10 stage-11 stage-12 stage-13
+.PHONY: install debug soft-arm-ablation test test-all lint format clean stage-08 stage-09 stage-10 stage-11 stage-12 stage-13
 
 # Python 3.12 is required: try `python3.12`, then pyenv's 3.12 (its shim fails when the global
 # version is another one), then give up with a clear message.
@@ -40,6 +40,10 @@ debug: $(TOKENIZER_DIR)/tokenizer.json
 	$(PY) data_prep/make_fake_soft_arm.py --output_dir $(DEBUG_RAW_DIR) --episodes 12 --seed 0
 	$(PY) data_prep/soft_arm_to_lerobot.py --raw_dir $(DEBUG_RAW_DIR) --output_dir $(DEBUG_DATASET_DIR)
 	$(PY) scripts/train_soft_arm.py --config configs/debug_config.yaml
+
+# Graph tokens vs none on the simulated soft arm (README "Simulated soft arm"): simulate, train, evaluate.
+soft-arm-ablation: $(TOKENIZER_DIR)/tokenizer.json
+	$(PY) scripts/soft_arm_graph_ablation.py --tokenizer $(TOKENIZER_DIR)
 
 # The stage-by-stage RIPT reproduction (scripts/STAGES.md) on the debug config.
 stage-08: $(TOKENIZER_DIR)/tokenizer.json
