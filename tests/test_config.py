@@ -59,7 +59,7 @@ def test_train_script_rejects_unknown_key_and_bad_value():
     assert result.returncode == 2 and "'data.batch_size' must be > 0" in result.stderr
 
 
-@pytest.mark.parametrize("name", ["debug_config.yaml", "soft_arm_config.yaml"])
+@pytest.mark.parametrize("name", ["debug_config.yaml", "soft_arm_config.yaml", "soft_arm_sim.yaml"])
 def test_shipped_configs_load(name):
     from importlib import util
 
