@@ -73,8 +73,10 @@ def nominal_stiffness() -> np.ndarray:
     return BASE_STIFFNESS * (1.0 - 0.5 * np.arange(NUM_SEGMENTS) / (NUM_SEGMENTS - 1))
 
 
-def arm_xml(stiffness: np.ndarray, ball_rgb: tuple[float, float, float], image_size: int) -> str:
-    """MJCF of the arm, table, ball and a top-down camera."""
+def arm_xml(image_size: int) -> str:
+    """MJCF of the arm (nominal stiffness and damping; `SoftArmSim.reset` sets each episode's),
+    table, ball and a top-down camera."""
+    stiffness = nominal_stiffness()
     segments = ""
     for index in range(NUM_SEGMENTS):
         shade = 0.25 + 0.5 * index / (NUM_SEGMENTS - 1)  # base dark, tip light: node order is visible
@@ -96,7 +98,6 @@ def arm_xml(stiffness: np.ndarray, ball_rgb: tuple[float, float, float], image_s
         f'<motor name="u{k}" tendon="cable{k}" gear="{CABLE_GEAR}" ctrlrange="-1 1" ctrllimited="true"/>'
         for k in range(NUM_SEGMENTS)
     )
-    r, g, b = ball_rgb
     return f"""
 <mujoco model="soft_arm">
   <option timestep="{PHYSICS_DT}" integrator="implicitfast" gravity="0 0 -9.81"/>
@@ -107,7 +108,7 @@ def arm_xml(stiffness: np.ndarray, ball_rgb: tuple[float, float, float], image_s
     <geom type="plane" size="0.6 0.6 0.01" pos="0 0.2 0" rgba="0.82 0.82 0.8 1"/>
     <geom type="cylinder" size="0.03 0.01" pos="0 0 0.01" rgba="0.2 0.2 0.2 1"/>
     <body name="ball" mocap="true" pos="0 0.3 0.02">
-      <geom type="sphere" size="{BALL_RADIUS}" rgba="{r} {g} {b} 1"/>
+      <geom type="sphere" size="{BALL_RADIUS}" rgba="1 1 1 1"/>
     </body>
     {segments}
     <camera name="top" pos="0 0.16 1.0" xyaxes="1 0 0 0 1 0" fovy="50"/>
@@ -191,15 +192,15 @@ class SoftArmSim:
     def reset(self, seed: int) -> dict[str, np.ndarray]:
         self.task = SoftArmTask.from_seed(seed)
         if self.model is None:
-            self.model = mujoco.MjModel.from_xml_string(
-                arm_xml(self.task.stiffness, BALL_COLORS["red"], self.image_size)
-            )
+            self.model = mujoco.MjModel.from_xml_string(arm_xml(self.image_size))
             self.data = mujoco.MjData(self.model)
             self.renderer = mujoco.Renderer(self.model, self.image_size, self.image_size)
             self._ball_geom = self.model.body("ball").geomadr[0]
             self._node_sites = [self.model.site(f"node{i}").id for i in range(NUM_SEGMENTS)]
         mujoco.mj_resetData(self.model, self.data)
+        # Everything a seed fixes is set here, so an episode does not depend on what ran before.
         self.model.jnt_stiffness[:] = self.task.stiffness
+        self.model.dof_damping[:] = DAMPING_TIME * self.task.stiffness
         self.model.geom_rgba[self._ball_geom, :3] = BALL_COLORS[self.task.color]
         self.data.mocap_pos[0] = self.task.ball
         self.data.qpos[:] = self.task.start_angles
