@@ -1,7 +1,7 @@
 """Stage 08 of the RIPT reproduction: the base script (see scripts/STAGES.md).
 
-RL post-training of pi0 in LIBERO in one process: a hard-coded config (`advanced_training_config`,
-the seed's AdvancedTrainingConfig), a simple `InitialStateDataset`, print output and a JSON
+RL post-training of pi0 in LIBERO in one process: a hard-coded config (the dataclass
+`AdvancedTrainingConfig`), a simple `InitialStateDataset`, print output and a JSON
 progress file. Every iteration ("epoch") draws init
 states, rolls out K episodes from each, keeps the groups whose outcomes differ (smart sampling),
 and trains on their windows in minibatches with the CFG-RL objective. The later stages add one
@@ -17,7 +17,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,34 +46,34 @@ from lib.rollout import make_policy_fn  # noqa: E402
 TASK = "pick_up_the_black_bowl_between_the_plate_and_the_ramekin_and_place_it_on_the_plate"
 
 
-def advanced_training_config(args: argparse.Namespace) -> RIPTConfig:
-    """The hard-coded training config: the tiny pi0 on one LIBERO task, one simulator, short
-    episodes (the schema's fields are documented in lib/ript_config.py)."""
-    return RIPTConfig(
-        output_dir=args.output_dir,
-        seed=args.seed,
-        model=ModelConfig(
-            pretrained="tiny", tokenizer=args.tokenizer, chunk_size=4, num_inference_steps=2, image_size=64
-        ),
-        env=EnvConfig(
-            benchmark="libero_spatial",
-            task_names=[TASK],
-            num_envs=1,
-            camera_size=64,
-            max_steps=args.max_steps,
-            replan_steps=3,
-        ),
-        rl=RLConfig(
+@dataclass
+class AdvancedTrainingConfig(RIPTConfig):
+    """The hard-coded training config (the seed's AdvancedTrainingConfig): the tiny pi0 on one
+    LIBERO task, one simulator, short episodes. The fields are the shared schema's
+    (lib/ript_config.py), which stage 09 fills from a YAML file instead."""
+
+    output_dir: str = "outputs/stage08"
+    seed: int = 0
+    model: ModelConfig = field(
+        default_factory=lambda: ModelConfig(pretrained="tiny", chunk_size=4, num_inference_steps=2, image_size=64)
+    )
+    env: EnvConfig = field(
+        default_factory=lambda: EnvConfig(
+            benchmark="libero_spatial", task_names=[TASK], num_envs=1, camera_size=64, max_steps=6, replan_steps=3
+        )
+    )
+    rl: RLConfig = field(
+        default_factory=lambda: RLConfig(
             rollouts_per_state=2,
             states_per_draw=1,
             target_groups=1,
             max_draw_rounds=1,
             update_epochs=1,
             minibatch_size=4,
-        ),
-        optim=OptimConfig(lr=1e-4),
-        train=TrainConfig(iterations=args.iterations),
+        )
     )
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(iterations=2))
 
 
 class InitialStateDataset:
@@ -114,7 +114,10 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    config = advanced_training_config(args)
+    config = AdvancedTrainingConfig(output_dir=args.output_dir, seed=args.seed)
+    config.model.tokenizer = args.tokenizer
+    config.env.max_steps = args.max_steps
+    config.train.iterations = args.iterations
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -132,7 +135,7 @@ def main() -> int:
     )
     policy_fn = make_policy_fn(policy, preprocessor, postprocessor)
     dataset = InitialStateDataset(config.env.benchmark, config.env.task_names, config.seed)
-    history = StateOutcomeHistory()
+    history = StateOutcomeHistory(skip_after=config.rl.skip_after, skip_for=config.rl.skip_for)
     print(f"{len(dataset.states)} init states; policy with {sum(p.numel() for p in policy.parameters())} parameters")
 
     progress_file = output_dir / "progress.json"

@@ -117,7 +117,7 @@ def main() -> int:
     )
     policy_fn = make_policy_fn(policy, preprocessor, postprocessor)
     dataset = InitialStateDataset(config.env.benchmark, config.env.task_names, config.seed)
-    history = StateOutcomeHistory()
+    history = StateOutcomeHistory(skip_after=config.rl.skip_after, skip_for=config.rl.skip_for)
     print(f"{len(dataset.states)} init states; policy with {sum(p.numel() for p in policy.parameters())} parameters")
 
     progress_file = output_dir / "progress.json"

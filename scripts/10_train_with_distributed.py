@@ -139,7 +139,7 @@ def main() -> int:
     unwrapped = accelerator.unwrap_model(policy)
     policy_fn = make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast)
     dataset = InitialStateDataset(config.env.benchmark, config.env.task_names, config.seed, rank, world)
-    history = StateOutcomeHistory()
+    history = StateOutcomeHistory(skip_after=config.rl.skip_after, skip_for=config.rl.skip_for)
     parameters = sum(p.numel() for p in policy.parameters())
     accelerator.print(f"{len(dataset.states)} init states on rank 0; policy with {parameters} parameters")
 

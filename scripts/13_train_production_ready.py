@@ -152,7 +152,7 @@ def main() -> int:
     policy, optimizer, state_loader = accelerator.prepare(policy, optimizer, state_loader)
     unwrapped = accelerator.unwrap_model(policy)
     policy_fn = make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast)
-    history = StateOutcomeHistory()
+    history = StateOutcomeHistory(skip_after=config.rl.skip_after, skip_for=config.rl.skip_for)
     parameters = sum(p.numel() for p in policy.parameters())
     print(f"{len(dataset)} init states, {len(state_loader)} batches per epoch and rank; {parameters} parameters")
 

@@ -1,10 +1,13 @@
-"""RIPT: RL post-training of pi0 in LIBERO with Hugging Face Accelerate (the final stage script).
+"""RIPT: RL post-training of pi0 in LIBERO with Hugging Face Accelerate, the final script:
+stage 13 (scripts/13_train_production_ready.py) + evaluation on fixed init states every
+`train.eval_every` iterations and the RIPT diagnostics (advantage statistics, skipped states).
 
 Each iteration: draw init states (a DataLoader that accelerate shards across ranks), roll out K
 episodes from each in vectorized LIBERO envs, keep the groups whose outcomes differ (dynamic
 sampling), give every rollout its leave-one-out advantage, and update the flag-conditioned pi0
-with the CFG-RL objective (or the advantage-filtered baseline) for a few epochs over the rollout
-windows. Statistics are reduced across ranks; evaluation runs on fixed init states.
+with the CFG-RL objective (or the advantage-filtered baseline, `rl.objective`) for a few epochs
+over the rollout windows. Statistics are reduced across ranks. Checkpoints, `--resume`, clean
+stops on SIGTERM/SIGINT, per-rank logs and trackers are stage 13's (see its docstring).
 
     python scripts/train_ript_pi0.py --config_path configs/debug_train_pi0.yaml
     accelerate launch --config_file accelerate_configs/8gpu.yaml scripts/train_ript_pi0.py \
@@ -14,16 +17,18 @@ windows. Statistics are reduced across ranks; evaluation runs on fixed init stat
 
 import argparse
 import gc
+import json
 import math
 import sys
 import time
+import traceback
 from pathlib import Path
 
+import psutil
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-from accelerate.utils import gather_object, set_seed
-from omegaconf import OmegaConf
-from tqdm.auto import tqdm
+from accelerate.utils import gather_object
+from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -35,10 +40,7 @@ from lib.libero import (  # noqa: E402
     collate_fn_state,
     split_state_batch,
 )
-from lib.pi0 import (  # noqa: E402
-    count_parameters,
-    seeded_noise_and_time,
-)
+from lib.pi0 import seeded_noise_and_time  # noqa: E402
 from lib.ript import (  # noqa: E402
     RIPTProgress,
     StateOutcomeHistory,
@@ -53,117 +55,57 @@ from lib.ript import (  # noqa: E402
 )
 from lib.ript_config import RIPTConfig, validate_config  # noqa: E402
 from lib.rollout import make_policy_fn  # noqa: E402
-from lib.run_logging import append_metrics, init_trackers, plot_metrics, setup_logging  # noqa: E402
+from lib.run_logging import append_metrics, init_trackers, plot_metrics, tee_output  # noqa: E402
+
+
+# New in stage 09: YAML config + CLI overrides + validation, replacing the hard-coded config.
+def load_config_from_yaml(path: Path, overrides: list[str]) -> DictConfig:
+    """The schema's defaults (lib/ript_config.py), then the YAML file, then `key=value` overrides."""
+    config = load_config(RIPTConfig, path, overrides)
+    validate_config(config)
+    return config
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config_path", type=Path, help="YAML config (configs/train_pi0_cfg_rl.yaml)")
-    parser.add_argument("--resume", nargs="?", const="latest", help="'latest' (default) or a checkpoint dir")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. rl.rollouts_per_state=8")
+    # New in stage 09: a config file and overrides instead of a few fixed flags.
+    parser.add_argument("--config_path", type=Path, default=Path("configs/train_pi0_cfg_rl.yaml"))
+    parser.add_argument(
+        "--resume", nargs="?", const="latest", help="'latest' (default) or a checkpoint dir"
+    )  # stage 13
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.iterations=2")
     return parser.parse_args()
 
 
 def main() -> int:
     args = parse_args()
+    # New in stage 09: load and validate the YAML config.
     try:
-        config = load_config(RIPTConfig, args.config_path, args.overrides)
-        validate_config(config)
+        config = load_config_from_yaml(args.config_path, args.overrides)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"✗ config error: {error}", file=sys.stderr)
         return 2
-    output_dir = Path(config.output_dir)
-
-    # ------------------------------------------------------------------------------------------
-    # Accelerator (see train_soft_arm.py for why `cpu=`).
+    # New in stage 10: the seed's setup_distributed(). `cpu=` because a launcher config with
+    # `use_cpu: true` starts processes that never connect on a machine without a GPU (DESIGN.md).
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=config.train.mixed_precision,
-        log_with=list(config.tracking.report_to) or None,
-        project_dir=str(output_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with=list(config.tracking.report_to) or None,  # New in stage 11: trackers
+        project_dir=config.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # New in stage 12
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     rank, world = accelerator.process_index, accelerator.num_processes
-    logger = setup_logging(output_dir, rank, accelerator.is_main_process)
-    logger.info(
-        "processes: %d (%s), device: %s, mixed precision: %s",
-        world,
-        accelerator.distributed_type,
-        accelerator.device,
-        accelerator.mixed_precision,
-    )
-    set_seed(config.seed)
-
-    # ------------------------------------------------------------------------------------------
-    # Init states: every (task, init state) of the suite, shuffled and sharded across ranks.
-    init_states = LiberoInitStateDataset(config.env.benchmark, config.env.task_names)
-    state_loader = torch.utils.data.DataLoader(
-        init_states, batch_size=config.rl.states_per_draw, shuffle=True, drop_last=True, collate_fn=collate_fn_state
-    )
-    eval_states = LiberoInitStateDataset(config.env.benchmark, config.env.task_names, config.train.eval_init_indices)
-    logger.info(
-        "%s: %d init states for training, %d fixed ones for evaluation",
-        config.env.benchmark,
-        len(init_states),
-        len(eval_states),
-    )
-
-    # ------------------------------------------------------------------------------------------
-    # Policy: flag-conditioned pi0, and its processors (a checkpoint's own, or identity
-    # normalization for a fresh model: there is no dataset to take statistics from).
-    policy, preprocessor, postprocessor, tokenizer = make_ript_policy(config.model, accelerator.device.type)
-    logger.info(
-        "policy: %s pi0 (flag-conditioned), %.2f M parameters", policy.config.model_size, count_parameters(policy) / 1e6
-    )
-
-    optimizer = torch.optim.AdamW(
-        [p for p in policy.parameters() if p.requires_grad],
-        lr=config.optim.lr,
-        betas=tuple(config.optim.betas),
-        eps=config.optim.eps,
-        weight_decay=config.optim.weight_decay,
-        fused=torch.cuda.is_available(),
-    )
-    policy, optimizer, state_loader = accelerator.prepare(policy, optimizer, state_loader)
-    progress = RIPTProgress()
-    history = StateOutcomeHistory(skip_after=config.rl.skip_after, skip_for=config.rl.skip_for)
-    accelerator.register_for_checkpointing(progress, history)
-    checkpoint = resolve_resume(output_dir, args.resume or config.resume)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint / "training_state"))
-        logger.info("resumed from %s at iteration %d", checkpoint, progress.iteration)
-
-    def draw_state_batches():
-        """Init-state batches forever; resumes at `progress.draws` (seedable sampler: the order
-        is a function of seed and epoch)."""
-        while True:
-            epoch, skip = divmod(progress.draws, len(state_loader))
-            loader = accelerator.skip_first_batches(state_loader, skip) if skip else state_loader
-            loader.set_epoch(epoch)
-            for batch in loader:
-                progress.draws += 1
-                yield split_state_batch(batch)
-
-    state_batches = draw_state_batches()
-    unwrapped = accelerator.unwrap_model(policy)
-
-    policy_fn = make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast)
-
-    def save(iteration: int) -> Path:
-        # Each rank saw other init states: merge the outcome histories so the checkpoint has them all.
-        history.merge(gather_object([history.state_dict()]))
-        path = save_policy_checkpoint(
-            accelerator, output_dir, iteration, policy, [preprocessor, postprocessor, tokenizer], config.train.keep_last
-        )
-        logger.info("saved checkpoint %s", path)
-        return path
-
-    def reduce_sum(*values: float) -> list[float]:
-        return accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=accelerator.device), "sum").tolist()
-
-    # ------------------------------------------------------------------------------------------
-    # Trackers, simulators and the loop.
+    # New in stage 11: every rank prints into output_dir/train_rank{R}.log; only the main
+    # process's output also reaches the console.
+    log_file = tee_output(config.output_dir, rank, accelerator.is_main_process)
+    print(f"✓ config loaded from {args.config_path} and validated")
+    print(f"processes: {world} ({accelerator.distributed_type}), device: {accelerator.device}")
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    print(f"config: {OmegaConf.to_container(config)}")
+    # New in stage 11: trackers (wandb offline by default, its run id kept for re-runs).
     init_trackers(
         accelerator,
         output_dir,
@@ -172,10 +114,73 @@ def main() -> int:
         to_flat_dict(config),
         config.tracking.wandb_mode,
     )
-    if accelerator.is_main_process:
-        OmegaConf.save(config, output_dir / "config.yaml")
     metrics_file = output_dir / "metrics.jsonl"
-    vector_env = VectorLiberoRollout(
+
+    # Policy: the flag-conditioned pi0 and its processors.
+    device = accelerator.device.type
+    policy, preprocessor, postprocessor, tokenizer = make_ript_policy(config.model, device)
+    optimizer = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad],
+        lr=config.optim.lr,
+        betas=tuple(config.optim.betas),
+        eps=config.optim.eps,
+        weight_decay=config.optim.weight_decay,
+    )
+    # New in stage 12: init states as a PyTorch dataset, batched by a DataLoader that
+    # accelerate shards across ranks.
+    dataset = LiberoInitStateDataset(config.env.benchmark, config.env.task_names)
+    state_loader = torch.utils.data.DataLoader(
+        dataset, batch_size=config.rl.states_per_draw, shuffle=True, drop_last=True, collate_fn=collate_fn_state
+    )
+    # New in stage 10: DDP-wrap the policy; `unwrap_model` is the seed's get_model_from_ddp().
+    policy, optimizer, state_loader = accelerator.prepare(policy, optimizer, state_loader)
+    unwrapped = accelerator.unwrap_model(policy)
+    policy_fn = make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast)
+    history = StateOutcomeHistory(skip_after=config.rl.skip_after, skip_for=config.rl.skip_for)
+    parameters = sum(p.numel() for p in policy.parameters())
+    print(f"{len(dataset)} init states, {len(state_loader)} batches per epoch and rank; {parameters} parameters")
+    # New in the final script: fixed init states for evaluation (each rank runs its share).
+    eval_states = LiberoInitStateDataset(config.env.benchmark, config.env.task_names, config.train.eval_init_indices)
+    eval_shard = [eval_states[i] for i in range(rank, len(eval_states), world)]
+    print(f"{len(eval_states)} fixed init states for evaluation")
+
+    # New in stage 13: what a checkpoint restores besides weights, optimizer and RNG.
+    progress_state = RIPTProgress()
+    accelerator.register_for_checkpointing(progress_state, history)
+    checkpoint = resolve_resume(output_dir, args.resume or config.resume)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint / "training_state"))
+        print(f"resumed from {checkpoint} at iteration {progress_state.iteration}")
+
+    def save(iteration: int) -> Path:
+        """New in stage 13: an atomic checkpoint; every rank's outcome history goes into it."""
+        history.merge(gather_object([history.state_dict()]))
+        path = save_policy_checkpoint(
+            accelerator, output_dir, iteration, policy, [preprocessor, postprocessor, tokenizer], config.train.keep_last
+        )
+        print(f"saved checkpoint {path}")
+        return path
+
+    def draw_state_batches():
+        """Init-state batches forever, epoch after epoch (a new shuffle each); resumes at the
+        sampler position of the checkpoint (New in stage 13)."""
+        while True:
+            epoch, skip = divmod(progress_state.draws, len(state_loader))
+            loader = accelerator.skip_first_batches(state_loader, skip) if skip else state_loader
+            loader.set_epoch(epoch)
+            for batch in loader:
+                progress_state.draws += 1
+                yield split_state_batch(batch)
+
+    state_batches = draw_state_batches()
+
+    progress_file = output_dir / "progress.json"
+    progress = {"config": OmegaConf.to_container(config), "iterations": []}
+    if checkpoint is not None and progress_file.exists():  # New in stage 13: keep the earlier iterations
+        progress["iterations"] = [
+            r for r in json.loads(progress_file.read_text())["iterations"] if r["iteration"] <= progress_state.iteration
+        ]
+    envs = VectorLiberoRollout(
         config.env.benchmark,
         config.env.num_envs,
         config.env.camera_size,
@@ -183,51 +188,40 @@ def main() -> int:
         config.env.replan_steps,
         seed=config.seed + 1000 * rank,
     )
-    stop = GracefulStop()
-    k = config.rl.rollouts_per_state
-    bar = tqdm(
-        total=config.train.iterations,
-        initial=progress.iteration,
-        desc="iterations",
-        disable=not accelerator.is_main_process,
-    )
     all_results = []  # every episode rolled out in the current iteration
-
+    stop = GracefulStop()  # New in stage 13: SIGTERM/SIGINT -> save and exit 0
+    process = psutil.Process()
     try:
-        while progress.iteration < config.train.iterations:
-            iteration = progress.iteration + 1
-
-            # 1. Rollouts with dynamic sampling.
-            rollout_start = time.perf_counter()
+        for iteration in range(progress_state.iteration + 1, config.train.iterations + 1):
+            # Rollouts with smart sampling: keep only groups whose K outcomes differ.
+            started = time.perf_counter()
             all_results.clear()
+            # New in stage 11: a video of one rollout every `tracking.video_every` iterations.
             record_video = (
                 accelerator.is_main_process
                 and config.tracking.video_every > 0
                 and (iteration % config.tracking.video_every == 0)
             )
-            unwrapped.eval()
             kept, stats = collect_informative_groups(
                 lambda: next(state_batches),
                 lambda states, record=record_video: rollout_groups(
-                    vector_env, policy_fn, states, k, all_results, record_first=record
+                    envs, policy_fn, states, config.rl.rollouts_per_state, all_results, record_first=record
                 ),
                 init_state_key,
                 history,
                 config.rl.target_groups,
                 config.rl.max_draw_rounds,
             )
-            rollout_time = time.perf_counter() - rollout_start
-            if record_video:
-                logger.info("video: %s", save_rollout_video(all_results, output_dir / "videos", iteration))
+            rollout_time = time.perf_counter() - started
+            if record_video:  # New in stage 11
+                print(f"video: {save_rollout_video(all_results, output_dir / 'videos', iteration)}")
 
-            # 2. Leave-one-out advantage of every kept rollout, given to each of its windows.
+            # Batched training on the kept rollouts' windows, weighted by leave-one-out advantage.
             windows, advantages = windows_with_advantages(kept)
-
-            # 3. Update. Every rank must run the same number of steps (DDP): the rank with the
-            # most windows sets it, the others cycle through theirs; no update if a rank has none.
-            update_start = time.perf_counter()
-            counts = accelerator.gather(torch.tensor([len(windows)], device=accelerator.device))
             losses = []
+            # New in stage 10: every rank must run the same number of DDP steps; the rank with the
+            # most windows sets it, the others cycle through theirs; no update if a rank has none.
+            counts = accelerator.gather(torch.tensor([len(windows)], device=accelerator.device))
             if int(counts.min()) > 0:
                 unwrapped.train()
                 steps = config.rl.update_epochs * math.ceil(int(counts.max()) / config.rl.minibatch_size)
@@ -257,93 +251,117 @@ def main() -> int:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     losses.append(loss.detach())
-            update_time = time.perf_counter() - update_start
+            update_time = time.perf_counter() - started - rollout_time  # New in stage 13
 
-            # 4. Statistics over all ranks.
-            successes, episodes, env_steps, positive, adv_sum, adv_sq, n_adv, groups, dropped_s, dropped_f, skipped = (
-                reduce_sum(
-                    sum(r.success for r in all_results),
-                    len(all_results),
-                    sum(r.length for r in all_results),
-                    sum(a > 0 for a in advantages),
-                    sum(advantages),
-                    sum(a * a for a in advantages),
-                    len(advantages),
-                    len(kept),
-                    stats.dropped_all_success,
-                    stats.dropped_all_failure,
-                    stats.skipped_states,
-                )
-            )
-            adv_mean = adv_sum / max(n_adv, 1)
-            metrics = {
-                "rollout/success_rate": successes / max(episodes, 1),
-                "rollout/episodes": episodes,
-                "rollout/env_steps_per_s": env_steps / max(rollout_time, 1e-9),
-                "rollout/time_s": rollout_time,
-                "rollout/worker_restarts": vector_env.worker_restarts,
-                "sampling/groups_kept": groups,
-                "sampling/dropped_all_success": dropped_s,
-                "sampling/dropped_all_failure": dropped_f,
-                "sampling/skipped_states": skipped,
-                "advantage/mean": adv_mean,
-                "advantage/std": math.sqrt(max(adv_sq / max(n_adv, 1) - adv_mean**2, 0.0)),
-                "advantage/positive_fraction": positive / max(n_adv, 1),
-                "update/time_s": update_time,
-                "update/steps": len(losses),
+            # New in stage 10: statistics summed (loss averaged) over all ranks.
+            successes, episodes, groups, dropped_success, dropped_failure, env_steps = accelerator.reduce(
+                torch.tensor(
+                    [
+                        sum(r.success for r in all_results),
+                        len(all_results),
+                        len(kept),
+                        stats.dropped_all_success,
+                        stats.dropped_all_failure,
+                        sum(r.length for r in all_results),
+                    ],
+                    device=accelerator.device,
+                ),
+                "sum",
+            ).tolist()
+            record = {
+                "iteration": iteration,
+                "success_rate": successes / max(episodes, 1),
+                "episodes": episodes,
+                "groups_kept": groups,
+                "dropped_all_success": dropped_success,
+                "dropped_all_failure": dropped_failure,
+                "update_steps": len(losses),
+                "loss": accelerator.reduce(torch.stack(losses).mean(), "mean").item() if losses else None,
+                "rollout_time_s": rollout_time,
+                # New in stage 13: performance and memory monitoring.
+                "update_time_s": update_time,
+                "env_steps_per_s": env_steps / max(rollout_time, 1e-9),
+                "worker_restarts": envs.worker_restarts,
+                "rss_gib": process.memory_info().rss / 2**30,
+                "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
             }
-            if losses:
-                metrics["update/loss"] = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
-            progress.iteration = iteration
-
-            # 5. Evaluation on the fixed init states (each rank takes its share).
+            # New in the final script: advantage statistics and skipped states, over all ranks.
+            positive, adv_sum, adv_squares, adv_count, skipped = accelerator.reduce(
+                torch.tensor(
+                    [
+                        sum(a > 0 for a in advantages),
+                        sum(advantages),
+                        sum(a * a for a in advantages),
+                        len(advantages),
+                        stats.skipped_states,
+                    ],
+                    dtype=torch.float64,
+                    device=accelerator.device,
+                ),
+                "sum",
+            ).tolist()
+            record["advantage_mean"] = adv_sum / max(adv_count, 1)
+            record["advantage_std"] = math.sqrt(max(adv_squares / max(adv_count, 1) - record["advantage_mean"] ** 2, 0))
+            record["advantage_positive_fraction"] = positive / max(adv_count, 1)
+            record["skipped_states"] = skipped
+            # New in the final script: evaluation on the fixed init states.
             if iteration % config.train.eval_every == 0 or iteration == config.train.iterations:
                 unwrapped.eval()
-                shard = [eval_states[i] for i in range(rank, len(eval_states), world)]
-                results = vector_env.run(shard, policy_fn) if shard else []
-                eval_successes, eval_episodes = reduce_sum(sum(r.success for r in results), len(results))
-                metrics["eval/success_rate"] = eval_successes / max(eval_episodes, 1)
-
+                eval_results = envs.run(eval_shard, policy_fn) if eval_shard else []
+                eval_successes, eval_episodes = accelerator.reduce(
+                    torch.tensor([sum(r.success for r in eval_results), len(eval_results)], device=accelerator.device),
+                    "sum",
+                ).tolist()
+                record["eval_success_rate"] = eval_successes / max(eval_episodes, 1)
+                print(f"evaluation: success {record['eval_success_rate']:.2f} on {eval_episodes} fixed init states")
+            progress["iterations"].append(record)
+            # New in stage 11: metrics to the trackers and to metrics.jsonl.
+            metrics = {
+                f"ript/{key}": value for key, value in record.items() if key != "iteration" and value is not None
+            }
             accelerator.log(metrics, step=iteration)
             if accelerator.is_main_process:
+                progress_file.write_text(json.dumps(progress, indent=2))
                 append_metrics(metrics_file, iteration, metrics)
-            logger.info(
-                "iteration %d: success %.3f, %d groups kept (dropped %d solved / %d failed), %d updates, "
-                "rollout %.1f s (%.1f env steps/s), update %.1f s",
-                iteration,
-                metrics["rollout/success_rate"],
-                groups,
-                dropped_s,
-                dropped_f,
-                len(losses),
-                rollout_time,
-                metrics["rollout/env_steps_per_s"],
-                update_time,
+            print(
+                f"iteration {iteration}/{config.train.iterations}: success {record['success_rate']:.2f}, "
+                f"{groups} groups kept, {len(losses)} updates, loss {record['loss']}, "
+                f"rollout {rollout_time:.1f} s, update {update_time:.1f} s, {record['rss_gib']:.1f} GiB RSS"
             )
-            bar.update(1)
-            bar.set_postfix(success=f"{metrics['rollout/success_rate']:.2f}")
+            progress_state.iteration = iteration
+            # New in stage 13: free what the iteration left behind (rollout windows, frames).
+            del kept, windows, advantages
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
+            # New in stage 13: checkpoints, and a clean stop on SIGTERM/SIGINT.
             stopped = stop.should_stop(accelerator)
             if iteration % config.train.save_every == 0 or iteration == config.train.iterations or stopped:
                 checkpoint = save(iteration)
             if stopped:
-                logger.info("signal %s received: stopped at iteration %d after saving", stop.received, iteration)
+                print(f"signal {stop.received} received: stopped at iteration {iteration} after saving")
                 break
+    except Exception:
+        # New in stage 13: the failure goes to this rank's log; resume from the last checkpoint.
+        traceback.print_exc()
+        print(f"iteration {progress_state.iteration + 1} failed; resume with --resume", file=sys.stderr)
+        raise
     finally:
-        bar.close()
-        vector_env.close()
-
-    # ------------------------------------------------------------------------------------------
-    # Summary and an orderly shutdown.
-    if accelerator.is_main_process:
-        if checkpoint is not None:
-            print(f"checkpoint: {checkpoint / 'pretrained_model'}")
-        if metrics_file.exists():
-            plot_metrics(
-                metrics_file, output_dir / "success.png", ("rollout/success_rate", "eval/success_rate"), log_scale=False
-            )
+        envs.close()
+    print(f"progress written to {progress_file}")
+    # New in stage 11: a plot of the success rate, and where the logs are.
+    if accelerator.is_main_process and metrics_file.exists():
+        plot_metrics(
+            metrics_file, output_dir / "success.png", ("ript/success_rate", "ript/eval_success_rate"), log_scale=False
+        )
+    print(f"logs: {log_file} (one per rank), metrics: {metrics_file}")
+    if checkpoint is not None:
+        print(f"checkpoint: {checkpoint / 'pretrained_model'}")
+    # New in stage 10: the seed's cleanup_distributed(); an orderly end (gloo aborts at exit on
+    # Python 3.12 without it).
     accelerator.wait_for_everyone()
-    policy = optimizer = state_loader = unwrapped = None  # drop the last references before free_memory
+    policy = optimizer = unwrapped = state_loader = None
     accelerator.free_memory()
     gc.collect()
     accelerator.end_training()

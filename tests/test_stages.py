@@ -7,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from conftest import ACCELERATE, PYTHON, REPO, run
@@ -125,8 +126,16 @@ def test_stage_12_dataset_sharded_by_accelerate(tokenizer_dir, tmp_path):
     assert iterations_in(tmp_path / "progress.json")[0]["episodes"] == 4
 
 
-def test_stage_13_sigint_saves_and_resume_continues(tokenizer_dir, tmp_path):
-    args = [
+def test_stage_13_two_processes_sigint_and_resume(tokenizer_dir, tmp_path):
+    """SIGINT to both ranks of an `accelerate launch`: they finish the iteration, save one
+    checkpoint (with both ranks' RNG states) and exit 0, and so does the launcher; `--resume` under
+    a new 2-process launch continues from it. (SIGINT to the launcher itself is forwarded to the
+    ranks too, but it kills them after 30 s: scripts/STAGES.md.)"""
+    launch = [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        "accelerate_configs/cpu_2proc.yaml",
         "scripts/13_train_production_ready.py",
         "--config_path",
         "configs/minimal_test.yaml",
@@ -134,20 +143,37 @@ def test_stage_13_sigint_saves_and_resume_continues(tokenizer_dir, tmp_path):
         f"output_dir={tmp_path}",
         "train.iterations=3",
     ]
-    process = subprocess.Popen([PYTHON, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launcher = subprocess.Popen(launch, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = tmp_path / "train_rank0.log"
     deadline = time.time() + 400
     while time.time() < deadline and not (log.exists() and "iteration 1/3" in log.read_text()):
         time.sleep(0.5)
-    process.send_signal(signal.SIGINT)
-    output, _ = process.communicate(timeout=400)
-    assert process.returncode == 0, output
-    stopped_at = int(re.search(r"stopped at iteration (\d+) after saving", output).group(1))
-    assert stopped_at < 3 and (tmp_path / f"checkpoints/step_{stopped_at:08d}/pretrained_model").is_dir()
+    ranks = [
+        child
+        for child in psutil.Process(launcher.pid).children(recursive=True)
+        if "13_train_production_ready.py" in " ".join(child.cmdline())
+    ]
+    assert len(ranks) == 2
+    for rank in ranks:
+        rank.send_signal(signal.SIGINT)
+    output, _ = launcher.communicate(timeout=400)
+    assert launcher.returncode == 0, output
+    stopped = {
+        rank: re.search(r"stopped at iteration (\d+) after saving", (tmp_path / f"train_rank{rank}.log").read_text())
+        for rank in (0, 1)
+    }
+    assert all(stopped.values()), output
+    stopped_at = int(stopped[0].group(1))
+    assert stopped_at == int(stopped[1].group(1)) < 3
+    state = tmp_path / f"checkpoints/step_{stopped_at:08d}/training_state"
+    assert sorted(p.name for p in state.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
 
-    result = run([PYTHON, *args, "--resume"])
+    result = run([*launch, "--resume"])
+    assert "processes: 2 (DistributedType.MULTI_CPU)" in result.stdout
     assert f"at iteration {stopped_at}" in result.stdout and "iteration 3/3" in result.stdout
-    assert [row["iteration"] for row in iterations_in(tmp_path / "progress.json")] == [1, 2, 3]
+    iterations = iterations_in(tmp_path / "progress.json")
+    assert [row["iteration"] for row in iterations] == [1, 2, 3]
+    assert all(row["episodes"] == 4 for row in iterations)  # 2 ranks x K=2, gathered
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(row["ript/env_steps_per_s"] > 0 and row["ript/rss_gib"] > 0 for row in metrics)
 
@@ -161,38 +187,12 @@ def test_stage_13_and_the_final_script_agree(tokenizer_dir, tmp_path):
     run([PYTHON, "scripts/train_ript_pi0.py", *common, f"output_dir={tmp_path / 'final'}"])
     stage = [json.loads(line) for line in (tmp_path / "stage13/metrics.jsonl").read_text().splitlines()]
     final = [json.loads(line) for line in (tmp_path / "final/metrics.jsonl").read_text().splitlines()]
-    pairs = {
-        "success_rate": "rollout/success_rate",
-        "episodes": "rollout/episodes",
-        "groups_kept": "sampling/groups_kept",
-        "dropped_all_failure": "sampling/dropped_all_failure",
-        "dropped_all_success": "sampling/dropped_all_success",
-        "update_steps": "update/steps",
-    }
+    measured = {"ript/rollout_time_s", "ript/update_time_s", "ript/env_steps_per_s", "ript/rss_gib"}
     assert len(stage) == len(final) == 2
     for ours, theirs in zip(stage, final, strict=True):
-        assert {k: ours[f"ript/{k}"] for k in pairs} == {k: theirs[v] for k, v in pairs.items()}
+        same = {key: value for key, value in ours.items() if key not in measured}
+        assert same == {key: theirs[key] for key in same}
+        assert {"ript/advantage_mean", "ript/skipped_states"} <= theirs.keys() - ours.keys()
     a = load_file(tmp_path / "stage13/checkpoints/last/pretrained_model/model.safetensors")
     b = load_file(tmp_path / "final/checkpoints/last/pretrained_model/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_stage_13_two_processes_checkpoint(tokenizer_dir, tmp_path):
-    result = run(
-        [
-            ACCELERATE,
-            "launch",
-            "--config_file",
-            "accelerate_configs/cpu_2proc.yaml",
-            "scripts/13_train_production_ready.py",
-            "--config_path",
-            "configs/minimal_test.yaml",
-            f"model.tokenizer={tokenizer_dir}",
-            f"output_dir={tmp_path}",
-            "train.iterations=1",
-        ]
-    )
-    assert "processes: 2 (DistributedType.MULTI_CPU)" in result.stdout
-    assert iterations_in(tmp_path / "progress.json")[0]["episodes"] == 4
-    state = tmp_path / "checkpoints/step_00000001/training_state"
-    assert sorted(p.name for p in state.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
