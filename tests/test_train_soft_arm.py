@@ -135,7 +135,14 @@ LAUNCH_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("launch_config", sorted(LAUNCH_CONFIGS))
+# `make test` keeps the CPU config and one GPU config; the rest run under `make test-all`.
+IN_MAKE_TEST = {"cpu_2proc.yaml", "8gpu.yaml"}
+
+
+@pytest.mark.parametrize(
+    "launch_config",
+    [name if name in IN_MAKE_TEST else pytest.param(name, marks=pytest.mark.slow) for name in sorted(LAUNCH_CONFIGS)],
+)
 def test_dry_run_under_each_launch_config(launch_config, train_args, tmp_path):
     """The GPU configs are checked without a GPU: the launcher settings (process count scaled down
     to 2, mixed precision from the file) around one real step on the CPU."""
