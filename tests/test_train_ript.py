@@ -24,32 +24,6 @@ def iterations_logged(output_dir) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_iterations_on_libero(args, tmp_path):
-    result = run([PYTHON, SCRIPT, *args])
-    rows = iterations_logged(tmp_path)
-    assert [row["step"] for row in rows] == [1, 2]
-    for row in rows:
-        assert row["ript/episodes"] == 2 and 0.0 <= row["ript/success_rate"] <= 1.0
-        assert row["ript/groups_kept"] + row["ript/dropped_all_success"] + row["ript/dropped_all_failure"] == 1
-        assert row["ript/env_steps_per_s"] > 0 and row["ript/skipped_states"] == 0
-        # a kept group of K=2 has advantages +1/-1: mean 0, std 1, half positive; none kept: zeros
-        kept = row["ript/groups_kept"]
-        assert row["ript/advantage_positive_fraction"] == (0.5 if kept else 0.0)
-        assert row["ript/advantage_mean"] == 0.0 and row["ript/advantage_std"] == (1.0 if kept else 0.0)
-    assert "ript/eval_success_rate" in rows[1] and "ript/eval_success_rate" not in rows[0]
-    assert "evaluation: success" in result.stdout
-    assert (tmp_path / "success.png").stat().st_size > 0
-    assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == [
-        "iteration_00001_failure.mp4",
-        "iteration_00002_failure.mp4",
-    ]
-    checkpoint = tmp_path / "checkpoints" / "last" / "pretrained_model"
-    assert f"checkpoint: {tmp_path}" in result.stdout
-    policy = PI0CFGPolicy.from_pretrained(checkpoint)
-    assert policy.config.model_size == "tiny" and policy.config.chunk_size == 4
-    load_pi0_processors(checkpoint, load_tokenizer(checkpoint))
-
-
 def test_two_process_launch(args, tmp_path):
     run([ACCELERATE, "launch", "--config_file", "accelerate_configs/cpu_2proc.yaml", SCRIPT, *args])
     logs = sorted(p.name for p in tmp_path.glob("train_rank*.log"))
@@ -61,7 +35,9 @@ def test_two_process_launch(args, tmp_path):
     assert all(row["ript/episodes"] == 4 for row in rows)  # 2 ranks x K=2, gathered
 
 
-def test_stop_and_resume(args, tmp_path):
+def test_stop_resume_and_what_a_run_writes(args, tmp_path):
+    """SIGTERM mid-run saves and exits 0; `--resume` continues; then the whole run's metrics,
+    evaluation, plot, videos and loadable checkpoint."""
     process = subprocess.Popen(
         [PYTHON, SCRIPT, *args, "train.iterations=3"],
         cwd=REPO,
@@ -83,9 +59,28 @@ def test_stop_and_resume(args, tmp_path):
 
     result = run([PYTHON, SCRIPT, *args, "train.iterations=3", "--resume"])
     assert f"at iteration {stopped_at}" in result.stdout
-    assert [row["step"] for row in iterations_logged(tmp_path)] == [1, 2, 3][:stopped_at] + list(
-        range(stopped_at + 1, 4)
-    )
+    rows = iterations_logged(tmp_path)
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    for row in rows:
+        assert row["ript/episodes"] == 2 and 0.0 <= row["ript/success_rate"] <= 1.0
+        assert row["ript/groups_kept"] + row["ript/dropped_all_success"] + row["ript/dropped_all_failure"] == 1
+        assert row["ript/env_steps_per_s"] > 0 and row["ript/skipped_states"] == 0
+        # a kept group of K=2 has advantages +1/-1: mean 0, std 1, half positive; none kept: zeros
+        kept = row["ript/groups_kept"]
+        assert row["ript/advantage_positive_fraction"] == (0.5 if kept else 0.0)
+        assert row["ript/advantage_mean"] == 0.0 and row["ript/advantage_std"] == (1.0 if kept else 0.0)
+    # evaluation every 2 iterations (configs/minimal_test.yaml) and at the last one
+    assert ["ript/eval_success_rate" in row for row in rows] == [False, True, True]
+    assert "evaluation: success" in result.stdout
+    assert (tmp_path / "success.png").stat().st_size > 0
+    assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == [
+        f"iteration_0000{i}_failure.mp4" for i in (1, 2, 3)
+    ]
+    checkpoint = tmp_path / "checkpoints" / "last" / "pretrained_model"
+    assert f"checkpoint: {tmp_path / 'checkpoints' / 'step_00000003' / 'pretrained_model'}" in result.stdout
+    policy = PI0CFGPolicy.from_pretrained(checkpoint)
+    assert policy.config.model_size == "tiny" and policy.config.chunk_size == 4
+    load_pi0_processors(checkpoint, load_tokenizer(checkpoint))
 
 
 def test_eval_libero_writes_summary_plot_and_video(tokenizer_dir, tmp_path):
