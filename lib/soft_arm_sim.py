@@ -135,7 +135,7 @@ def equilibrium_commands(angles: np.ndarray, stiffness: np.ndarray) -> np.ndarra
     return (torques - np.append(torques[1:], 0.0)) / CABLE_GEAR
 
 
-def solve_shape(target_xy: np.ndarray, start: tuple[float, float] = (0.0, 0.0), iterations: int = 30):
+def solve_shape(target_xy: np.ndarray, start: tuple[float, float] = (0.0, 0.0), iterations: int = 30) -> np.ndarray:
     """(bend, twist) of the shape family whose tip is at `target_xy` (damped Gauss-Newton)."""
     params = np.array(start, dtype=np.float64)
     for _ in range(iterations):
@@ -162,7 +162,7 @@ class SoftArmTask:
     instruction: str
     stiffness: np.ndarray  # (10,) N m / rad
     start_angles: np.ndarray  # (10,) rad
-    start_command: np.ndarray = field(default_factory=lambda: np.zeros(NUM_SEGMENTS))
+    start_command: np.ndarray  # (10,) the cable commands that hold the start shape
 
     @classmethod
     def from_seed(cls, seed: int) -> SoftArmTask:
@@ -187,7 +187,6 @@ class SoftArmSim:
         self.image_size = image_size
         self.model: mujoco.MjModel | None = None
         self.renderer: mujoco.Renderer | None = None
-        self._colors: dict[str, int] = {}
 
     def reset(self, seed: int) -> dict[str, np.ndarray]:
         self.task = SoftArmTask.from_seed(seed)
