@@ -35,7 +35,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tokenizer", type=Path, default=Path("artifacts/tokenizer"))
     parser.add_argument("--episodes", type=int, default=100, help="training demonstrations")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
-    parser.add_argument("--steps", type=int, default=1200, help="optimizer steps per training run")
+    parser.add_argument("--steps", type=int, default=1200, help="optimizer steps per training run (the config's)")
     parser.add_argument("--eval_episodes", type=int, default=50, help="held-out seeds per evaluation")
     parser.add_argument("--replan_steps", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="simulator processes for the demonstrations")
