@@ -30,6 +30,8 @@ from lerobot.processor import (
 )
 from lerobot.utils.constants import POLICY_POSTPROCESSOR_DEFAULT_NAME, POLICY_PREPROCESSOR_DEFAULT_NAME
 
+from lib.rollout import PolicyFn, make_policy_fn
+
 # Sizes of the tiny pi0 (about 0.25 M parameters). `num_heads` must stay 8: LeRobot hard-codes
 # `8 * head_dim`; the VLM and the expert must share depth, head_dim and kv-heads.
 TINY_VLM = GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=8, num_kv_heads=1, head_dim=16)
@@ -265,3 +267,20 @@ def seeded_noise_and_time(
         noise = model.sample_noise((batch_size, config.chunk_size, config.max_action_dim), "cpu")
         time = model.sample_time(batch_size, "cpu")
     return noise.to(device), time.to(device)
+
+
+def load_policy_fn(checkpoint: str | Path, policy_cls: type[PI0Policy]) -> PolicyFn:
+    """A checkpoint's `pretrained_model` directory as the simulators' batched policy function
+    (`lib.rollout.make_policy_fn`), on the GPU in bf16 autocast when there is one. Raises
+    `ValueError` naming the directory when it is not a checkpoint of a `policy_cls` policy."""
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "config.json").is_file():
+        raise ValueError(f"{checkpoint} has no config.json; pass a checkpoint's pretrained_model directory")
+    saved_type = json.loads((checkpoint / "config.json").read_text()).get("type")
+    if saved_type != policy_cls.name:
+        raise ValueError(f"{checkpoint} holds a '{saved_type}' policy, expected a '{policy_cls.name}' checkpoint")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    policy = make_pi0_policy(checkpoint, policy_cls=policy_cls).to(device).eval()
+    preprocessor, postprocessor = load_pi0_processors(checkpoint, load_tokenizer(checkpoint), device)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else contextlib.nullcontext
+    return make_policy_fn(policy, preprocessor, postprocessor, autocast)

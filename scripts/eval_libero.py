@@ -10,7 +10,6 @@ task). Accepts checkpoints written by `train_ript_pi0.py` (flag-conditioned pi0)
 """
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -23,9 +22,8 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib.libero import LiberoInitStateDataset, VectorLiberoRollout, max_steps_of  # noqa: E402
-from lib.pi0 import load_pi0_processors, load_tokenizer, make_pi0_policy  # noqa: E402
+from lib.pi0 import load_policy_fn  # noqa: E402
 from lib.ript import PI0CFGPolicy  # noqa: E402
-from lib.rollout import make_policy_fn  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -65,27 +63,12 @@ def plot_per_task(tasks: list[dict], png: Path, title: str) -> None:
 
 def main() -> int:
     args = parse_args()
-    if not (args.checkpoint / "config.json").is_file():
-        print(
-            f"error: {args.checkpoint} has no config.json; pass a checkpoint's pretrained_model directory",
-            file=sys.stderr,
-        )
-        return 2
-    saved_type = json.loads((args.checkpoint / "config.json").read_text()).get("type")
-    if saved_type != PI0CFGPolicy.name:
-        print(
-            f"error: {args.checkpoint} holds a '{saved_type}' policy; this script evaluates "
-            f"'{PI0CFGPolicy.name}' checkpoints from train_ript_pi0.py",
-            file=sys.stderr,
-        )
-        return 2
     torch.manual_seed(args.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    policy = make_pi0_policy(args.checkpoint, policy_cls=PI0CFGPolicy)
-    policy.to(device).eval()
-    preprocessor, postprocessor = load_pi0_processors(args.checkpoint, load_tokenizer(args.checkpoint), device)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else contextlib.nullcontext
-    policy_fn = make_policy_fn(policy, preprocessor, postprocessor, autocast)
+    try:
+        policy_fn = load_policy_fn(args.checkpoint, PI0CFGPolicy)
+    except ValueError as error:
+        print(f"error: {error} (this script evaluates train_ript_pi0.py checkpoints)", file=sys.stderr)
+        return 2
 
     init_states = LiberoInitStateDataset(args.benchmark, args.task_names, list(range(args.num_init_states)))
     requests = [dict(item, record=item["init_index"] < args.videos_per_task) for item in init_states]

@@ -14,7 +14,6 @@ for the first `--videos` episodes. Accepts checkpoints written by scripts/train_
 """
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -27,8 +26,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib.graph_pi0 import PI0GraphPolicy  # noqa: E402
-from lib.pi0 import load_pi0_processors, load_tokenizer, make_pi0_policy  # noqa: E402
-from lib.rollout import make_policy_fn  # noqa: E402
+from lib.pi0 import load_policy_fn  # noqa: E402
 from lib.soft_arm_sim import (  # noqa: E402
     CONTROL_HZ,
     MAX_STEPS,
@@ -61,22 +59,6 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def load_policy_fn(checkpoint: Path):
-    if not (checkpoint / "config.json").is_file():
-        raise SystemExit(f"error: {checkpoint} has no config.json; pass a checkpoint's pretrained_model directory")
-    saved_type = json.loads((checkpoint / "config.json").read_text()).get("type")
-    if saved_type != PI0GraphPolicy.name:
-        raise SystemExit(
-            f"error: {checkpoint} holds a '{saved_type}' policy; this script evaluates "
-            f"'{PI0GraphPolicy.name}' checkpoints from train_soft_arm.py"
-        )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    policy = make_pi0_policy(checkpoint, policy_cls=PI0GraphPolicy).to(device).eval()
-    preprocessor, postprocessor = load_pi0_processors(checkpoint, load_tokenizer(checkpoint), device)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else contextlib.nullcontext
-    return make_policy_fn(policy, preprocessor, postprocessor, autocast)
-
-
 def plot_distances(episodes, png: Path, title: str) -> None:
     import matplotlib
 
@@ -101,7 +83,11 @@ def plot_distances(episodes, png: Path, title: str) -> None:
 def main() -> int:
     args = parse_args()
     torch.manual_seed(args.seed)
-    policy_fn = expert_policy_fn() if args.expert else load_policy_fn(args.checkpoint)
+    try:
+        policy_fn = expert_policy_fn() if args.expert else load_policy_fn(args.checkpoint, PI0GraphPolicy)
+    except ValueError as error:
+        print(f"error: {error} (this script evaluates train_soft_arm.py checkpoints)", file=sys.stderr)
+        return 2
     # The expert acts every step; a policy runs `replan_steps` of each chunk.
     replan_steps = 1 if args.expert else args.replan_steps
     seeds = list(range(args.seed_start, args.seed_start + args.num_episodes))
