@@ -403,3 +403,35 @@ def run_soft_arm_episodes(
         for sim in simulators:
             sim.close()
     return episodes
+
+
+class SoftArmVectorRollout:
+    """The soft-arm simulators behind `lib.libero.VectorLiberoRollout`'s interface, so the RIPT
+    loop's pieces (`lib.ript.rollout_groups`) run on either: `run(requests, policy_fn)` rolls out
+    one episode per request (a dict with the task `seed`, and optionally `record` to keep its
+    frames) and returns the `SoftArmEpisode`s in order."""
+
+    def __init__(self, num_envs: int = 8, replan_steps: int = 8, max_steps: int = MAX_STEPS, image_size: int = 224):
+        self.num_envs, self.replan_steps, self.max_steps, self.image_size = (
+            num_envs,
+            replan_steps,
+            max_steps,
+            image_size,
+        )
+
+    def run(
+        self,
+        requests: list[dict[str, Any]],
+        policy_fn: PolicyFn,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[SoftArmEpisode]:
+        return run_soft_arm_episodes(
+            [int(request["seed"]) for request in requests],
+            policy_fn,
+            num_envs=self.num_envs,
+            replan_steps=self.replan_steps,
+            max_steps=self.max_steps,
+            image_size=self.image_size,
+            record=[i for i, request in enumerate(requests) if request.get("record")],
+            progress=progress,
+        )

@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 from conftest import PYTHON, run
 
+from lib.ript import rollout_groups
 from lib.soft_arm import GRAPH_KEY, IMAGE_KEY, STATE_KEY, load_raw_episode, make_soft_arm_datasets
 from lib.soft_arm_sim import (
     NODE_FEATURES,
     NUM_SEGMENTS,
     SEGMENT_LENGTH,
     SoftArmSim,
+    SoftArmVectorRollout,
     expert_policy_fn,
     run_soft_arm_episodes,
 )
@@ -78,6 +80,24 @@ def test_expert_succeeds_on_at_least_90_percent_of_20_seeds():
     successes = [e.success for e in episodes]
     assert np.mean(successes) >= 0.9, [(e.seed, e.final_distance) for e in episodes if not e.success]
     assert all(e.final_distance < 0.03 for e in episodes if e.success)
+
+
+def test_ript_rollout_groups_run_on_the_soft_arm():
+    """The RIPT loop's K-rollouts-per-state step (lib.ript.rollout_groups) on the soft-arm simulators."""
+    envs = SoftArmVectorRollout(num_envs=3, replan_steps=1, image_size=IMAGE_SIZE)
+    expert, idle = expert_policy_fn(), lambda observations: np.zeros((len(observations), 1, NUM_SEGMENTS))
+    # An expert whose arm stays idle on the second state's episodes: one solved state, one failed.
+    states = [{"seed": 100}, {"seed": 101}]
+    policy_fn = lambda observations: np.concatenate(  # noqa: E731
+        [expert([o]) if o["episode"] < 2 else idle([o]) for o in observations]
+    )
+    sink = []
+    rewards = rollout_groups(envs, policy_fn, states, k=2, sink=sink, record_first=True)
+    assert rewards.tolist() == [[1.0, 1.0], [0.0, 0.0]]
+    assert len(sink) == 4 and [e.seed for e in sink] == [100, 100, 101, 101]
+    assert [len(state["episodes"]) for state in states] == [2, 2]
+    assert sink[0].frames and not any(e.frames for e in sink[1:])
+    assert all(len(e.windows) == e.length for e in sink)  # one policy call per step at replan_steps=1
 
 
 def test_simulated_episodes_are_deterministic_resumable_and_convert(tmp_path):
