@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install debug soft-arm-ablation test test-all lint format clean stage-08 stage-09 stage-10 stage-11 stage-12 stage-13
+.PHONY: install debug soft-arm-ablation ript-soft-arm test test-all lint format clean stage-08 stage-09 stage-10 stage-11 stage-12 stage-13
 
 # Python 3.12 is required: try `python3.12`, then pyenv's 3.12 (its shim fails when the global
 # version is another one), then give up with a clear message.
@@ -44,6 +44,23 @@ debug: $(TOKENIZER_DIR)/tokenizer.json
 # Graph tokens vs none on the simulated soft arm (README "Simulated soft arm"): simulate, train, evaluate.
 soft-arm-ablation: $(TOKENIZER_DIR)/tokenizer.json
 	$(PY) scripts/soft_arm_graph_ablation.py --tokenizer $(TOKENIZER_DIR)
+
+# Does the RIPT loop learn? (README "RIPT on the simulated soft arm"): 20 demonstrations, behaviour
+# cloning to a middling policy, then RL post-training and its no-reward control, 3 seeds each.
+# Every step keeps what an earlier run finished.
+RIPT_ARM_RAW_DIR := artifacts/soft_arm_raw_few20
+RIPT_ARM_DATASET_DIR := artifacts/soft_arm_lerobot_few20
+RIPT_ARM_DIR := outputs/ript_soft_arm
+ript-soft-arm: $(TOKENIZER_DIR)/tokenizer.json
+	$(PY) data_prep/simulate_soft_arm.py --output_dir $(RIPT_ARM_RAW_DIR) --episodes 20 --seed 0 --workers 2
+	$(PY) data_prep/soft_arm_to_lerobot.py --raw_dir $(RIPT_ARM_RAW_DIR) --output_dir $(RIPT_ARM_DATASET_DIR)
+	$(PY) scripts/train_soft_arm.py --config configs/soft_arm_sim.yaml --resume latest \
+		output_dir=$(RIPT_ARM_DIR)/bc_few20 data.root=$(RIPT_ARM_DATASET_DIR) \
+		train.steps=800 train.val_every=800 train.save_every=800
+	$(PY) scripts/ript_soft_arm.py --checkpoint $(RIPT_ARM_DIR)/bc_few20/checkpoints/last/pretrained_model \
+		--output_dir $(RIPT_ARM_DIR)/rl
+	$(PY) scripts/ript_soft_arm.py --checkpoint $(RIPT_ARM_DIR)/bc_few20/checkpoints/last/pretrained_model \
+		--update_on all --output_dir $(RIPT_ARM_DIR)/control
 
 # The stage-by-stage RIPT reproduction (scripts/STAGES.md) on the debug config.
 stage-08: $(TOKENIZER_DIR)/tokenizer.json
