@@ -45,7 +45,7 @@ from lib.ript import (  # noqa: E402
 )
 from lib.rollout import make_policy_fn  # noqa: E402
 from lib.run_logging import append_metrics, plot_metrics  # noqa: E402
-from lib.soft_arm_sim import SoftArmVectorRollout  # noqa: E402
+from lib.soft_arm_sim import MAX_STEPS, SoftArmVectorRollout  # noqa: E402
 
 HELD_OUT_SEED_START = 10_000_000  # eval_soft_arm.py's
 TRAIN_SEED_START = 20_000_000  # the RL "init states"; never in the demonstrations or the held-out set
@@ -67,6 +67,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--num_envs", type=int, default=16)
     parser.add_argument("--replan_steps", type=int, default=8)
+    parser.add_argument("--max_steps", type=int, default=MAX_STEPS, help="control steps per episode")
+    parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--eval_episodes", type=int, default=100)
     parser.add_argument(
         "--update_on",
@@ -97,7 +99,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     policy_fn = make_policy_fn(policy, preprocessor, postprocessor)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr)
     held_out = list(range(HELD_OUT_SEED_START, HELD_OUT_SEED_START + args.eval_episodes))
-    envs = SoftArmVectorRollout(num_envs=args.num_envs, replan_steps=args.replan_steps)
+    envs = SoftArmVectorRollout(args.num_envs, args.replan_steps, args.max_steps, args.image_size)
 
     policy.eval()
     before = success_rate(envs, policy_fn, held_out, f"seed {seed} before RL")

@@ -126,7 +126,7 @@ def test_simulated_episodes_are_deterministic_resumable_and_convert(tmp_path):
     assert item[GRAPH_KEY].shape == (NUM_SEGMENTS, NODE_FEATURES) and item["action"].shape == (16, 10)
 
 
-def test_eval_soft_arm_on_a_tiny_checkpoint(tmp_path, tokenizer_dir):
+def test_eval_and_ript_soft_arm_on_a_tiny_checkpoint(tmp_path, tokenizer_dir):
     raw, dataset = tmp_path / "raw", tmp_path / "dataset"
     run([PYTHON, "data_prep/simulate_soft_arm.py", "--output_dir", str(raw), "--episodes", "3", "--image_size", "64"])
     run([PYTHON, "data_prep/soft_arm_to_lerobot.py", "--raw_dir", str(raw), "--output_dir", str(dataset)])
@@ -179,3 +179,23 @@ def test_eval_soft_arm_on_a_tiny_checkpoint(tmp_path, tokenizer_dir):
     videos = list((eval_dir / "videos").glob("*.mp4"))
     assert len(videos) == 1 and videos[0].stat().st_size > 0
     assert "success" in result.stdout
+
+    # The RIPT experiment script end to end: the plumbing, not learning (a 2-step policy barely moves).
+    ript_dir = tmp_path / "ript"
+    options = {"seeds": 0, "iterations": 1, "states_per_draw": 2, "rollouts_per_state": 2, "max_draw_rounds": 1}
+    options |= {"eval_episodes": 2, "num_envs": 2, "max_steps": 6, "image_size": 64, "output_dir": ript_dir}
+    ript = [
+        PYTHON,
+        "scripts/ript_soft_arm.py",
+        "--checkpoint",
+        str(train_dir / "checkpoints" / "last" / "pretrained_model"),
+        *(item for key, value in options.items() for item in (f"--{key}", str(value))),
+    ]
+    run(ript)
+    summary = json.loads((ript_dir / "summary.json").read_text())
+    assert [r["seed"] for r in summary["runs"]] == [0]
+    assert 0.0 <= summary["runs"][0]["success_before"] <= 1.0 and 0.0 <= summary["runs"][0]["success_after"] <= 1.0
+    metrics = [json.loads(line) for line in (ript_dir / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1 and metrics[0]["rollout/episodes"] == 4
+    assert (ript_dir / "results.md").read_text().count("\n") == 4
+    assert "keeping the finished run" in run(ript).stdout  # a finished seed is not run again
