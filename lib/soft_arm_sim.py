@@ -405,19 +405,17 @@ def run_soft_arm_episodes(
     return episodes
 
 
+@dataclass
 class SoftArmVectorRollout:
     """The soft-arm simulators behind `lib.libero.VectorLiberoRollout`'s interface, so the RIPT
     loop's pieces (`lib.ript.rollout_groups`) run on either: `run(requests, policy_fn)` rolls out
     one episode per request (a dict with the task `seed`, and optionally `record` to keep its
     frames) and returns the `SoftArmEpisode`s in order."""
 
-    def __init__(self, num_envs: int = 8, replan_steps: int = 8, max_steps: int = MAX_STEPS, image_size: int = 224):
-        self.num_envs, self.replan_steps, self.max_steps, self.image_size = (
-            num_envs,
-            replan_steps,
-            max_steps,
-            image_size,
-        )
+    num_envs: int = 8
+    replan_steps: int = 8
+    max_steps: int = MAX_STEPS
+    image_size: int = 224
 
     def run(
         self,
