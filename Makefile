@@ -39,7 +39,7 @@ $(TOKENIZER_DIR)/tokenizer.json:
 debug: $(TOKENIZER_DIR)/tokenizer.json
 	$(PY) data_prep/make_fake_soft_arm.py --output_dir $(DEBUG_RAW_DIR) --episodes 12 --seed 0
 	$(PY) data_prep/soft_arm_to_lerobot.py --raw_dir $(DEBUG_RAW_DIR) --output_dir $(DEBUG_DATASET_DIR)
-	$(PY) scripts/train_soft_arm.py --config configs/debug_config.yaml
+	$(PY) scripts/train_soft_arm.py --config configs/debug_config.yaml --overwrite
 
 # Graph tokens vs none on the simulated soft arm (README "Simulated soft arm"): simulate, train, evaluate.
 soft-arm-ablation: $(TOKENIZER_DIR)/tokenizer.json

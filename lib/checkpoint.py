@@ -9,6 +9,8 @@ replaces a good checkpoint.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import signal
@@ -18,6 +20,8 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+
+from lib.errors import UserError
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "pretrained_model"
@@ -85,18 +89,82 @@ def save_policy_checkpoint(
     return save_checkpoint(accelerator, output_dir, step, save_model, keep_last)
 
 
+RUN_FILES = ("metrics.jsonl", "progress.json")  # what a run writes besides its checkpoints
+
+
 def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
-    """`None` -> start fresh; "latest" -> newest checkpoint of `output_dir` (fresh if none);
-    a path -> that checkpoint (must exist)."""
+    """`None` -> start fresh; "latest" -> newest checkpoint of `output_dir` (fresh, said so, if
+    there is none); a path -> that checkpoint (must exist)."""
     if not resume:
         return None
     if resume == "latest":
         found = checkpoint_dirs(output_dir)
+        if not found:
+            print(f"--resume latest: no checkpoint in {Path(output_dir) / CHECKPOINTS_DIR}; starting a new run")
         return found[-1] if found else None
     path = Path(resume)
     if not (path / STATE_DIR).is_dir():
-        raise FileNotFoundError(f"--resume {resume}: no checkpoint there (expected {path / STATE_DIR})")
+        raise UserError(f"--resume {resume}: no checkpoint there (expected {path / STATE_DIR})")
     return path
+
+
+def check_writable_dir(directory: str | Path, what: str = "output_dir") -> None:
+    """A directory that exists or can be created, and can be written: checked before the work that
+    fills it (read-only)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{what} {directory} exists and is not a directory")
+    existing = directory if directory.exists() else next(p for p in directory.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{what} {directory}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {directory}: {existing} is not writable")
+
+
+def check_output_dir(output_dir: str | Path, resume: str | None, overwrite: bool) -> Path | None:
+    """Check `output_dir` before anything is written and return the checkpoint to resume (or None).
+
+    It must be a writable directory (or creatable). One that already holds a run (checkpoints or a
+    metrics file) is refused unless the run is resumed (`resume`) or `overwrite` is set: a fresh
+    run would otherwise mix its checkpoints and metrics with the old ones. Read-only: every rank
+    may call it; `start_output_dir` does the writing."""
+    output_dir = Path(output_dir)
+    check_writable_dir(output_dir)
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    holds_run = bool(checkpoint_dirs(output_dir)) or any((output_dir / name).exists() for name in RUN_FILES)
+    if holds_run and not resume and not overwrite:
+        raise UserError(
+            f"output_dir {output_dir} already holds a run; pass --resume latest to continue it, "
+            "--overwrite to replace it, or another output_dir"
+        )
+    return resolve_resume(output_dir, resume)
+
+
+def start_output_dir(output_dir: str | Path, checkpoint: Path | None, overwrite: bool) -> None:
+    """Main process, after `check_output_dir`: create `output_dir`; with `overwrite` remove the old
+    run's checkpoints and files; when resuming, drop the metrics rows written after `checkpoint`
+    (an interrupted run logged steps that the resumed run will log again)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        shutil.rmtree(output_dir / CHECKPOINTS_DIR, ignore_errors=True)
+        for name in RUN_FILES:
+            (output_dir / name).unlink(missing_ok=True)
+    metrics_file = output_dir / "metrics.jsonl"
+    if metrics_file.exists():
+        resumed_step = step_of(checkpoint) if checkpoint is not None else 0
+        rows = [line for line in metrics_file.read_text().splitlines() if line.strip()]
+        kept = [line for line in rows if json.loads(line)["step"] <= resumed_step]
+        if len(kept) != len(rows):
+            atomic_write_text(metrics_file, "".join(line + "\n" for line in kept))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file under a temporary name, then rename it over `path` (never half-written)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def step_of(checkpoint: Path) -> int:

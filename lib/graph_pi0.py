@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 from lerobot.configs import PreTrainedConfig
-from lerobot.policies.pi0.modeling_pi0 import PI0Policy, PI0Pytorch
+from lerobot.policies.pi0.modeling_pi0 import PI0Pytorch
 from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
 from torch import Tensor, nn
 
-from lib.pi0 import SizedPI0Config, building_network
+from lib.pi0 import CheckedLoadPolicy, SizedPI0Config, building_network
 
 GRAPH_KEY = "observation.graph"
 
@@ -154,12 +154,15 @@ class PI0GraphConfig(SizedPI0Config):
     graph_message_passing_steps: int = 2
 
 
-class PI0GraphPolicy(PI0Policy):
+class PI0GraphPolicy(CheckedLoadPolicy):
     """`PI0Policy` around `PI0WithGraph`; `save_pretrained`/`from_pretrained` carry the graph
-    encoder's weights and config. Reads the graph from `batch["observation.graph"]` when present."""
+    encoder's weights and config. Reads the graph from `batch["observation.graph"]` when present.
+    Starts from a plain pi0 checkpoint with a fresh graph encoder."""
 
     config_class = PI0GraphConfig
     name = "pi0_graph"
+    loads_types = ("pi0_graph", "pi0")
+    new_parts = ("model.graph_encoder.",)
 
     def __init__(self, config: PI0GraphConfig, **kwargs: Any) -> None:
         with building_network(PI0WithGraph, config.model_size):

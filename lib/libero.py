@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lib.config import ConfigError
 from lib.rollout import PolicyFn, Window
 
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -43,13 +44,13 @@ def get_suite(benchmark_name: str) -> Any:
 
     suites = benchmark.get_benchmark_dict()
     if benchmark_name not in suites:
-        raise ValueError(f"unknown LIBERO benchmark {benchmark_name!r}; expected one of {sorted(MAX_STEPS)}")
+        raise ConfigError(f"unknown LIBERO benchmark {benchmark_name!r}; expected one of {sorted(MAX_STEPS)}")
     return suites[benchmark_name]()
 
 
 def max_steps_of(benchmark_name: str) -> int:
     if benchmark_name not in MAX_STEPS:
-        raise ValueError(f"no standard step limit for {benchmark_name!r}; known: {sorted(MAX_STEPS)}")
+        raise ConfigError(f"no standard step limit for {benchmark_name!r}; known: {sorted(MAX_STEPS)}")
     return MAX_STEPS[benchmark_name]
 
 
@@ -69,7 +70,7 @@ class LiberoInitStateDataset(torch.utils.data.Dataset):
             tasks = [(i, t) for i, t in tasks if t.name in wanted or t.language in wanted]
             found = {t.name for _, t in tasks} | {t.language for _, t in tasks}
             if missing := wanted - found:
-                raise ValueError(f"{benchmark_name} has no task named {sorted(missing)}")
+                raise ConfigError(f"{benchmark_name} has no task named {sorted(missing)}")
         self.items: list[dict[str, Any]] = []
         for task_id, task in tasks:
             states = suite.get_task_init_states(task_id)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from lerobot.configs import PreTrainedConfig
 from lerobot.policies.pi0 import modeling_pi0
 from lerobot.policies.pi0.configuration_pi0 import PI0Config
 from lerobot.policies.pi0.modeling_pi0 import GemmaConfig, PI0Policy
@@ -29,7 +31,9 @@ from lerobot.processor import (
     transition_to_policy_action,
 )
 from lerobot.utils.constants import POLICY_POSTPROCESSOR_DEFAULT_NAME, POLICY_PREPROCESSOR_DEFAULT_NAME
+from safetensors.torch import load_file as load_safetensors
 
+from lib.errors import UserError
 from lib.rollout import PolicyFn, make_policy_fn
 
 # Sizes of the tiny pi0 (about 0.25 M parameters). `num_heads` must stay 8: LeRobot hard-codes
@@ -117,14 +121,145 @@ def building_network(network_cls: type[modeling_pi0.PI0Pytorch], model_size: str
         modeling_pi0.PI0Pytorch = original_network_cls
 
 
+class CheckpointError(UserError):
+    """Weights or processors that cannot be loaded as asked: missing, truncated, of another model."""
+
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def resolve_pretrained(source: str | Path) -> Path:
+    """The local directory of a pretrained source: an existing directory, or a hub id fetched into
+    (or found in) the Hugging Face cache. Something that can only be a local path (it starts with
+    '/', '.' or '~', has more than one '/', or its first folder exists here) must exist."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    source = str(source)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    looks_local = source.startswith(("/", ".", "~")) or source.count("/") != 1 or path.parts[0] in os.listdir(".")
+    if not looks_local:
+        try:
+            validate_repo_id(source)
+        except HFValidationError:
+            looks_local = True
+    if looks_local:
+        raise CheckpointError(f"pretrained path {source} does not exist (expected a checkpoint directory)")
+    try:
+        return Path(snapshot_download(repo_id=source))
+    except LocalEntryNotFoundError as error:
+        raise CheckpointError(
+            f"hub id {source!r} is not in the Hugging Face cache and the hub cannot be reached "
+            f"({'HF_HUB_OFFLINE=1' if os.environ.get('HF_HUB_OFFLINE') == '1' else 'no network'}). "
+            f"Fetch it once on a machine with network (`hf download {source}`, then copy ~/.cache/huggingface "
+            "here, or `hf download --local-dir DIR` and pass DIR) and run with HF_HUB_OFFLINE=1"
+        ) from error
+    except RepositoryNotFoundError as error:
+        raise CheckpointError(f"hub id {source!r}: no such repository on the Hugging Face hub") from error
+
+
+def saved_config(directory: Path) -> dict[str, Any]:
+    """config.json of a checkpoint directory, checked to exist and to be JSON."""
+    config_file = directory / CONFIG_FILE
+    if not config_file.is_file():
+        raise CheckpointError(f"{directory} has no {CONFIG_FILE}; expected a checkpoint's pretrained_model directory")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{config_file} is not valid JSON ({error})") from error
+
+
+def load_pretrained_policy(
+    source: str | Path, policy_cls: type[PI0Policy] = PI0Policy, config: PI0Config | None = None
+) -> PI0Policy:
+    """A policy of `policy_cls` with the weights of `source` (local path or hub id), checked.
+
+    LeRobot's `PI0Policy.from_pretrained` prints load errors and returns the randomly initialised
+    model; here every failure is a `CheckpointError`: a missing or truncated weights file, a
+    checkpoint of another policy type, weights of another shape (size, action dimension), and
+    missing or unexpected keys. Only the parts `policy_cls` adds to plain pi0 (`new_parts`) may be
+    missing, and only when `source` is a plain pi0 checkpoint. `config` (an instance of
+    `policy_cls.config_class`) replaces the saved config, as in LeRobot.
+    """
+    directory = resolve_pretrained(source)
+    saved = saved_config(directory)
+    saved_type = saved.get("type")
+    loads_types = getattr(policy_cls, "loads_types", (policy_cls.name,))
+    if saved_type not in loads_types:
+        raise CheckpointError(
+            f"{directory} holds a {saved_type!r} policy; {policy_cls.__name__} loads {' or '.join(loads_types)}"
+        )
+    if config is None:
+        config = PreTrainedConfig.from_pretrained(directory)
+    weights_file = directory / WEIGHTS_FILE
+    if not weights_file.is_file():
+        raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}")
+    try:
+        state_dict = load_safetensors(weights_file)
+    except Exception as error:  # safetensors raises its own error type for a damaged file
+        raise CheckpointError(f"{weights_file} is truncated or corrupt ({str(error).splitlines()[0]})") from error
+
+    size = getattr(config, "model_size", None) or saved.get("model_size", "full")
+    with model_size_context(size):
+        policy = policy_cls(config)
+    state_dict = policy._fix_pytorch_state_dict_keys(state_dict, policy.config)  # LeRobot's openpi key renames
+    state_dict = {key if key.startswith("model.") else f"model.{key}": value for key, value in state_dict.items()}
+    try:
+        missing, unexpected = policy.load_state_dict(state_dict, strict=False)
+    except RuntimeError as error:  # shape mismatches: another size or action dimension
+        mismatches = [line.strip() for line in str(error).splitlines()[1:] if "size mismatch" in line]
+        raise CheckpointError(
+            f"{weights_file} does not fit a {size} {policy_cls.__name__} with this config "
+            f"(another model size or action dimension?): {'; '.join(mismatches[:3])}"
+        ) from error
+    new_parts = getattr(policy_cls, "new_parts", ()) if saved_type != policy_cls.name else ()
+    missing = [key for key in missing if not key.startswith(new_parts) and not _is_tied(policy, key, state_dict)]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights_file} does not match {policy_cls.__name__}: "
+            f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}"
+        )
+    policy.to(config.device)
+    policy.eval()
+    return policy
+
+
+def _is_tied(module: torch.nn.Module, key: str, loaded: dict[str, torch.Tensor]) -> bool:
+    """True when `key` shares its storage with a tensor that was loaded (tied weights are saved once)."""
+    tensors = module.state_dict(keep_vars=True)
+    pointer = tensors[key].data_ptr()
+    return any(tensors[other].data_ptr() == pointer for other in loaded if other != key and other in tensors)
+
+
+class CheckedLoadPolicy(PI0Policy):
+    """Base of this project's pi0 policies: `from_pretrained` is `load_pretrained_policy` (load errors
+    raise instead of leaving random weights), so LeRobot's own tools load them just as strictly.
+
+    `loads_types`: the saved policy types it can start from; `new_parts`: the state-dict prefixes it
+    adds to plain pi0, fresh when it starts from a plain pi0 checkpoint."""
+
+    loads_types: tuple[str, ...] = ()
+    new_parts: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_name_or_path: str | Path, *, config: PI0Config | None = None, **ignored: Any
+    ) -> PI0Policy:
+        return load_pretrained_policy(pretrained_name_or_path, cls, config)
+
+
 def make_pi0_policy(
     model: str | Path,
     config: PI0Config | None = None,
     policy_cls: type[PI0Policy] = PI0Policy,
-    **from_pretrained_kwargs: Any,
 ) -> PI0Policy:
     """A pi0 policy from `model`: "tiny" (fresh, small, random init), "full" (fresh, full-size,
-    random init) or a pretrained local path / hub id such as `lerobot/pi0_base`.
+    random init) or a pretrained local path / hub id such as `lerobot/pi0_base` (checked:
+    `load_pretrained_policy`).
 
     `config` (an instance of `policy_cls.config_class`) sets features, chunk size, dtype, ...; with
     a pretrained model it replaces the saved config, as in LeRobot's `from_pretrained`.
@@ -134,22 +269,12 @@ def make_pi0_policy(
         config = config if config is not None else policy_cls.config_class()
         with model_size_context(model):
             return policy_cls(config)
-    if not Path(model).exists() and "/" not in model:
-        raise FileNotFoundError(
-            f"pi0 model {model!r} is neither a size ({', '.join(MODEL_SIZES)}), an existing local "
-            "directory, nor a hub id of the form 'owner/name'"
-        )
-    size = getattr(config, "model_size", None) if config is not None else saved_model_size(model)
-    with model_size_context(size or "full"):
-        return policy_cls.from_pretrained(model, config=config, **from_pretrained_kwargs)
+    return load_pretrained_policy(model, policy_cls, config)
 
 
-def saved_model_size(path: str) -> str:
-    """The `model_size` a local checkpoint was saved with ("full" for LeRobot's own configs)."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        return "full"
-    return json.loads(config_file.read_text()).get("model_size", "full")
+def saved_model_size(source: str | Path) -> str:
+    """The `model_size` a checkpoint was saved with ("full" for LeRobot's own configs)."""
+    return saved_config(resolve_pretrained(source)).get("model_size", "full")
 
 
 def count_parameters(module: torch.nn.Module) -> int:
@@ -207,11 +332,17 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     if not Path(name_or_path).exists() and "/" not in str(name_or_path):
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"tokenizer {str(name_or_path)!r} not found; build it with "
             f"`python data_prep/make_tokenizer.py --output_dir {name_or_path}`"
         )
-    return AutoTokenizer.from_pretrained(str(name_or_path))
+    try:
+        return AutoTokenizer.from_pretrained(str(name_or_path))
+    except OSError as error:  # transformers' error for a missing local file or an uncached hub id
+        raise CheckpointError(
+            f"tokenizer {str(name_or_path)!r} could not be loaded ({str(error).splitlines()[0]}); a hub id must be "
+            "in the Hugging Face cache when HF_HUB_OFFLINE=1 or there is no network"
+        ) from error
 
 
 def make_pi0_processors(
@@ -240,6 +371,12 @@ def load_pi0_processors(
 ) -> tuple[PolicyProcessorPipeline, PolicyProcessorPipeline]:
     """Reload the pipelines saved beside a checkpoint, handing them the tokenizer object (and,
     if given, the device batches should go to instead of the saved one)."""
+    for name in (POLICY_PREPROCESSOR_DEFAULT_NAME, POLICY_POSTPROCESSOR_DEFAULT_NAME):
+        if not (Path(path) / f"{name}.json").is_file():
+            raise CheckpointError(
+                f"{path} has no {name}.json: the normalization statistics and processing steps of its policy are "
+                "unknown (a checkpoint saved by this project or LeRobot >= 0.4 has them)"
+            )
     overrides: dict[str, Any] = {"tokenizer_processor": {"tokenizer": tokenizer}}
     if device is not None:
         overrides["device_processor"] = {"device": device}
@@ -272,13 +409,12 @@ def seeded_noise_and_time(
 def load_policy_fn(checkpoint: str | Path, policy_cls: type[PI0Policy]) -> PolicyFn:
     """A checkpoint's `pretrained_model` directory as the simulators' batched policy function
     (`lib.rollout.make_policy_fn`), on the GPU in bf16 autocast when there is one. Raises
-    `ValueError` naming the directory when it is not a checkpoint of a `policy_cls` policy."""
-    checkpoint = Path(checkpoint)
-    if not (checkpoint / "config.json").is_file():
-        raise ValueError(f"{checkpoint} has no config.json; pass a checkpoint's pretrained_model directory")
-    saved_type = json.loads((checkpoint / "config.json").read_text()).get("type")
+    `CheckpointError` naming the directory when it is not a loadable checkpoint of a `policy_cls`
+    policy (evaluation starts from no fresh part, so a plain pi0 checkpoint is refused too)."""
+    checkpoint = resolve_pretrained(checkpoint)
+    saved_type = saved_config(checkpoint).get("type")
     if saved_type != policy_cls.name:
-        raise ValueError(f"{checkpoint} holds a '{saved_type}' policy, expected a '{policy_cls.name}' checkpoint")
+        raise CheckpointError(f"{checkpoint} holds a {saved_type!r} policy, expected a {policy_cls.name!r} checkpoint")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     policy = make_pi0_policy(checkpoint, policy_cls=policy_cls).to(device).eval()
     preprocessor, postprocessor = load_pi0_processors(checkpoint, load_tokenizer(checkpoint), device)

@@ -24,19 +24,21 @@ import numpy as np
 import torch
 from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature, PreTrainedConfig
 from lerobot.policies.pi0.configuration_pi0 import PI0Config
-from lerobot.policies.pi0.modeling_pi0 import PI0Policy, PI0Pytorch
+from lerobot.policies.pi0.modeling_pi0 import PI0Pytorch
 from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
 from torch import Tensor, nn
 
 from lib.libero import ACTION_DIM, AGENTVIEW_KEY, STATE_DIM, STATE_KEY, WRIST_KEY
 from lib.pi0 import (
     MODEL_SIZES,
+    CheckedLoadPolicy,
     SizedPI0Config,
     building_network,
     load_pi0_processors,
     load_tokenizer,
     make_pi0_policy,
     make_pi0_processors,
+    resolve_pretrained,
     saved_model_size,
 )
 from lib.rollout import observations_to_batch
@@ -248,11 +250,14 @@ class PI0CFGConfig(SizedPI0Config):
     guidance_weight: float = 1.0
 
 
-class PI0CFGPolicy(PI0Policy):
-    """`PI0Policy` around `PI0WithCondition`: acts with guidance, trains with the RL objectives."""
+class PI0CFGPolicy(CheckedLoadPolicy):
+    """`PI0Policy` around `PI0WithCondition`: acts with guidance, trains with the RL objectives.
+    Starts from a plain pi0 checkpoint with a zero flag embedding (it then acts as that pi0)."""
 
     config_class = PI0CFGConfig
     name = "pi0_cfg"
+    loads_types = ("pi0_cfg", "pi0")
+    new_parts = ("model.condition_embedding.",)
 
     def __init__(self, config: PI0CFGConfig, **kwargs: Any) -> None:
         with building_network(PI0WithCondition, config.model_size):
@@ -405,14 +410,17 @@ def window_batch(
 
 def make_ript_policy(model: Any, device: str) -> tuple[PI0CFGPolicy, Any, Any, Any]:
     """The flag-conditioned pi0 for LIBERO (two cameras, 8-dim state, 7-dim actions) from the
-    `model` section of a RIPT config, with its pre/post-processors and tokenizer. A checkpoint's
-    own processors are used when it has them; a fresh model gets identity normalization (there is
-    no dataset to take statistics from). A base pi0 checkpoint has no flag embedding: it loads
-    non-strictly (LeRobot prints the missing keys)."""
+    `model` section of a RIPT config, with its pre/post-processors and tokenizer.
+
+    A pretrained source (local path or hub id, resolved through the Hugging Face cache) brings its
+    own processors, with the normalization statistics it was trained with; one without them is
+    refused. A fresh size ("tiny"/"full") gets identity normalization (there is no dataset to take
+    statistics from). A plain pi0 checkpoint starts with a zero flag embedding."""
     image = PolicyFeature(type=FeatureType.VISUAL, shape=(3, model.image_size, model.image_size))
-    pretrained = model.pretrained
+    fresh = model.pretrained in MODEL_SIZES
+    source = None if fresh else resolve_pretrained(model.pretrained)
     config = PI0CFGConfig(
-        model_size=pretrained if pretrained in MODEL_SIZES else saved_model_size(pretrained),
+        model_size=model.pretrained if fresh else saved_model_size(source),
         dtype=model.dtype,
         chunk_size=model.chunk_size,
         n_action_steps=model.chunk_size,
@@ -427,15 +435,12 @@ def make_ript_policy(model: Any, device: str) -> tuple[PI0CFGPolicy, Any, Any, A
         },
         output_features={ACTION: PolicyFeature(type=FeatureType.ACTION, shape=(ACTION_DIM,))},
     )
-    has_processors = pretrained not in MODEL_SIZES and (Path(pretrained) / "policy_preprocessor.json").is_file()
-    if not has_processors:
-        config.normalization_mapping = {key: NormalizationMode.IDENTITY for key in ("VISUAL", "STATE", "ACTION")}
-    policy = make_pi0_policy(
-        pretrained, config, PI0CFGPolicy, **({} if pretrained in MODEL_SIZES else {"strict": False})
-    )
     tokenizer = load_tokenizer(model.tokenizer)
-    if has_processors:
-        preprocessor, postprocessor = load_pi0_processors(pretrained, tokenizer, device)
-    else:
+    if fresh:
+        config.normalization_mapping = {key: NormalizationMode.IDENTITY for key in ("VISUAL", "STATE", "ACTION")}
+        policy = make_pi0_policy(model.pretrained, config, PI0CFGPolicy)
         preprocessor, postprocessor = make_pi0_processors(policy.config, tokenizer)
+    else:
+        preprocessor, postprocessor = load_pi0_processors(source, tokenizer, device)
+        policy = make_pi0_policy(source, config, PI0CFGPolicy)
     return policy, preprocessor, postprocessor, tokenizer

@@ -28,7 +28,7 @@ CFG-RL objective. `train_ript_pi0.py`, the final script, adds evaluation on fixe
     python scripts/13_train_production_ready.py --config_path configs/debug_train_pi0.yaml
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/13_train_production_ready.py \
         --config_path configs/minimal_test.yaml
-    ... scripts/13_train_production_ready.py --config_path configs/minimal_test.yaml --resume
+    ... scripts/13_train_production_ready.py --config_path configs/minimal_test.yaml --resume latest
 """
 
 import argparse
@@ -48,8 +48,9 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib.checkpoint import GracefulStop, resolve_resume, save_policy_checkpoint  # noqa: E402
-from lib.config import ConfigError, load_config, to_flat_dict  # noqa: E402
+from lib.checkpoint import GracefulStop, check_output_dir, save_policy_checkpoint, start_output_dir  # noqa: E402
+from lib.config import load_config, to_flat_dict  # noqa: E402
+from lib.errors import exit_code_of  # noqa: E402
 from lib.libero import (  # noqa: E402
     LiberoInitStateDataset,
     VectorLiberoRollout,
@@ -86,21 +87,20 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # New in stage 09: a config file and overrides instead of a few fixed flags.
     parser.add_argument("--config_path", type=Path, default=Path("configs/debug_train_pi0.yaml"))
-    parser.add_argument(
-        "--resume", nargs="?", const="latest", help="'latest' (default) or a checkpoint dir"
-    )  # stage 13
+    # stage 13: continue a run, or replace the run that output_dir holds
+    parser.add_argument("--resume", metavar="CHECKPOINT", help="'latest' (newest of output_dir) or a checkpoint dir")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run that output_dir already holds")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.iterations=2")
     return parser.parse_args()
 
 
 def main() -> int:
     args = parse_args()
-    # New in stage 09: load and validate the YAML config.
-    try:
-        config = load_config_from_yaml(args.config_path, args.overrides)
-    except ConfigError as error:
-        print(f"✗ config error: {error}", file=sys.stderr)
-        return 2
+    # New in stage 09: load and validate the YAML config (a bad one: one line, exit 2).
+    config = load_config_from_yaml(args.config_path, args.overrides)
+    # New in stage 13: refuse an output_dir that holds another run unless it is resumed or
+    # overwritten, and find the checkpoint to resume, before anything is written.
+    checkpoint = check_output_dir(config.output_dir, args.resume or config.resume, args.overwrite)
     # New in stage 10: the seed's setup_distributed(). `cpu=` because a launcher config with
     # `use_cpu: true` starts processes that never connect on a machine without a GPU (DESIGN.md).
     accelerator = Accelerator(
@@ -112,6 +112,9 @@ def main() -> int:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     rank, world = accelerator.process_index, accelerator.num_processes
+    if accelerator.is_main_process:  # New in stage 13
+        start_output_dir(config.output_dir, checkpoint, args.overwrite)
+    accelerator.wait_for_everyone()
     # New in stage 11: every rank prints into output_dir/train_rank{R}.log; only the main
     # process's output also reaches the console.
     log_file = tee_output(config.output_dir, rank, accelerator.is_main_process)
@@ -159,7 +162,6 @@ def main() -> int:
     # New in stage 13: what a checkpoint restores besides weights, optimizer and RNG.
     progress_state = RIPTProgress()
     accelerator.register_for_checkpointing(progress_state, history)
-    checkpoint = resolve_resume(output_dir, args.resume or config.resume)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint / "training_state"))
         print(f"resumed from {checkpoint} at iteration {progress_state.iteration}")
@@ -328,7 +330,7 @@ def main() -> int:
     except Exception:
         # New in stage 13: the failure goes to this rank's log; resume from the last checkpoint.
         traceback.print_exc()
-        print(f"iteration {progress_state.iteration + 1} failed; resume with --resume", file=sys.stderr)
+        print(f"iteration {progress_state.iteration + 1} failed; resume with --resume latest", file=sys.stderr)
         raise
     finally:
         envs.close()
@@ -350,4 +352,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code_of(main))

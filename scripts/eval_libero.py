@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lib.checkpoint import check_writable_dir  # noqa: E402
+from lib.errors import exit_code_of  # noqa: E402
 from lib.libero import LiberoInitStateDataset, VectorLiberoRollout, max_steps_of  # noqa: E402
 from lib.pi0 import load_policy_fn  # noqa: E402
 from lib.ript import PI0CFGPolicy  # noqa: E402
@@ -64,11 +66,8 @@ def plot_per_task(tasks: list[dict], png: Path, title: str) -> None:
 def main() -> int:
     args = parse_args()
     torch.manual_seed(args.seed)
-    try:
-        policy_fn = load_policy_fn(args.checkpoint, PI0CFGPolicy)
-    except ValueError as error:
-        print(f"error: {error} (this script evaluates train_ript_pi0.py checkpoints)", file=sys.stderr)
-        return 2
+    check_writable_dir(args.output_dir)  # before the episodes, not after them
+    policy_fn = load_policy_fn(args.checkpoint, PI0CFGPolicy)
 
     init_states = LiberoInitStateDataset(args.benchmark, args.task_names, list(range(args.num_init_states)))
     requests = [dict(item, record=item["init_index"] < args.videos_per_task) for item in init_states]
@@ -135,4 +134,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code_of(main))

@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lib.checkpoint import check_writable_dir  # noqa: E402
+from lib.errors import exit_code_of  # noqa: E402
 from lib.graph_pi0 import PI0GraphPolicy  # noqa: E402
 from lib.pi0 import load_policy_fn  # noqa: E402
 from lib.soft_arm_sim import (  # noqa: E402
@@ -83,11 +85,8 @@ def plot_distances(episodes, png: Path, title: str) -> None:
 def main() -> int:
     args = parse_args()
     torch.manual_seed(args.seed)
-    try:
-        policy_fn = expert_policy_fn() if args.expert else load_policy_fn(args.checkpoint, PI0GraphPolicy)
-    except ValueError as error:
-        print(f"error: {error} (this script evaluates train_soft_arm.py checkpoints)", file=sys.stderr)
-        return 2
+    check_writable_dir(args.output_dir)  # before the episodes, not after them
+    policy_fn = expert_policy_fn() if args.expert else load_policy_fn(args.checkpoint, PI0GraphPolicy)
     # The expert acts every step; a policy runs `replan_steps` of each chunk.
     replan_steps = 1 if args.expert else args.replan_steps
     seeds = list(range(args.seed_start, args.seed_start + args.num_episodes))
@@ -148,4 +147,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code_of(main))

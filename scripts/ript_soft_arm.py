@@ -33,8 +33,17 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lib.errors import exit_code_of  # noqa: E402
 from lib.graph_pi0 import PI0GraphPolicy  # noqa: E402
-from lib.pi0 import load_pi0_processors, load_tokenizer, make_pi0_policy, seeded_noise_and_time  # noqa: E402
+from lib.pi0 import (  # noqa: E402
+    CheckpointError,
+    load_pi0_processors,
+    load_tokenizer,
+    make_pi0_policy,
+    resolve_pretrained,
+    saved_config,
+    seeded_noise_and_time,
+)
 from lib.ript import (  # noqa: E402
     StateOutcomeHistory,
     collect_informative_groups,
@@ -185,9 +194,11 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
 
 def main() -> int:
     args = parse_args()
-    if not (args.checkpoint / "config.json").is_file():
-        print(f"error: {args.checkpoint} has no config.json; pass a pretrained_model directory", file=sys.stderr)
-        return 2
+    saved_type = saved_config(resolve_pretrained(args.checkpoint)).get("type")
+    if saved_type != PI0GraphPolicy.name:
+        raise CheckpointError(
+            f"{args.checkpoint} holds a {saved_type!r} policy, expected a train_soft_arm.py checkpoint"
+        )
     results = [run_seed(seed, args) for seed in args.seeds]
     before = [r["success_before"] for r in results]
     after = [r["success_after"] for r in results]
@@ -206,4 +217,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code_of(main))

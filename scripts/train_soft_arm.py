@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib.checkpoint import GracefulStop, resolve_resume, save_policy_checkpoint  # noqa: E402
-from lib.config import ConfigError, check, load_config, to_flat_dict  # noqa: E402
+from lib.checkpoint import GracefulStop, check_output_dir, save_policy_checkpoint, start_output_dir  # noqa: E402
+from lib.config import check, load_config, to_flat_dict  # noqa: E402
+from lib.errors import UserError, exit_code_of  # noqa: E402
 from lib.graph_pi0 import PI0GraphConfig, PI0GraphPolicy  # noqa: E402
 from lib.pi0 import (  # noqa: E402
     MODEL_SIZES,
@@ -157,7 +158,10 @@ def validate_config(config) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="YAML config (configs/soft_arm_config.yaml)")
-    parser.add_argument("--resume", nargs="?", const="latest", help="'latest' (default) or a checkpoint dir")
+    parser.add_argument(
+        "--resume", metavar="CHECKPOINT", help="'latest' (the newest checkpoint of output_dir) or a checkpoint dir"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace the run that output_dir already holds")
     parser.add_argument("--dry_run", action="store_true", help="build everything, run one step, exit")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=100")
     return parser.parse_args()
@@ -190,13 +194,13 @@ class TrainingProgress:
 
 def main() -> int:
     args = parse_args()
-    try:
-        config = load_config(SoftArmTrainConfig, args.config, args.overrides)
-        validate_config(config)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = load_config(SoftArmTrainConfig, args.config, args.overrides)
+    validate_config(config)
     output_dir = Path(config.output_dir)
+    # Refuse a directory that holds another run, and find the checkpoint to resume, before anything
+    # is written (a dry run writes only its log).
+    resume = args.resume or config.resume
+    checkpoint = None if args.dry_run else check_output_dir(output_dir, resume, args.overwrite)
 
     # ------------------------------------------------------------------------------------------
     # Accelerator. `cpu=` because on a machine without a GPU, a launcher config with
@@ -212,6 +216,9 @@ def main() -> int:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    if accelerator.is_main_process and not args.dry_run:
+        start_output_dir(output_dir, checkpoint, args.overwrite)
+    accelerator.wait_for_everyone()
     logger = setup_logging(output_dir, accelerator.process_index, accelerator.is_main_process)
     logger.info(
         "processes: %d (%s), device: %s, mixed precision: %s",
@@ -241,7 +248,7 @@ def main() -> int:
     train_loader = torch.utils.data.DataLoader(train_dataset, shuffle=True, drop_last=True, **loader_kwargs)
     val_loader = torch.utils.data.DataLoader(val_dataset, shuffle=False, **loader_kwargs) if val_dataset else None
     if len(train_loader) == 0:
-        raise SystemExit(f"error: {len(train_dataset)} train frames < data.batch_size {config.data.batch_size}")
+        raise UserError(f"{len(train_dataset)} train frames < data.batch_size {config.data.batch_size}")
 
     # ------------------------------------------------------------------------------------------
     # Policy: graph pi0 from a pretrained checkpoint or a fresh size, and its processors.
@@ -266,10 +273,9 @@ def main() -> int:
         },
         output_features={ACTION_KEY: PolicyFeature(type=FeatureType.ACTION, shape=(ACTION_DIM,))},
     )
-    # A base pi0 checkpoint has no graph encoder: pretrained weights load non-strictly (LeRobot
-    # prints the missing keys).
-    pretrained_kwargs = {} if config.model.pretrained in MODEL_SIZES else {"strict": False}
-    policy = make_pi0_policy(config.model.pretrained, policy_config, PI0GraphPolicy, **pretrained_kwargs)
+    # Loading is checked (lib/pi0.py): a plain pi0 checkpoint gets a fresh graph encoder and
+    # nothing else may be missing.
+    policy = make_pi0_policy(config.model.pretrained, policy_config, PI0GraphPolicy)
     tokenizer = load_tokenizer(config.model.tokenizer)
     preprocessor, postprocessor = make_pi0_processors(policy.config, tokenizer, dataset_stats(train_dataset))
     logger.info(
@@ -298,7 +304,6 @@ def main() -> int:
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(scheduler, progress)
 
-    checkpoint = resolve_resume(output_dir, args.resume or config.resume)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint / "training_state"))
         logger.info("resumed from %s at step %d", checkpoint, progress.step)
@@ -453,4 +458,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code_of(main))

@@ -6,7 +6,7 @@ from lerobot.configs import FeatureType, PolicyFeature
 from lerobot.policies.pi0.modeling_pi0 import PI0Pytorch
 
 from lib.graph_pi0 import GRAPH_KEY, PI0GraphConfig, PI0GraphPolicy, SimpleGraphEncoder
-from lib.pi0 import make_pi0_policy, seeded_noise_and_time, tiny_pi0_sizes
+from lib.pi0 import CheckpointError, make_pi0_policy, seeded_noise_and_time, tiny_pi0_sizes
 
 BATCH, CHUNK, IMAGE = 2, 16, 224
 
@@ -144,7 +144,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_unknown_model_name_is_a_clear_error():
-    with pytest.raises(FileNotFoundError, match="nonexistent_model"):
+    with pytest.raises(CheckpointError, match="pretrained path nonexistent_model does not exist"):
         make_pi0_policy("nonexistent_model")
 
 

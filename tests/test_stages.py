@@ -168,7 +168,7 @@ def test_stage_13_two_processes_sigint_and_resume(tokenizer_dir, tmp_path):
     state = tmp_path / f"checkpoints/step_{stopped_at:08d}/training_state"
     assert sorted(p.name for p in state.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
 
-    result = run([*launch, "--resume"])
+    result = run([*launch, "--resume", "latest"])
     assert "processes: 2 (DistributedType.MULTI_CPU)" in result.stdout
     assert f"at iteration {stopped_at}" in result.stdout and "iteration 3/3" in result.stdout
     iterations = iterations_in(tmp_path / "progress.json")

@@ -57,7 +57,7 @@ def test_stop_resume_and_what_a_run_writes(args, tmp_path):
     stopped_at = int(stopped.group(1))
     assert stopped_at < 3 and (tmp_path / f"checkpoints/step_{stopped_at:08d}/training_state").is_dir()
 
-    result = run([PYTHON, SCRIPT, *args, "train.iterations=3", "--resume"])
+    result = run([PYTHON, SCRIPT, *args, "train.iterations=3", "--resume", "latest"])
     assert f"at iteration {stopped_at}" in result.stdout
     rows = iterations_logged(tmp_path)
     assert [row["step"] for row in rows] == [1, 2, 3]

@@ -1,0 +1,217 @@
+"""Weights that fail to load never become a silent random start (README "Faults and what happens").
+
+LeRobot 0.6.1's `PI0Policy.from_pretrained` prints load errors and returns the random model; every
+loader of this project (`lib.pi0.load_pretrained_policy`, and so `PI0GraphPolicy.from_pretrained`,
+`PI0CFGPolicy.from_pretrained`, `make_pi0_policy`, the scripts) must raise instead."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PYTHON, run
+from lerobot.configs import FeatureType, PolicyFeature
+from lerobot.policies.pi0.configuration_pi0 import PI0Config
+from lerobot.policies.pi0.modeling_pi0 import PI0Policy
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+from lib.checkpoint import check_output_dir, start_output_dir
+from lib.errors import UserError
+from lib.graph_pi0 import GRAPH_KEY, PI0GraphConfig, PI0GraphPolicy
+from lib.pi0 import CheckpointError, load_pretrained_policy, make_pi0_policy, resolve_pretrained
+from lib.ript import PI0CFGConfig, PI0CFGPolicy, make_ript_policy
+from lib.ript_config import ModelConfig
+
+FEATURES = {
+    "observation.images.front": PolicyFeature(type=FeatureType.VISUAL, shape=(3, 64, 64)),
+    "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(10,)),
+}
+
+
+def graph_config(**overrides) -> PI0GraphConfig:
+    return PI0GraphConfig(
+        model_size="tiny",
+        chunk_size=8,
+        n_action_steps=8,
+        device="cpu",
+        input_features={**FEATURES, GRAPH_KEY: PolicyFeature(type=FeatureType.STATE, shape=(10, 19))},
+        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(10,))},
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="module")
+def graph_checkpoint(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("graph_checkpoint")
+    make_pi0_policy("tiny", graph_config(), PI0GraphPolicy).save_pretrained(directory)
+    return directory
+
+
+def damaged_copy(source: Path, destination: Path, change) -> Path:
+    """A copy of a checkpoint with the weights `change(state_dict)` returns."""
+    destination.mkdir()
+    (destination / "config.json").write_text((source / "config.json").read_text())
+    weights = load_file(source / "model.safetensors")
+    save_file(change(weights), destination / "model.safetensors")
+    return destination
+
+
+def test_a_good_checkpoint_loads_exactly(graph_checkpoint):
+    policy = PI0GraphPolicy.from_pretrained(graph_checkpoint)
+    saved = load_file(graph_checkpoint / "model.safetensors")
+    assert saved.keys() == policy.state_dict().keys()
+    assert all(torch.equal(saved[key], value) for key, value in policy.state_dict().items())
+
+
+def test_truncated_weights_are_an_error(graph_checkpoint, tmp_path):
+    truncated = damaged_copy(graph_checkpoint, tmp_path / "truncated", lambda weights: weights)
+    weights_file = truncated / "model.safetensors"
+    os.truncate(weights_file, weights_file.stat().st_size // 2)
+    for load in (
+        lambda: PI0GraphPolicy.from_pretrained(truncated),
+        lambda: make_pi0_policy(truncated, policy_cls=PI0GraphPolicy),
+    ):
+        with pytest.raises(CheckpointError, match="model.safetensors is truncated or corrupt"):
+            load()
+
+
+def test_missing_and_unexpected_keys_are_named(graph_checkpoint, tmp_path):
+    missing = damaged_copy(
+        graph_checkpoint, tmp_path / "missing", lambda w: {k: v for k, v in w.items() if k != "model.state_proj.weight"}
+    )
+    with pytest.raises(CheckpointError, match=r"1 missing keys \['model.state_proj.weight'\]"):
+        PI0GraphPolicy.from_pretrained(missing)
+    # A graph checkpoint must hold its graph encoder: only a plain pi0 may lack it.
+    no_encoder = damaged_copy(
+        graph_checkpoint,
+        tmp_path / "no_encoder",
+        lambda w: {k: v for k, v in w.items() if not k.startswith("model.graph_encoder.")},
+    )
+    with pytest.raises(CheckpointError, match="missing keys"):
+        PI0GraphPolicy.from_pretrained(no_encoder)
+    extra = damaged_copy(graph_checkpoint, tmp_path / "extra", lambda w: {**w, "stray": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match=r"1 unexpected keys \['model.stray'\]"):
+        PI0GraphPolicy.from_pretrained(extra)
+
+
+def test_another_policy_type_or_shape_is_refused(graph_checkpoint):
+    with pytest.raises(CheckpointError, match="holds a 'pi0_graph' policy; PI0CFGPolicy loads pi0_cfg or pi0"):
+        PI0CFGPolicy.from_pretrained(graph_checkpoint)
+    with pytest.raises(CheckpointError, match="does not fit a tiny PI0GraphPolicy.*size mismatch"):
+        make_pi0_policy(graph_checkpoint, graph_config(graph_hidden_dim=32), PI0GraphPolicy)
+
+
+def test_a_plain_pi0_checkpoint_leaves_only_the_new_parts_fresh(tmp_path):
+    """The documented new parts (graph encoder, flag embedding) may be missing from a plain pi0
+    checkpoint; every other weight is the checkpoint's."""
+    plain_config = PI0Config(
+        chunk_size=8,
+        n_action_steps=8,
+        device="cpu",
+        input_features=FEATURES,
+        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(10,))},
+    )
+    make_pi0_policy("tiny", plain_config, PI0Policy).save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    cfg_config = PI0CFGConfig(
+        model_size="tiny",
+        chunk_size=8,
+        n_action_steps=8,
+        device="cpu",
+        input_features=FEATURES,
+        output_features=plain_config.output_features,
+    )
+    for policy_cls, config, new_part in (
+        (PI0GraphPolicy, graph_config(), "model.graph_encoder."),
+        (PI0CFGPolicy, cfg_config, "model.condition_embedding."),
+    ):
+        policy = load_pretrained_policy(tmp_path, policy_cls, config)
+        state = policy.state_dict()
+        assert {k for k in state if k not in saved} and all(k.startswith(new_part) for k in state if k not in saved)
+        assert all(torch.equal(saved[key], state[key]) for key in saved)
+
+
+def test_missing_local_path_is_named():
+    with pytest.raises(CheckpointError, match="pretrained path outputs/no_such_run/pretrained_model does not exist"):
+        resolve_pretrained("outputs/no_such_run/pretrained_model")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_pretrained("./pi0_base")
+
+
+def test_ript_policy_from_a_checkpoint_without_processors_is_refused(tmp_path, tokenizer_dir):
+    """Its normalization statistics are unknown: never replaced by identity normalization."""
+    model = OmegaConf.structured(ModelConfig(pretrained="tiny", tokenizer=str(tokenizer_dir), chunk_size=8))
+    policy, *_ = make_ript_policy(model, "cpu")
+    policy.save_pretrained(tmp_path)  # weights and config, no processors
+    model.pretrained = str(tmp_path)
+    with pytest.raises(CheckpointError, match="has no policy_preprocessor.json"):
+        make_ript_policy(model, "cpu")
+
+
+def test_scripts_exit_2_with_one_line(graph_checkpoint, tmp_path, train_args):
+    """The command-line contract: a clear line naming the problem, exit 2, no traceback."""
+    truncated = damaged_copy(graph_checkpoint, tmp_path / "truncated", lambda weights: weights)
+    os.truncate(truncated / "model.safetensors", 1000)
+    eval_dir = tmp_path / "eval"
+    result = run(
+        [PYTHON, "scripts/eval_soft_arm.py", "--checkpoint", str(truncated), "--output_dir", str(eval_dir)],
+        check=False,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"error: {truncated / 'model.safetensors'} is truncated or corrupt" in result.stderr
+    assert not eval_dir.exists()
+
+    # An uncached hub id with the hub out of reach: the offline advice, before a model is built.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty_hf_home")}
+    result = run(
+        [
+            PYTHON,
+            "scripts/train_soft_arm.py",
+            *train_args,
+            f"output_dir={tmp_path / 'run'}",
+            "model.pretrained=lerobot/pi0_base",
+        ],
+        check=False,
+        env=env,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "hub id 'lerobot/pi0_base' is not in the Hugging Face cache" in result.stderr
+    assert "HF_HUB_OFFLINE=1" in result.stderr
+
+    # A fresh RIPT run into a directory that holds a run: refused before anything is written.
+    run_dir = tmp_path / "ript"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    result = run(
+        [PYTHON, "scripts/train_ript_pi0.py", "--config_path", "configs/minimal_test.yaml", f"output_dir={run_dir}"],
+        check=False,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"error: output_dir {run_dir} already holds a run" in result.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]
+
+
+def test_output_dir_rules(tmp_path, capsys):
+    """A run never lands on top of another: refused unless resumed or overwritten; `--resume latest`
+    with nothing to resume says so; a resumed run drops the metrics rows logged after its checkpoint."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    with pytest.raises(UserError, match=f"output_dir {a_file} exists and is not a directory"):
+        check_output_dir(a_file, None, overwrite=False)
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step_00000002" / "training_state").mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(f'{{"step": {step}, "loss": 1.0}}\n' for step in (1, 2, 3, 4)))
+    with pytest.raises(UserError, match="already holds a run; pass --resume latest to continue it, --overwrite"):
+        check_output_dir(run_dir, None, overwrite=False)
+    checkpoint = check_output_dir(run_dir, "latest", overwrite=False)
+    assert checkpoint == run_dir / "checkpoints" / "step_00000002"
+    start_output_dir(run_dir, checkpoint, overwrite=False)
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+    assert check_output_dir(tmp_path / "new", "latest", overwrite=False) is None
+    assert "--resume latest: no checkpoint in" in capsys.readouterr().out
+    start_output_dir(run_dir, None, overwrite=True)
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
