@@ -27,7 +27,7 @@ from lerobot.policies.pi0.modeling_pi0 import PI0Pytorch
 from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
 from torch import Tensor, nn
 
-from lib.pi0 import CheckedLoadPolicy, SizedPI0Config, building_network
+from lib.pi0 import CheckedLoadPolicy, SizedPI0Config
 
 GRAPH_KEY = "observation.graph"
 
@@ -142,6 +142,14 @@ class PI0WithGraph(PI0Pytorch):
         return embs, pad_masks, att_masks, adarms_cond
 
 
+def batch_graph(batch: dict[str, Tensor], use_graph: bool) -> Tensor | None:
+    """The (B, N, F) graph of a pre-processed batch, or None (no graph, or `use_graph` off).
+    LeRobot's AddBatchDimension step batches only the features it knows (state, images): a single
+    observation's graph arrives as (N, F)."""
+    graph = batch.get(GRAPH_KEY) if use_graph else None
+    return graph.unsqueeze(0) if graph is not None and graph.ndim == 2 else graph
+
+
 @PreTrainedConfig.register_subclass("pi0_graph")
 @dataclass
 class PI0GraphConfig(SizedPI0Config):
@@ -161,18 +169,11 @@ class PI0GraphPolicy(CheckedLoadPolicy):
 
     config_class = PI0GraphConfig
     name = "pi0_graph"
-    loads_types = ("pi0_graph", "pi0")
-    new_parts = ("model.graph_encoder.",)
-
-    def __init__(self, config: PI0GraphConfig, **kwargs: Any) -> None:
-        with building_network(PI0WithGraph, config.model_size):
-            super().__init__(config, **kwargs)
+    new_parts = {"pi0": ("model.graph_encoder.",)}
+    network_cls = PI0WithGraph
 
     def _graph(self, batch: dict[str, Tensor]) -> Tensor | None:
-        graph = batch.get(GRAPH_KEY) if self.config.use_graph else None
-        # LeRobot's AddBatchDimension step batches only the features it knows (state, images):
-        # a single observation's graph arrives as (N, F).
-        return graph.unsqueeze(0) if graph is not None and graph.ndim == 2 else graph
+        return batch_graph(batch, self.config.use_graph)
 
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict[str, Tensor], **kwargs: Any) -> Tensor:

@@ -180,15 +180,16 @@ def load_pretrained_policy(
 
     LeRobot's `PI0Policy.from_pretrained` prints load errors and returns the randomly initialised
     model; here every failure is a `CheckpointError`: a missing or truncated weights file, a
-    checkpoint of another policy type, weights of another shape (size, action dimension), and
-    missing or unexpected keys. Only the parts `policy_cls` adds to plain pi0 (`new_parts`) may be
-    missing, and only when `source` is a plain pi0 checkpoint. `config` (an instance of
-    `policy_cls.config_class`) replaces the saved config, as in LeRobot.
+    checkpoint of another policy type, weights of another shape (model size, graph width), and
+    missing or unexpected keys. Only the parts `policy_cls` adds to the saved policy type
+    (`policy_cls.new_parts[saved type]`, e.g. the graph encoder over plain pi0) may be missing.
+    `config` (an instance of `policy_cls.config_class`) replaces the saved config, as in LeRobot.
     """
     directory = resolve_pretrained(source)
     saved = saved_config(directory)
     saved_type = saved.get("type")
-    loads_types = getattr(policy_cls, "loads_types", (policy_cls.name,))
+    new_parts_by_type = getattr(policy_cls, "new_parts", {})
+    loads_types = (policy_cls.name, *new_parts_by_type)
     if saved_type not in loads_types:
         raise CheckpointError(
             f"{directory} holds a {saved_type!r} policy; {policy_cls.__name__} loads {' or '.join(loads_types)}"
@@ -216,7 +217,7 @@ def load_pretrained_policy(
             f"{weights_file} does not fit a {size} {policy_cls.__name__} with this config "
             f"(another model size or action dimension?): {'; '.join(mismatches[:3])}"
         ) from error
-    new_parts = getattr(policy_cls, "new_parts", ()) if saved_type != policy_cls.name else ()
+    new_parts = new_parts_by_type.get(saved_type, ())
     missing = [key for key in missing if not key.startswith(new_parts) and not _is_tied(policy, key, state_dict)]
     if missing or unexpected:
         raise CheckpointError(
@@ -239,11 +240,15 @@ class CheckedLoadPolicy(PI0Policy):
     """Base of this project's pi0 policies: `from_pretrained` is `load_pretrained_policy` (load errors
     raise instead of leaving random weights), so LeRobot's own tools load them just as strictly.
 
-    `loads_types`: the saved policy types it can start from; `new_parts`: the state-dict prefixes it
-    adds to plain pi0, fresh when it starts from a plain pi0 checkpoint."""
+    `new_parts`: for each other policy type it can start from, the state-dict prefixes it adds to
+    that type (fresh when it starts from it). `network_cls`: the `PI0Pytorch` subclass it builds."""
 
-    loads_types: tuple[str, ...] = ()
-    new_parts: tuple[str, ...] = ()
+    new_parts: dict[str, tuple[str, ...]] = {}
+    network_cls: type[modeling_pi0.PI0Pytorch] = modeling_pi0.PI0Pytorch
+
+    def __init__(self, config: PI0Config, **kwargs: Any) -> None:
+        with building_network(self.network_cls, getattr(config, "model_size", "full")):
+            super().__init__(config, **kwargs)
 
     @classmethod
     def from_pretrained(

@@ -1,53 +1,31 @@
-"""RIPT: RL post-training of pi0 from success/failure rollouts (DESIGN.md "RL (RIPT)").
+"""RIPT: RL post-training from success/failure rollouts, the simulator- and model-independent part.
 
 - `leave_one_out_advantages`: K rollouts per init state; A_i = R_i - mean of the other K-1.
 - `StateOutcomeHistory` + `collect_informative_groups`: dynamic sampling. Groups whose K rollouts
   all succeed or all fail carry no signal and are dropped; more init states are drawn until the
   batch is full or a round limit is hit. States solved K/K several times in a row are skipped for
   a while, never all of them at once (a fully solved task cannot loop forever).
-- `PI0CFGPolicy`: pi0 conditioned on an optimality flag (a learned embedding added to the state
-  token), trained with the CFG-RL objective L = 1[A > 0] L_fm(o=1) + alpha L_fm(o=null) (the two
-  branches share noise and time, in one batched forward) and sampled with guidance weight w:
-  v = v_null + w (v_cond - v_null). `advantage_filtered_loss` is the plain baseline.
+- `rollout_groups`, `windows_with_advantages`, `minibatch_order`, `window_batch`: K episodes per
+  state from a rollout backend (LIBERO or the soft arm), then the policy calls of the kept
+  rollouts as training windows with their rollout's advantage.
+- The engine (`collect_iteration`, `run_update`, `reduce_sums`): one RIPT iteration from the `rl`
+  config section, used by `train_ript_pi0.py` and `ript_soft_arm.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature, PreTrainedConfig
-from lerobot.policies.pi0.configuration_pi0 import PI0Config
-from lerobot.policies.pi0.modeling_pi0 import PI0Pytorch
-from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
-from torch import Tensor, nn
+from lerobot.utils.constants import ACTION
+from torch import Tensor
 
-from lib.libero import ACTION_DIM, AGENTVIEW_KEY, STATE_DIM, STATE_KEY, WRIST_KEY
-from lib.pi0 import (
-    MODEL_SIZES,
-    CheckedLoadPolicy,
-    SizedPI0Config,
-    building_network,
-    load_pi0_processors,
-    load_tokenizer,
-    make_pi0_policy,
-    make_pi0_processors,
-    resolve_pretrained,
-    saved_model_size,
-)
-from lib.rollout import observations_to_batch
-
-NULL_FLAG, OPTIMAL_FLAG = 0, 1
-OBJECTIVES = ("cfg_rl", "advantage_filtered")
-
-
-# --- Advantages and dynamic sampling (pure) ------------------------------------------------------
+from lib.pi0 import seeded_noise_and_time
+from lib.rollout import PolicyFn, Window, observations_to_batch
 
 
 def leave_one_out_advantages(rewards: Tensor) -> Tensor:
@@ -171,175 +149,7 @@ def collect_informative_groups(
     return kept[:target_groups] if len(kept) > target_groups else kept, stats
 
 
-# --- The flag-conditioned pi0 --------------------------------------------------------------------
-
-
-class PI0WithCondition(PI0Pytorch):
-    """`PI0Pytorch` with an optimality flag (null / optimal) added to the state token, and
-    classifier-free guidance at sampling. Only `embed_suffix` and `denoise_step` are extended."""
-
-    def __init__(self, config: PI0Config, rtc_processor: Any = None) -> None:
-        super().__init__(config, rtc_processor=rtc_processor)
-        width = self.state_proj.out_features
-        self.condition_embedding = nn.Embedding(2, width)
-        nn.init.zeros_(self.condition_embedding.weight)  # starts as plain pi0 for either flag
-        self._flags: Tensor | None = None
-        self._guidance_weight: float | None = None
-
-    @contextlib.contextmanager
-    def conditioning(self, flags: Tensor | None, guidance_weight: float | None = None) -> Iterator[None]:
-        """`flags` (B,) of NULL_FLAG / OPTIMAL_FLAG for `embed_suffix`; with `guidance_weight`,
-        the batch holds [optimal half; null half] and `denoise_step` mixes the two velocities."""
-        self._flags, self._guidance_weight = flags, guidance_weight
-        try:
-            yield
-        finally:
-            self._flags, self._guidance_weight = None, None
-
-    def embed_suffix(self, state, noisy_actions, timestep):
-        embs, pad_masks, att_masks, adarms_cond = super().embed_suffix(state, noisy_actions, timestep)
-        if self._flags is None:
-            return embs, pad_masks, att_masks, adarms_cond
-        flag_embs = self.condition_embedding(self._flags.to(embs.device)).to(embs.dtype)
-        embs = torch.cat([embs[:, :1] + flag_embs[:, None], embs[:, 1:]], dim=1)
-        return embs, pad_masks, att_masks, adarms_cond
-
-    def denoise_step(self, state, prefix_pad_masks, past_key_values, x_t, timestep):
-        if self._guidance_weight is None:
-            return super().denoise_step(state, prefix_pad_masks, past_key_values, x_t, timestep)
-        # Both branches in one forward: the prefix (and its KV cache) was built on [cond; null].
-        velocity = super().denoise_step(
-            state, prefix_pad_masks, past_key_values, torch.cat([x_t, x_t]), torch.cat([timestep, timestep])
-        )
-        v_cond, v_null = velocity.chunk(2)
-        return v_null + self._guidance_weight * (v_cond - v_null)
-
-    @torch.no_grad()
-    def sample_actions_guided(
-        self,
-        images,
-        img_masks,
-        lang_tokens,
-        lang_masks,
-        state,
-        guidance_weight: float,
-        noise: Tensor | None = None,
-        num_steps: int | None = None,
-    ) -> Tensor:
-        """Actions sampled with v = v_null + w (v_cond - v_null); w = 1 is plain conditional."""
-        batch_size = state.shape[0]
-        if noise is None:
-            noise = self.sample_noise((batch_size, self.config.chunk_size, self.config.max_action_dim), state.device)
-        flags = torch.tensor([OPTIMAL_FLAG] * batch_size + [NULL_FLAG] * batch_size, device=state.device)
-        doubled = [torch.cat([x, x]) for x in (lang_tokens, lang_masks, state)]
-        with self.conditioning(flags, guidance_weight):
-            return self.sample_actions(
-                [torch.cat([img, img]) for img in images],
-                [torch.cat([mask, mask]) for mask in img_masks],
-                *doubled,
-                noise=noise,
-                num_steps=num_steps,
-            )
-
-
-@PreTrainedConfig.register_subclass("pi0_cfg")
-@dataclass
-class PI0CFGConfig(SizedPI0Config):
-    """`PI0Config` plus the model size ("full"/"tiny") and the guidance weight used at sampling."""
-
-    guidance_weight: float = 1.0
-
-
-class PI0CFGPolicy(CheckedLoadPolicy):
-    """`PI0Policy` around `PI0WithCondition`: acts with guidance, trains with the RL objectives.
-    Starts from a plain pi0 checkpoint with a zero flag embedding (it then acts as that pi0)."""
-
-    config_class = PI0CFGConfig
-    name = "pi0_cfg"
-    loads_types = ("pi0_cfg", "pi0")
-    new_parts = ("model.condition_embedding.",)
-
-    def __init__(self, config: PI0CFGConfig, **kwargs: Any) -> None:
-        with building_network(PI0WithCondition, config.model_size):
-            super().__init__(config, **kwargs)
-
-    def _model_inputs(self, batch: dict[str, Tensor]) -> tuple:
-        images, img_masks = self._preprocess_images(batch)
-        return (
-            images,
-            img_masks,
-            batch[OBS_LANGUAGE_TOKENS],
-            batch[OBS_LANGUAGE_ATTENTION_MASK],
-            self.prepare_state(batch),
-        )
-
-    @torch.no_grad()
-    def predict_action_chunk(self, batch: dict[str, Tensor], noise: Tensor | None = None, **kwargs: Any) -> Tensor:
-        self.eval()
-        actions = self.model.sample_actions_guided(*self._model_inputs(batch), self.config.guidance_weight, noise=noise)
-        return actions[:, :, : self.config.output_features[ACTION].shape[0]]
-
-    def flow_losses(self, batch: dict[str, Tensor], flags: Tensor, noise: Tensor, time: Tensor) -> Tensor:
-        """Per-sample flow-matching loss (B,) under optimality `flags` (B,), over real action dims
-        and unpadded steps."""
-        with self.model.conditioning(flags):
-            losses = self.model(*self._model_inputs(batch), self.prepare_action(batch), noise, time)
-        per_step = losses[:, :, : self.config.output_features[ACTION].shape[0]].mean(dim=-1)
-        valid = (~batch["action_is_pad"]).to(per_step.dtype) if "action_is_pad" in batch else torch.ones_like(per_step)
-        return (per_step * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)
-
-    def forward(
-        self,
-        batch: dict[str, Tensor],
-        advantages: Tensor,
-        noise: Tensor,
-        time: Tensor,
-        objective: str = "cfg_rl",
-        alpha: float = 0.1,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """RL loss of a batch of rollout windows with their advantages (B,)."""
-        if objective == "cfg_rl":
-            return cfg_rl_loss(self, batch, advantages, noise, time, alpha)
-        if objective == "advantage_filtered":
-            return advantage_filtered_loss(self, batch, advantages, noise, time)
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-
-
-def _double(batch: dict[str, Any]) -> dict[str, Any]:
-    return {k: torch.cat([v, v]) if isinstance(v, Tensor) else v for k, v in batch.items()}
-
-
-def cfg_rl_loss(
-    policy: PI0CFGPolicy, batch: dict[str, Tensor], advantages: Tensor, noise: Tensor, time: Tensor, alpha: float
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """L = mean_b( 1[A_b > 0] L_fm(o=1) + alpha L_fm(o=null) ); both branches share noise and
-    time and run as one forward over the doubled batch."""
-    batch_size = advantages.shape[0]
-    flags = torch.tensor([OPTIMAL_FLAG] * batch_size + [NULL_FLAG] * batch_size, device=advantages.device)
-    losses = policy.flow_losses(_double(batch), flags, torch.cat([noise, noise]), torch.cat([time, time]))
-    cond_losses, null_losses = losses.chunk(2)
-    positive = (advantages > 0).to(cond_losses.dtype)
-    loss = (positive * cond_losses + alpha * null_losses).mean()
-    return loss, {
-        "loss": loss.detach(),
-        "cond_loss": cond_losses.detach().mean(),
-        "null_loss": null_losses.detach().mean(),
-        "positive_fraction": positive.mean(),
-    }
-
-
-def advantage_filtered_loss(
-    policy: PI0CFGPolicy, batch: dict[str, Tensor], advantages: Tensor, noise: Tensor, time: Tensor
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Plain flow matching on the windows with positive advantage (no flag)."""
-    flags = torch.full_like(advantages, NULL_FLAG, dtype=torch.long)
-    losses = policy.flow_losses(batch, flags, noise, time)
-    positive = (advantages > 0).to(losses.dtype)
-    loss = (positive * losses).sum() / positive.sum().clamp_min(1.0)
-    return loss, {"loss": loss.detach(), "positive_fraction": positive.mean()}
-
-
-# --- Rollout groups -> training windows (shared by train_ript_pi0.py and the stage scripts) -----
+# --- Rollout groups -> training windows ----------------------------------------------------------
 
 
 def init_state_key(state: dict[str, Any]) -> tuple[int, int]:
@@ -361,19 +171,6 @@ def rollout_groups(
     for index, state in enumerate(states):
         state["episodes"] = results[index * k : (index + 1) * k]
     return torch.tensor([r.success for r in results], dtype=torch.float32).view(len(states), k)
-
-
-def save_rollout_video(results: list[Any], directory: Path, iteration: int, fps: int = 20) -> Path | None:
-    """The first recorded episode of `results` as `directory/iteration_<N>_<success|failure>.mp4`."""
-    from lerobot.utils.io_utils import write_video
-
-    recorded = next((r for r in results if r.frames), None)
-    if recorded is None:
-        return None
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"iteration_{iteration:05d}_{'success' if recorded.success else 'failure'}.mp4"
-    write_video(path, recorded.frames, fps)
-    return path
 
 
 def windows_with_advantages(kept: list[tuple[dict[str, Any], Tensor]]) -> tuple[list[Any], list[float]]:
@@ -408,39 +205,155 @@ def window_batch(
     return batch, torch.tensor([advantages[i] for i in picked])
 
 
-def make_ript_policy(model: Any, device: str) -> tuple[PI0CFGPolicy, Any, Any, Any]:
-    """The flag-conditioned pi0 for LIBERO (two cameras, 8-dim state, 7-dim actions) from the
-    `model` section of a RIPT config, with its pre/post-processors and tokenizer.
+# --- The engine: one RIPT iteration from the `rl` config section ----------------------------------
 
-    A pretrained source (local path or hub id, resolved through the Hugging Face cache) brings its
-    own processors, with the normalization statistics it was trained with; one without them is
-    refused. A fresh size ("tiny"/"full") gets identity normalization (there is no dataset to take
-    statistics from). A plain pi0 checkpoint starts with a zero flag embedding."""
-    image = PolicyFeature(type=FeatureType.VISUAL, shape=(3, model.image_size, model.image_size))
-    fresh = model.pretrained in MODEL_SIZES
-    source = None if fresh else resolve_pretrained(model.pretrained)
-    config = PI0CFGConfig(
-        model_size=model.pretrained if fresh else saved_model_size(source),
-        dtype=model.dtype,
-        chunk_size=model.chunk_size,
-        n_action_steps=model.chunk_size,
-        num_inference_steps=model.num_inference_steps,
-        image_resolution=(model.image_size, model.image_size),
-        guidance_weight=model.guidance_weight,
-        device=device,
-        input_features={
-            AGENTVIEW_KEY: image,
-            WRIST_KEY: image,
-            STATE_KEY: PolicyFeature(type=FeatureType.STATE, shape=(STATE_DIM,)),
-        },
-        output_features={ACTION: PolicyFeature(type=FeatureType.ACTION, shape=(ACTION_DIM,))},
+
+class EpisodeOutcome(Protocol):
+    """What a rollout backend reports of one episode."""
+
+    success: bool
+    length: int
+    windows: list[Window]
+    frames: list[np.ndarray]
+
+
+class RolloutBackend(Protocol):
+    """Simulators that roll out one episode per request with one batched policy call per control
+    step (`lib.libero.VectorLiberoRollout`, `lib.soft_arm_sim.SoftArmVectorRollout`). A request is
+    an init state (a dict) plus `record` to keep its frames; results come back in request order."""
+
+    def run(
+        self, requests: list[dict[str, Any]], policy_fn: PolicyFn, progress: Callable[[int], None] | None = None
+    ) -> Sequence[EpisodeOutcome]: ...
+
+
+def noise_seed(seed: int, iteration: int, step: int, rank: int = 0, world: int = 1) -> int:
+    """Seed of the flow-matching noise and time of update step `step` of `iteration` on `rank`."""
+    return (seed * 1_000_003 + iteration) * 10_007 + step * world + rank
+
+
+def minibatch_seed(seed: int, iteration: int, rank: int = 0) -> int:
+    """Seed of the window order of `iteration`'s update on `rank`."""
+    return seed * 7919 + iteration * 31 + rank
+
+
+@dataclass
+class IterationRollouts:
+    kept: list[tuple[dict[str, Any], Tensor]]  # informative groups: (init state with its episodes, K rewards)
+    stats: CollectionStats
+    episodes: list[EpisodeOutcome] = field(default_factory=list)  # every episode rolled out
+
+
+def collect_iteration(
+    rl: Any,
+    draw_states: Callable[[], list[dict[str, Any]]],
+    backend: RolloutBackend,
+    policy_fn: PolicyFn,
+    history: StateOutcomeHistory,
+    key_of: Callable[[dict[str, Any]], Hashable],
+    record_first: bool = False,
+) -> IterationRollouts:
+    """One iteration's informative groups: `rl.rollouts_per_state` episodes per drawn state,
+    dynamic sampling up to `rl.target_groups` groups in `rl.max_draw_rounds` draws.
+    `record_first` keeps the frames of each round's first episode (for a video)."""
+    episodes: list[EpisodeOutcome] = []
+    kept, stats = collect_informative_groups(
+        draw_states,
+        lambda states: rollout_groups(
+            backend, policy_fn, states, rl.rollouts_per_state, episodes, record_first=record_first
+        ),
+        key_of,
+        history,
+        rl.target_groups,
+        rl.max_draw_rounds,
     )
-    tokenizer = load_tokenizer(model.tokenizer)
-    if fresh:
-        config.normalization_mapping = {key: NormalizationMode.IDENTITY for key in ("VISUAL", "STATE", "ACTION")}
-        policy = make_pi0_policy(model.pretrained, config, PI0CFGPolicy)
-        preprocessor, postprocessor = make_pi0_processors(policy.config, tokenizer)
-    else:
-        preprocessor, postprocessor = load_pi0_processors(source, tokenizer, device)
-        policy = make_pi0_policy(source, config, PI0CFGPolicy)
-    return policy, preprocessor, postprocessor, tokenizer
+    return IterationRollouts(kept, stats, episodes)
+
+
+def run_update(
+    accelerator: Any,
+    policy: Any,
+    optimizer: torch.optim.Optimizer,
+    preprocessor: Callable[[dict[str, Any]], dict[str, Any]],
+    windows: list[Window],
+    advantages: list[float],
+    rl: Any,
+    grad_clip_norm: float,
+    seed: int,
+    iteration: int,
+) -> list[Tensor]:
+    """The policy update of one iteration: `rl.update_epochs` passes of `rl.minibatch_size`
+    windows with the `rl.objective` loss; returns the losses (detached, not synchronised).
+
+    `policy` is the (prepared) policy whose `forward(batch, advantages, noise, time, objective,
+    alpha)` gives the loss. Every rank runs the same number of steps (the rank with the most
+    windows sets it, the others cycle through theirs: DDP needs matching collectives); no rank
+    updates if one has no window. Window order and flow-matching noise are functions of seed,
+    iteration, step and rank, so a resumed run repeats the uninterrupted one."""
+    counts = accelerator.gather(torch.tensor([len(windows)], device=accelerator.device))
+    if int(counts.min()) == 0:
+        return []
+    unwrapped = accelerator.unwrap_model(policy)
+    unwrapped.train()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    steps = rl.update_epochs * math.ceil(int(counts.max()) / rl.minibatch_size)
+    order = minibatch_order(len(windows), steps, rl.minibatch_size, minibatch_seed(seed, iteration, rank))
+    losses = []
+    for step, picked in enumerate(order):
+        batch, batch_advantages = window_batch(windows, advantages, picked, unwrapped.config.chunk_size)
+        batch = preprocessor(batch)
+        noise, flow_time = seeded_noise_and_time(
+            unwrapped.model, len(picked), noise_seed(seed, iteration, step, rank, world), accelerator.device
+        )
+        with accelerator.autocast():
+            loss, _ = policy(
+                batch, batch_advantages.to(accelerator.device), noise, flow_time, objective=rl.objective, alpha=rl.alpha
+            )
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(policy.parameters(), grad_clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    return losses
+
+
+def reduce_sums(accelerator: Any, values: dict[str, float]) -> dict[str, float]:
+    """Each value summed over all ranks, in one collective (integers stay integers)."""
+    summed = accelerator.reduce(
+        torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=accelerator.device), "sum"
+    ).tolist()
+    return {
+        key: int(total) if isinstance(value, int) else total
+        for (key, value), total in zip(values.items(), summed, strict=True)
+    }
+
+
+def iteration_statistics(accelerator: Any, rollouts: IterationRollouts, advantages: list[float]) -> dict[str, float]:
+    """Rollout, sampling and advantage statistics of an iteration over all ranks."""
+    sums = reduce_sums(
+        accelerator,
+        {
+            "successes": sum(int(e.success) for e in rollouts.episodes),
+            "episodes": len(rollouts.episodes),
+            "groups_kept": len(rollouts.kept),
+            "dropped_all_success": rollouts.stats.dropped_all_success,
+            "dropped_all_failure": rollouts.stats.dropped_all_failure,
+            "skipped_states": rollouts.stats.skipped_states,
+            "env_steps": sum(e.length for e in rollouts.episodes),
+            "windows": len(advantages),
+            "positive_windows": sum(int(a > 0) for a in advantages),
+            "advantage_sum": float(sum(advantages)),
+            "advantage_squares": float(sum(a * a for a in advantages)),
+        },
+    )
+    count = max(sums["windows"], 1)
+    mean = sums["advantage_sum"] / count
+    return {
+        "success_rate": sums["successes"] / max(sums["episodes"], 1),
+        **{key: sums[key] for key in ("episodes", "groups_kept", "dropped_all_success", "dropped_all_failure")},
+        "skipped_states": sums["skipped_states"],
+        "env_steps": sums["env_steps"],
+        "advantage_mean": mean,
+        "advantage_std": math.sqrt(max(sums["advantage_squares"] / count - mean**2, 0.0)),
+        "advantage_positive_fraction": sums["positive_windows"] / count,
+    }

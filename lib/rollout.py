@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,3 +58,16 @@ def make_policy_fn(
         return postprocessor(chunks.float()).numpy()
 
     return policy_fn
+
+
+def save_rollout_video(results: list[Any], directory: Path, iteration: int, fps: int = 20) -> Path | None:
+    """The first recorded episode of `results` as `directory/iteration_<N>_<success|failure>.mp4`."""
+    from lerobot.utils.io_utils import write_video
+
+    recorded = next((r for r in results if r.frames), None)
+    if recorded is None:
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"iteration_{iteration:05d}_{'success' if recorded.success else 'failure'}.mp4"
+    write_video(path, recorded.frames, fps)
+    return path

@@ -40,13 +40,13 @@ from lib.config import ConfigError, load_config  # noqa: E402
 from lib.libero import (  # noqa: E402
     VectorLiberoRollout,
     get_suite,
+    make_ript_policy,
 )
 from lib.pi0 import seeded_noise_and_time  # noqa: E402
 from lib.ript import (  # noqa: E402
     StateOutcomeHistory,
     collect_informative_groups,
     init_state_key,
-    make_ript_policy,
     minibatch_order,
     rollout_groups,
     window_batch,

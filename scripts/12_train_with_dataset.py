@@ -43,6 +43,7 @@ from lib.libero import (  # noqa: E402
     LiberoInitStateDataset,
     VectorLiberoRollout,
     collate_fn_state,
+    make_ript_policy,
     split_state_batch,
 )
 from lib.pi0 import seeded_noise_and_time  # noqa: E402
@@ -50,15 +51,16 @@ from lib.ript import (  # noqa: E402
     StateOutcomeHistory,
     collect_informative_groups,
     init_state_key,
-    make_ript_policy,
     minibatch_order,
     rollout_groups,
-    save_rollout_video,
     window_batch,
     windows_with_advantages,
 )
 from lib.ript_config import RIPTConfig, validate_config  # noqa: E402
-from lib.rollout import make_policy_fn  # noqa: E402
+from lib.rollout import (
+    make_policy_fn,
+    save_rollout_video,
+)
 from lib.run_logging import append_metrics, init_trackers, plot_metrics, tee_output  # noqa: E402
 
 

@@ -1,27 +1,30 @@
 """Does the RIPT loop learn? RL post-training of a behaviour-cloned graph pi0 on the simulated soft
 arm (lib/soft_arm_sim.py), where a tiny pi0 reaches a middling success rate on a CPU, unlike LIBERO.
 
-    python scripts/ript_soft_arm.py --checkpoint outputs/ript_soft_arm/bc_few20/checkpoints/last/pretrained_model \
-        --seeds 0 1 2 --output_dir outputs/ript_soft_arm/rl        # `make ript-soft-arm` runs it all
+    python scripts/ript_soft_arm.py --config configs/ript_soft_arm.yaml                # advantage_filtered
+    python scripts/ript_soft_arm.py --config configs/ript_soft_arm.yaml rl.objective=cfg_rl \
+        model.guidance_weight=2 output_dir=outputs/ript_soft_arm/cfg_rl_w2
+    make ript-soft-arm                                  # BC start, every objective, 3 seeds each
 
-The loop is train_ript_pi0.py's, from the same lib/ript.py pieces, with the soft-arm simulators
-behind the same env interface as LIBERO's (`SoftArmVectorRollout`): each iteration draws task seeds
-(the "init states": a pool of `--train_states` training seeds, reshuffled every pass), rolls out K
-episodes from each in batched simulators, keeps the groups whose outcomes differ (dynamic
-sampling, with the per-state outcome history), gives every rollout its leave-one-out advantage,
-and updates the policy on the windows of the rollouts with positive advantage (the
-`advantage_filtered` objective: the checkpoint is a graph pi0 without the CFG flag).
-`--update_on all` is the control: the same loop imitating every window, reward ignored.
+The loop is train_ript_pi0.py's, from the same engine (lib/ript.py: `collect_iteration`,
+`run_update`, `iteration_statistics`), with the soft-arm simulators as the rollout backend: each
+iteration draws task seeds (the "init states": a pool of `env.train_states` training seeds,
+reshuffled every pass), rolls out K episodes from each, keeps the groups whose outcomes differ
+(dynamic sampling, with the per-state outcome history), gives every rollout its leave-one-out
+advantage, and updates the policy with `rl.objective`. The policy is the BC checkpoint as a graph
+pi0 with the optimality flag (`PI0GraphCFGPolicy`, flag embedding at zero: it starts as the BC
+policy), sampled with guidance weight `model.guidance_weight`.
 
-Success is measured in closed loop on the held-out seeds of eval_soft_arm.py before the first and
-after the last iteration, for every RL seed. Writes `results.md` and `summary.json` under
-`--output_dir`, and per seed `seed<N>/summary.json`, `metrics.jsonl` and `success.png` (rollout
-success per iteration). A seed whose `summary.json` exists is kept, not re-run.
+Success is measured in closed loop on the held-out seeds of eval_soft_arm.py at iteration 0 and
+every `eval_every` iterations, for every RL seed. Writes, under `output_dir`, `results.md`,
+`summary.json` and `success.png` (held-out success per iteration, every seed), and per seed
+`seed<N>/summary.json`, `metrics.jsonl` and `pretrained_model/` (the RL-trained policy:
+`PI0GraphCFGPolicy.from_pretrained`). A seed whose `summary.json` exists is kept, not re-run.
+One process (the simulators and the update share it).
 """
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
@@ -29,32 +32,35 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from lerobot.configs import PreTrainedConfig
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lib.cfg_pi0 import PI0GraphCFGConfig, PI0GraphCFGPolicy  # noqa: E402
+from lib.config import load_config  # noqa: E402
 from lib.errors import exit_code_of  # noqa: E402
-from lib.graph_pi0 import PI0GraphPolicy  # noqa: E402
+from lib.graph_pi0 import PI0GraphConfig  # noqa: E402
 from lib.pi0 import (  # noqa: E402
     CheckpointError,
     load_pi0_processors,
+    load_pretrained_policy,
     load_tokenizer,
-    make_pi0_policy,
     resolve_pretrained,
-    saved_config,
-    seeded_noise_and_time,
 )
 from lib.ript import (  # noqa: E402
     StateOutcomeHistory,
-    collect_informative_groups,
-    minibatch_order,
-    rollout_groups,
-    window_batch,
+    collect_iteration,
+    iteration_statistics,
+    run_update,
     windows_with_advantages,
 )
+from lib.ript_config import SoftArmRIPTConfig, validate_soft_arm_config  # noqa: E402
 from lib.rollout import make_policy_fn  # noqa: E402
-from lib.run_logging import append_metrics, plot_metrics  # noqa: E402
-from lib.soft_arm_sim import MAX_STEPS, SoftArmVectorRollout  # noqa: E402
+from lib.run_logging import append_metrics  # noqa: E402
+from lib.soft_arm_sim import SoftArmVectorRollout  # noqa: E402
 
 HELD_OUT_SEED_START = 10_000_000  # eval_soft_arm.py's
 TRAIN_SEED_START = 20_000_000  # the RL "init states"; never in the demonstrations or the held-out set
@@ -62,156 +68,180 @@ TRAIN_SEED_START = 20_000_000  # the RL "init states"; never in the demonstratio
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a train_soft_arm.py pretrained_model")
-    parser.add_argument("--output_dir", type=Path, default=Path("outputs/ript_soft_arm"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="RL seeds, one run each")
-    parser.add_argument("--iterations", type=int, default=15)
-    parser.add_argument("--train_states", type=int, default=512, help="size of the pool of training task seeds")
-    parser.add_argument("--rollouts_per_state", type=int, default=4, help="K")
-    parser.add_argument("--states_per_draw", type=int, default=8)
-    parser.add_argument("--target_groups", type=int, default=8)
-    parser.add_argument("--max_draw_rounds", type=int, default=3)
-    parser.add_argument("--update_epochs", type=int, default=2)
-    parser.add_argument("--minibatch_size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--num_envs", type=int, default=16)
-    parser.add_argument("--replan_steps", type=int, default=8)
-    parser.add_argument("--max_steps", type=int, default=MAX_STEPS, help="control steps per episode")
-    parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--eval_episodes", type=int, default=100)
-    parser.add_argument(
-        "--update_on",
-        choices=("positive", "all"),
-        default="positive",
-        help="windows the update imitates: those with positive advantage (RIPT), or all of them "
-        "(a control that ignores the reward: does success come from the reward or from more data?)",
-    )
+    parser.add_argument("--config", type=Path, default=Path("configs/ript_soft_arm.yaml"))
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. rl.objective=cfg_rl iterations=30")
     return parser.parse_args()
 
 
-def success_rate(envs: SoftArmVectorRollout, policy_fn, seeds: list[int], label: str) -> float:
+def load_rl_policy(source: Path, guidance_weight: float, device: str):
+    """A graph checkpoint as a graph pi0 with the optimality flag (from a BC checkpoint the flag
+    embedding is zero: it acts as the BC policy), with the checkpoint's processors and tokenizer."""
+    saved = PreTrainedConfig.from_pretrained(source)
+    if not isinstance(saved, PI0GraphConfig):
+        raise CheckpointError(f"{source} holds a {saved.type!r} policy, expected a graph pi0 (train_soft_arm.py)")
+    config = saved if isinstance(saved, PI0GraphCFGConfig) else PI0GraphCFGConfig.from_graph_config(saved, 1.0)
+    config.guidance_weight, config.device = guidance_weight, device
+    policy = load_pretrained_policy(source, PI0GraphCFGPolicy, config)
+    tokenizer = load_tokenizer(source)
+    preprocessor, postprocessor = load_pi0_processors(source, tokenizer, device)
+    return policy, preprocessor, postprocessor, tokenizer
+
+
+def held_out_success(envs: SoftArmVectorRollout, policy_fn, seeds: list[int], label: str) -> float:
     with tqdm(total=len(seeds), desc=f"{label}: held-out episodes", unit="ep", leave=False) as bar:
         episodes = envs.run([{"seed": seed} for seed in seeds], policy_fn, progress=bar.update)
     return float(np.mean([e.success for e in episodes]))
 
 
-def run_seed(seed: int, args: argparse.Namespace) -> dict:
-    output_dir = args.output_dir / f"seed{seed}"
+def run_seed(config, seed: int, source: Path) -> dict:
+    output_dir = Path(config.output_dir) / f"seed{seed}"
     summary_file = output_dir / "summary.json"
     if summary_file.is_file():
         print(f"seed {seed}: keeping the finished run in {output_dir} (delete it to run again)")
         return json.loads(summary_file.read_text())
     output_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    policy = make_pi0_policy(args.checkpoint, policy_cls=PI0GraphPolicy)
-    preprocessor, postprocessor = load_pi0_processors(args.checkpoint, load_tokenizer(args.checkpoint), "cpu")
-    policy_fn = make_policy_fn(policy, preprocessor, postprocessor)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr)
-    held_out = list(range(HELD_OUT_SEED_START, HELD_OUT_SEED_START + args.eval_episodes))
-    envs = SoftArmVectorRollout(args.num_envs, args.replan_steps, args.max_steps, args.image_size)
-
-    policy.eval()
-    before = success_rate(envs, policy_fn, held_out, f"seed {seed} before RL")
-    print(f"seed {seed}: success before RL {before:.1%} on {len(held_out)} held-out seeds")
+    started, cpu_started = time.perf_counter(), time.process_time()
+    set_seed(seed)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    policy, preprocessor, postprocessor, tokenizer = load_rl_policy(
+        source, config.model.guidance_weight, accelerator.device.type
+    )
+    optimizer = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad],
+        lr=config.optim.lr,
+        betas=tuple(config.optim.betas),
+        eps=config.optim.eps,
+        weight_decay=config.optim.weight_decay,
+    )
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    unwrapped = accelerator.unwrap_model(policy)
+    policy_fn = make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast)
+    env = config.env
+    envs = SoftArmVectorRollout(env.num_envs, env.replan_steps, env.max_steps, env.image_size)
+    held_out = list(range(HELD_OUT_SEED_START, HELD_OUT_SEED_START + env.eval_episodes))
 
     # The "init states": a fixed pool of task seeds, drawn in a new order every pass.
-    pool = [{"seed": TRAIN_SEED_START + i} for i in range(args.train_states)]
+    pool = [{"seed": TRAIN_SEED_START + i} for i in range(env.train_states)]
     order_rng = random.Random(seed)
 
     def pool_draws():
         while True:
             order = order_rng.sample(pool, len(pool))
-            for start in range(0, len(order) - args.states_per_draw + 1, args.states_per_draw):
-                yield [dict(state) for state in order[start : start + args.states_per_draw]]
+            for start in range(0, len(order) - config.rl.states_per_draw + 1, config.rl.states_per_draw):
+                yield [dict(state) for state in order[start : start + config.rl.states_per_draw]]
 
     draws = pool_draws()
-    rollout_results = []
-
-    history = StateOutcomeHistory()
+    history = StateOutcomeHistory(skip_after=config.rl.skip_after, skip_for=config.rl.skip_for)
     metrics_file = output_dir / "metrics.jsonl"
     metrics_file.unlink(missing_ok=True)
-    for iteration in tqdm(range(1, args.iterations + 1), desc=f"seed {seed} iterations"):
-        started = time.perf_counter()
-        rollout_results.clear()
-        policy.eval()
-        kept, stats = collect_informative_groups(
-            lambda: next(draws),
-            lambda states: rollout_groups(envs, policy_fn, states, args.rollouts_per_state, rollout_results),
-            lambda state: state["seed"],
-            history,
-            args.target_groups,
-            args.max_draw_rounds,
+    curve = {0: held_out_success(envs, policy_fn, held_out, f"seed {seed} iteration 0")}
+    append_metrics(metrics_file, 0, {"eval/success_rate": curve[0]})
+    print(f"seed {seed}: success {curve[0]:.1%} on {len(held_out)} held-out seeds before RL")
+    episodes_used = 0
+    for iteration in tqdm(range(1, config.iterations + 1), desc=f"seed {seed} iterations"):
+        iteration_started = time.perf_counter()
+        rollouts = collect_iteration(
+            config.rl, lambda: next(draws), envs, policy_fn, history, key_of=lambda state: state["seed"]
         )
-        windows, advantages = windows_with_advantages(kept)
-        positive = [i for i, advantage in enumerate(advantages) if advantage > 0]
-        imitated = positive if args.update_on == "positive" else list(range(len(windows)))
-        rollout_time = time.perf_counter() - started
-        losses = []
-        if imitated:
-            policy.train()
-            windows = [windows[i] for i in imitated]
-            advantages = [advantages[i] for i in imitated]
-            steps = args.update_epochs * math.ceil(len(windows) / args.minibatch_size)
-            for step, picked in enumerate(minibatch_order(len(windows), steps, args.minibatch_size, seed + iteration)):
-                batch, _ = window_batch(windows, advantages, picked, policy.config.chunk_size)
-                batch = preprocessor(batch)
-                noise, flow_time = seeded_noise_and_time(
-                    policy.model, len(picked), (seed * 1_000_003 + iteration) * 10_007 + step, "cpu"
-                )
-                loss, _ = policy(batch, noise=noise, time=flow_time)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
+        rollout_time = time.perf_counter() - iteration_started
+        windows, advantages = windows_with_advantages(rollouts.kept)
+        losses = run_update(
+            accelerator,
+            policy,
+            optimizer,
+            preprocessor,
+            windows,
+            advantages,
+            config.rl,
+            config.optim.grad_clip_norm,
+            seed,
+            iteration,
+        )
+        statistics = iteration_statistics(accelerator, rollouts, advantages)
+        episodes_used += statistics["episodes"]
         metrics = {
-            "rollout/success_rate": float(np.mean([e.success for e in rollout_results])),
-            "rollout/episodes": len(rollout_results),
-            "sampling/groups_kept": len(kept),
-            "sampling/dropped_all_success": stats.dropped_all_success,
-            "sampling/dropped_all_failure": stats.dropped_all_failure,
-            "sampling/skipped_states": stats.skipped_states,
-            "update/positive_windows": len(positive),
-            "update/windows": len(imitated),
-            "update/loss": float(np.mean(losses)) if losses else float("nan"),
+            **{f"rollout/{key}": value for key, value in statistics.items()},
+            "update/steps": len(losses),
+            "update/loss": torch.stack(losses).mean().item() if losses else float("nan"),
             "time/rollout_s": rollout_time,
-            "time/update_s": time.perf_counter() - started - rollout_time,
+            "time/update_s": time.perf_counter() - iteration_started - rollout_time,
         }
+        if iteration % config.eval_every == 0 or iteration == config.iterations:
+            curve[iteration] = held_out_success(envs, policy_fn, held_out, f"seed {seed} iteration {iteration}")
+            metrics["eval/success_rate"] = curve[iteration]
         append_metrics(metrics_file, iteration, metrics)
         tqdm.write(
-            f"seed {seed} iteration {iteration}: rollout success {metrics['rollout/success_rate']:.2f}, "
-            f"{len(kept)} groups kept, {len(positive)} positive windows, loss {metrics['update/loss']:.4f}"
+            f"seed {seed} iteration {iteration}: rollout success {statistics['success_rate']:.2f}, "
+            f"{statistics['groups_kept']} groups kept, {len(losses)} updates, loss {metrics['update/loss']:.4f}"
+            + (f", held-out {curve[iteration]:.1%}" if iteration in curve else "")
         )
 
-    policy.eval()
-    after = success_rate(envs, policy_fn, held_out, f"seed {seed} after RL")
-    print(f"seed {seed}: success after RL {after:.1%} (before {before:.1%})")
-    plot_metrics(metrics_file, output_dir / "success.png", ("rollout/success_rate",), log_scale=False)
-    result = {"seed": seed, "success_before": before, "success_after": after}
+    unwrapped.save_pretrained(output_dir / "pretrained_model")
+    for extra in (preprocessor, postprocessor, tokenizer):
+        extra.save_pretrained(output_dir / "pretrained_model")
+    result = {
+        "seed": seed,
+        "success_before": curve[0],
+        "success_after": curve[config.iterations],
+        "curve": {str(k): v for k, v in curve.items()},
+        "episodes_used": episodes_used,
+        "wall_minutes": (time.perf_counter() - started) / 60,
+        "cpu_minutes": (time.process_time() - cpu_started) / 60,
+    }
     summary_file.write_text(json.dumps(result, indent=2))
+    print(f"seed {seed}: success {result['success_after']:.1%} after RL (before {result['success_before']:.1%})")
+    accelerator.free_memory()
     return result
+
+
+def plot_curves(runs: list[dict], png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for run in runs:
+        points = sorted((int(k), v) for k, v in run["curve"].items())
+        axis.plot(*zip(*points, strict=True), marker=".", label=f"seed {run['seed']}")
+    axis.set_xlabel("RL iteration")
+    axis.set_ylabel("held-out success rate")
+    axis.set_ylim(0, 1)
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(png, dpi=100)
+    plt.close(figure)
 
 
 def main() -> int:
     args = parse_args()
-    saved_type = saved_config(resolve_pretrained(args.checkpoint)).get("type")
-    if saved_type != PI0GraphPolicy.name:
-        raise CheckpointError(
-            f"{args.checkpoint} holds a {saved_type!r} policy, expected a train_soft_arm.py checkpoint"
-        )
-    results = [run_seed(seed, args) for seed in args.seeds]
-    before = [r["success_before"] for r in results]
-    after = [r["success_after"] for r in results]
-    summary = {"checkpoint": str(args.checkpoint), "args": {k: str(v) for k, v in vars(args).items()}, "runs": results}
-    (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    config = load_config(SoftArmRIPTConfig, args.config, args.overrides)
+    validate_soft_arm_config(config)
+    source = resolve_pretrained(config.model.pretrained)
+    runs = [run_seed(config, seed, source) for seed in config.seeds]
+    output_dir = Path(config.output_dir)
+    label = f"{config.rl.objective}" + (
+        f", w={config.model.guidance_weight:g}" if config.rl.objective == "cfg_rl" else ""
+    )
+    before, after = [r["success_before"] for r in runs], [r["success_after"] for r in runs]
+    summary = {"config": str(args.config), "overrides": args.overrides, "objective": label, "runs": runs}
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_curves(runs, output_dir / "success.png", f"RIPT on the soft arm ({label})")
     lines = [
-        f"| RL seed (update on {args.update_on} windows) | success before ({args.eval_episodes} held-out seeds) "
-        f"| after {args.iterations} iterations |",
-        "|---|---|---|",
-        *[f"| {r['seed']} | {r['success_before']:.0%} | {r['success_after']:.0%} |" for r in results],
-        f"| mean ± std | {np.mean(before):.1%} ± {np.std(before):.1%} | {np.mean(after):.1%} ± {np.std(after):.1%} |",
+        f"| RL seed ({label}) | success before ({config.env.eval_episodes} held-out seeds) "
+        f"| after {config.iterations} iterations | episodes | CPU min |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {r['seed']} | {r['success_before']:.0%} | {r['success_after']:.0%} | {r['episodes_used']} "
+            f"| {r['cpu_minutes']:.0f} |"
+            for r in runs
+        ],
+        f"| mean ± std | {np.mean(before):.1%} ± {np.std(before):.1%} | {np.mean(after):.1%} ± {np.std(after):.1%} "
+        f"| | |",
     ]
-    (args.output_dir / "results.md").write_text("\n".join(lines) + "\n")
+    (output_dir / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

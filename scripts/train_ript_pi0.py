@@ -18,7 +18,6 @@ stops on SIGTERM/SIGINT, per-rank logs and trackers are stage 13's (see its docs
 import argparse
 import gc
 import json
-import math
 import sys
 import time
 import traceback
@@ -39,23 +38,23 @@ from lib.libero import (  # noqa: E402
     LiberoInitStateDataset,
     VectorLiberoRollout,
     collate_fn_state,
+    make_ript_policy,
     split_state_batch,
 )
-from lib.pi0 import seeded_noise_and_time  # noqa: E402
 from lib.ript import (  # noqa: E402
     RIPTProgress,
     StateOutcomeHistory,
-    collect_informative_groups,
+    collect_iteration,
     init_state_key,
-    make_ript_policy,
-    minibatch_order,
-    rollout_groups,
-    save_rollout_video,
-    window_batch,
+    iteration_statistics,
+    run_update,
     windows_with_advantages,
 )
 from lib.ript_config import RIPTConfig, validate_config  # noqa: E402
-from lib.rollout import make_policy_fn  # noqa: E402
+from lib.rollout import (
+    make_policy_fn,
+    save_rollout_video,
+)
 from lib.run_logging import append_metrics, init_trackers, plot_metrics, tee_output  # noqa: E402
 
 
@@ -65,6 +64,11 @@ def load_config_from_yaml(path: Path, overrides: list[str]) -> DictConfig:
     config = load_config(RIPTConfig, path, overrides)
     validate_config(config)
     return config
+
+
+# The iteration record's statistics (lib.ript.iteration_statistics), in stage 13's order.
+ITERATION_KEYS = ("success_rate", "episodes", "groups_kept", "dropped_all_success", "dropped_all_failure")
+ADVANTAGE_KEYS = ("advantage_mean", "advantage_std", "advantage_positive_fraction", "skipped_states")
 
 
 def parse_args() -> argparse.Namespace:
@@ -190,122 +194,64 @@ def main() -> int:
         config.env.replan_steps,
         seed=config.seed + 1000 * rank,
     )
-    all_results = []  # every episode rolled out in the current iteration
     stop = GracefulStop()  # New in stage 13: SIGTERM/SIGINT -> save and exit 0
     process = psutil.Process()
     try:
         for iteration in range(progress_state.iteration + 1, config.train.iterations + 1):
             # Rollouts with smart sampling: keep only groups whose K outcomes differ.
             started = time.perf_counter()
-            all_results.clear()
             # New in stage 11: a video of one rollout every `tracking.video_every` iterations.
             record_video = (
                 accelerator.is_main_process
                 and config.tracking.video_every > 0
                 and (iteration % config.tracking.video_every == 0)
             )
-            kept, stats = collect_informative_groups(
+            rollouts = collect_iteration(
+                config.rl,
                 lambda: next(state_batches),
-                lambda states, record=record_video: rollout_groups(
-                    envs, policy_fn, states, config.rl.rollouts_per_state, all_results, record_first=record
-                ),
-                init_state_key,
+                envs,
+                policy_fn,
                 history,
-                config.rl.target_groups,
-                config.rl.max_draw_rounds,
+                init_state_key,
+                record_first=record_video,
             )
             rollout_time = time.perf_counter() - started
             if record_video:  # New in stage 11
-                print(f"video: {save_rollout_video(all_results, output_dir / 'videos', iteration)}")
+                print(f"video: {save_rollout_video(rollouts.episodes, output_dir / 'videos', iteration)}")
 
             # Batched training on the kept rollouts' windows, weighted by leave-one-out advantage.
-            windows, advantages = windows_with_advantages(kept)
-            losses = []
-            # New in stage 10: every rank must run the same number of DDP steps; the rank with the
-            # most windows sets it, the others cycle through theirs; no update if a rank has none.
-            counts = accelerator.gather(torch.tensor([len(windows)], device=accelerator.device))
-            if int(counts.min()) > 0:
-                unwrapped.train()
-                steps = config.rl.update_epochs * math.ceil(int(counts.max()) / config.rl.minibatch_size)
-                order_seed = config.seed * 7919 + iteration * 31 + rank
-                for step, picked in enumerate(
-                    minibatch_order(len(windows), steps, config.rl.minibatch_size, order_seed)
-                ):
-                    batch, batch_advantages = window_batch(windows, advantages, picked, config.model.chunk_size)
-                    batch = preprocessor(batch)
-                    noise, flow_time = seeded_noise_and_time(
-                        unwrapped.model,
-                        len(picked),
-                        (config.seed * 1_000_003 + iteration) * 10_007 + step * world + rank,
-                        accelerator.device,
-                    )
-                    with accelerator.autocast():
-                        loss, _ = policy(
-                            batch,
-                            batch_advantages.to(accelerator.device),
-                            noise,
-                            flow_time,
-                            objective=config.rl.objective,
-                            alpha=config.rl.alpha,
-                        )
-                    accelerator.backward(loss)
-                    accelerator.clip_grad_norm_(policy.parameters(), config.optim.grad_clip_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    losses.append(loss.detach())
+            windows, advantages = windows_with_advantages(rollouts.kept)
+            losses = run_update(
+                accelerator,
+                policy,
+                optimizer,
+                preprocessor,
+                windows,
+                advantages,
+                config.rl,
+                config.optim.grad_clip_norm,
+                config.seed,
+                iteration,
+            )
             update_time = time.perf_counter() - started - rollout_time  # New in stage 13
 
             # New in stage 10: statistics summed (loss averaged) over all ranks.
-            successes, episodes, groups, dropped_success, dropped_failure, env_steps = accelerator.reduce(
-                torch.tensor(
-                    [
-                        sum(r.success for r in all_results),
-                        len(all_results),
-                        len(kept),
-                        stats.dropped_all_success,
-                        stats.dropped_all_failure,
-                        sum(r.length for r in all_results),
-                    ],
-                    device=accelerator.device,
-                ),
-                "sum",
-            ).tolist()
+            statistics = iteration_statistics(accelerator, rollouts, advantages)
             record = {
                 "iteration": iteration,
-                "success_rate": successes / max(episodes, 1),
-                "episodes": episodes,
-                "groups_kept": groups,
-                "dropped_all_success": dropped_success,
-                "dropped_all_failure": dropped_failure,
+                **{key: statistics[key] for key in ITERATION_KEYS},
                 "update_steps": len(losses),
                 "loss": accelerator.reduce(torch.stack(losses).mean(), "mean").item() if losses else None,
                 "rollout_time_s": rollout_time,
                 # New in stage 13: performance and memory monitoring.
                 "update_time_s": update_time,
-                "env_steps_per_s": env_steps / max(rollout_time, 1e-9),
+                "env_steps_per_s": statistics["env_steps"] / max(rollout_time, 1e-9),
                 "worker_restarts": envs.worker_restarts,
                 "rss_gib": process.memory_info().rss / 2**30,
                 "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
+                # New in the final script: advantage statistics and skipped states, over all ranks.
+                **{key: statistics[key] for key in ADVANTAGE_KEYS},
             }
-            # New in the final script: advantage statistics and skipped states, over all ranks.
-            positive, adv_sum, adv_squares, adv_count, skipped = accelerator.reduce(
-                torch.tensor(
-                    [
-                        sum(a > 0 for a in advantages),
-                        sum(advantages),
-                        sum(a * a for a in advantages),
-                        len(advantages),
-                        stats.skipped_states,
-                    ],
-                    dtype=torch.float64,
-                    device=accelerator.device,
-                ),
-                "sum",
-            ).tolist()
-            record["advantage_mean"] = adv_sum / max(adv_count, 1)
-            record["advantage_std"] = math.sqrt(max(adv_squares / max(adv_count, 1) - record["advantage_mean"] ** 2, 0))
-            record["advantage_positive_fraction"] = positive / max(adv_count, 1)
-            record["skipped_states"] = skipped
             # New in the final script: evaluation on the fixed init states.
             if iteration % config.train.eval_every == 0 or iteration == config.train.iterations:
                 unwrapped.eval()
@@ -327,12 +273,12 @@ def main() -> int:
                 append_metrics(metrics_file, iteration, metrics)
             print(
                 f"iteration {iteration}/{config.train.iterations}: success {record['success_rate']:.2f}, "
-                f"{groups} groups kept, {len(losses)} updates, loss {record['loss']}, "
+                f"{record['groups_kept']} groups kept, {len(losses)} updates, loss {record['loss']}, "
                 f"rollout {rollout_time:.1f} s, update {update_time:.1f} s, {record['rss_gib']:.1f} GiB RSS"
             )
             progress_state.iteration = iteration
             # New in stage 13: free what the iteration left behind (rollout windows, frames).
-            del kept, windows, advantages
+            del rollouts, windows, advantages
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

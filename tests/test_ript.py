@@ -5,17 +5,9 @@ import pytest
 import torch
 from lerobot.configs import FeatureType, PolicyFeature
 
+from lib.cfg_pi0 import NULL_FLAG, OPTIMAL_FLAG, PI0CFGConfig, PI0CFGPolicy
 from lib.pi0 import seeded_noise_and_time
-from lib.ript import (
-    NULL_FLAG,
-    OPTIMAL_FLAG,
-    PI0CFGConfig,
-    PI0CFGPolicy,
-    StateOutcomeHistory,
-    collect_informative_groups,
-    is_informative,
-    leave_one_out_advantages,
-)
+from lib.ript import StateOutcomeHistory, collect_informative_groups, is_informative, leave_one_out_advantages
 
 
 def test_leave_one_out_advantages_exact():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import PYTHON, run
 
+from lib.cfg_pi0 import PI0GraphCFGPolicy
 from lib.ript import rollout_groups
 from lib.soft_arm import GRAPH_KEY, IMAGE_KEY, STATE_KEY, load_raw_episode, make_soft_arm_datasets
 from lib.soft_arm_sim import (
@@ -180,22 +181,36 @@ def test_eval_and_ript_soft_arm_on_a_tiny_checkpoint(tmp_path, tokenizer_dir):
     assert len(videos) == 1 and videos[0].stat().st_size > 0
     assert "success" in result.stdout
 
-    # The RIPT experiment script end to end: the plumbing, not learning (a 2-step policy barely moves).
+    # The RIPT experiment script end to end with the seed's objective, CFG-RL at w > 1: the
+    # plumbing and one real update, not learning (a 2-step policy barely moves).
     ript_dir = tmp_path / "ript"
-    options = {"seeds": 0, "iterations": 1, "states_per_draw": 2, "rollouts_per_state": 2, "max_draw_rounds": 1}
-    options |= {"eval_episodes": 2, "num_envs": 2, "max_steps": 6, "image_size": 64, "output_dir": ript_dir}
     ript = [
         PYTHON,
         "scripts/ript_soft_arm.py",
-        "--checkpoint",
-        str(train_dir / "checkpoints" / "last" / "pretrained_model"),
-        *(item for key, value in options.items() for item in (f"--{key}", str(value))),
+        f"model.pretrained={train_dir / 'checkpoints' / 'last' / 'pretrained_model'}",
+        f"output_dir={ript_dir}",
+        "seeds=[0]",
+        "iterations=1",
+        "rl.objective=cfg_rl",
+        "model.guidance_weight=2",
+        "rl.states_per_draw=2",
+        "rl.rollouts_per_state=2",
+        "rl.max_draw_rounds=1",
+        "env.eval_episodes=2",
+        "env.num_envs=2",
+        "env.max_steps=6",
+        "env.image_size=64",
     ]
     run(ript)
     summary = json.loads((ript_dir / "summary.json").read_text())
-    assert [r["seed"] for r in summary["runs"]] == [0]
-    assert 0.0 <= summary["runs"][0]["success_before"] <= 1.0 and 0.0 <= summary["runs"][0]["success_after"] <= 1.0
+    assert [r["seed"] for r in summary["runs"]] == [0] and summary["objective"] == "cfg_rl, w=2"
+    run_summary = summary["runs"][0]
+    assert 0.0 <= run_summary["success_before"] <= 1.0 and 0.0 <= run_summary["success_after"] <= 1.0
+    assert set(run_summary["curve"]) == {"0", "1"} and run_summary["episodes_used"] == 4
     metrics = [json.loads(line) for line in (ript_dir / "seed0" / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 1 and metrics[0]["rollout/episodes"] == 4
-    assert (ript_dir / "results.md").read_text().count("\n") == 4
+    assert [m["step"] for m in metrics] == [0, 1] and metrics[1]["rollout/episodes"] == 4
+    assert (ript_dir / "results.md").read_text().count("\n") == 4 and (ript_dir / "success.png").stat().st_size > 0
+    # The RL-trained policy is a loadable checkpoint, with its guidance weight.
+    trained = PI0GraphCFGPolicy.from_pretrained(ript_dir / "seed0" / "pretrained_model")
+    assert trained.config.guidance_weight == 2.0
     assert "keeping the finished run" in run(ript).stdout  # a finished seed is not run again

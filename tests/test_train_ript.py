@@ -9,8 +9,8 @@ import time
 import pytest
 from conftest import ACCELERATE, PYTHON, REPO, run
 
+from lib.cfg_pi0 import PI0CFGPolicy
 from lib.pi0 import load_pi0_processors, load_tokenizer
-from lib.ript import PI0CFGPolicy
 
 SCRIPT = "scripts/train_ript_pi0.py"
 
@@ -87,7 +87,7 @@ def test_eval_libero_writes_summary_plot_and_video(tokenizer_dir, tmp_path):
     from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature
 
     from lib.pi0 import make_pi0_processors
-    from lib.ript import PI0CFGConfig
+    from lib.cfg_pi0 import PI0CFGConfig
 
     image = PolicyFeature(type=FeatureType.VISUAL, shape=(3, 64, 64))
     config = PI0CFGConfig(
@@ -145,4 +145,8 @@ def test_eval_libero_writes_summary_plot_and_video(tokenizer_dir, tmp_path):
     assert [p.name for p in (output / "videos").iterdir()] == ["task0_init0_failure.mp4"]
 
     bad = run([PYTHON, "scripts/eval_libero.py", "--checkpoint", str(tmp_path / "nowhere")], check=False)
+    assert bad.returncode == 2 and f"pretrained path {tmp_path / 'nowhere'} does not exist" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    (tmp_path / "empty").mkdir()
+    bad = run([PYTHON, "scripts/eval_libero.py", "--checkpoint", str(tmp_path / "empty")], check=False)
     assert bad.returncode == 2 and "has no config.json" in bad.stderr

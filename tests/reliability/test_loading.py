@@ -17,11 +17,12 @@ from lerobot.policies.pi0.modeling_pi0 import PI0Policy
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
+from lib.cfg_pi0 import PI0CFGConfig, PI0CFGPolicy
 from lib.checkpoint import check_output_dir, start_output_dir
 from lib.errors import UserError
 from lib.graph_pi0 import GRAPH_KEY, PI0GraphConfig, PI0GraphPolicy
+from lib.libero import make_ript_policy
 from lib.pi0 import CheckpointError, load_pretrained_policy, make_pi0_policy, resolve_pretrained
-from lib.ript import PI0CFGConfig, PI0CFGPolicy, make_ript_policy
 from lib.ript_config import ModelConfig
 
 FEATURES = {
