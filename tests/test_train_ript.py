@@ -86,8 +86,8 @@ def test_stop_resume_and_what_a_run_writes(args, tmp_path):
 def test_eval_libero_writes_summary_plot_and_video(tokenizer_dir, tmp_path):
     from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature
 
-    from lib.pi0 import make_pi0_processors
     from lib.cfg_pi0 import PI0CFGConfig
+    from lib.pi0 import make_pi0_processors
 
     image = PolicyFeature(type=FeatureType.VISUAL, shape=(3, 64, 64))
     config = PI0CFGConfig(
