@@ -46,21 +46,23 @@ soft-arm-ablation: $(TOKENIZER_DIR)/tokenizer.json
 	$(PY) scripts/soft_arm_graph_ablation.py --tokenizer $(TOKENIZER_DIR)
 
 # Does the RIPT loop learn? (README "RIPT on the simulated soft arm"): 20 demonstrations, behaviour
-# cloning to a middling policy, then RL post-training and its no-reward control, 3 seeds each.
-# Every step keeps what an earlier run finished.
+# cloning to a middling policy, then RL post-training with each objective (configs/ript_soft_arm.yaml)
+# and the no-reward control, 3 seeds each. Every step keeps what an earlier run finished.
 RIPT_ARM_RAW_DIR := artifacts/soft_arm_raw_few20
 RIPT_ARM_DATASET_DIR := artifacts/soft_arm_lerobot_few20
 RIPT_ARM_DIR := outputs/ript_soft_arm
+RIPT_ARM := $(PY) scripts/ript_soft_arm.py --config configs/ript_soft_arm.yaml \
+	model.pretrained=$(RIPT_ARM_DIR)/bc_few20/checkpoints/last/pretrained_model
 ript-soft-arm: $(TOKENIZER_DIR)/tokenizer.json
 	$(PY) data_prep/simulate_soft_arm.py --output_dir $(RIPT_ARM_RAW_DIR) --episodes 20 --seed 0 --workers 2
 	$(PY) data_prep/soft_arm_to_lerobot.py --raw_dir $(RIPT_ARM_RAW_DIR) --output_dir $(RIPT_ARM_DATASET_DIR)
 	$(PY) scripts/train_soft_arm.py --config configs/soft_arm_sim.yaml --resume latest \
 		output_dir=$(RIPT_ARM_DIR)/bc_few20 data.root=$(RIPT_ARM_DATASET_DIR) \
 		train.steps=800 train.val_every=800 train.save_every=800
-	$(PY) scripts/ript_soft_arm.py --checkpoint $(RIPT_ARM_DIR)/bc_few20/checkpoints/last/pretrained_model \
-		--output_dir $(RIPT_ARM_DIR)/rl
-	$(PY) scripts/ript_soft_arm.py --checkpoint $(RIPT_ARM_DIR)/bc_few20/checkpoints/last/pretrained_model \
-		--update_on all --output_dir $(RIPT_ARM_DIR)/control
+	$(RIPT_ARM) rl.objective=cfg_rl model.guidance_weight=1 output_dir=$(RIPT_ARM_DIR)/cfg_rl_w1
+	$(RIPT_ARM) rl.objective=cfg_rl model.guidance_weight=2 output_dir=$(RIPT_ARM_DIR)/cfg_rl_w2
+	$(RIPT_ARM) rl.objective=advantage_filtered output_dir=$(RIPT_ARM_DIR)/advantage_filtered
+	$(RIPT_ARM) rl.objective=behavior_cloning output_dir=$(RIPT_ARM_DIR)/behavior_cloning
 
 # The stage-by-stage RIPT reproduction (scripts/STAGES.md) on the debug config.
 stage-08: $(TOKENIZER_DIR)/tokenizer.json

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lib.graph_pi0 import PI0GraphConfig, PI0WithGraph, batch_graph
 from lib.pi0 import CheckedLoadPolicy, SizedPI0Config
-from lib.ript_config import OBJECTIVES
+from lib.schemas import OBJECTIVES
 
 NULL_FLAG, OPTIMAL_FLAG = 0, 1
 

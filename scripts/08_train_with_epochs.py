@@ -40,8 +40,8 @@ from lib.ript import (  # noqa: E402
     window_batch,
     windows_with_advantages,
 )
-from lib.ript_config import EnvConfig, ModelConfig, OptimConfig, RIPTConfig, RLConfig, TrainConfig  # noqa: E402
 from lib.rollout import make_policy_fn  # noqa: E402
+from lib.schemas import EnvConfig, ModelConfig, OptimConfig, RIPTConfig, RLConfig, TrainConfig  # noqa: E402
 
 TASK = "pick_up_the_black_bowl_between_the_plate_and_the_ramekin_and_place_it_on_the_plate"
 
@@ -50,7 +50,7 @@ TASK = "pick_up_the_black_bowl_between_the_plate_and_the_ramekin_and_place_it_on
 class AdvancedTrainingConfig(RIPTConfig):
     """The hard-coded training config (the seed's AdvancedTrainingConfig): the tiny pi0 on one
     LIBERO task, one simulator, short episodes. The fields are the shared schema's
-    (lib/ript_config.py), which stage 09 fills from a YAML file instead."""
+    (lib/schemas.py), which stage 09 fills from a YAML file instead."""
 
     output_dir: str = "outputs/stage08"
     seed: int = 0

@@ -2,7 +2,7 @@
 
 New: the config comes from a YAML file (`--config_path`, e.g. configs/debug_train_pi0.yaml for
 development, configs/train_pi0_cfg_rl.yaml for production) on top of the schema's defaults
-(lib/ript_config.py), with `key=value` overrides; `validate_config` names any bad key.
+(lib/schemas.py), with `key=value` overrides; `validate_config` names any bad key.
 
 RL post-training of pi0 in LIBERO in one process: a simple `InitialStateDataset`, print output
 and a JSON progress file. Every iteration ("epoch") draws init
@@ -45,13 +45,13 @@ from lib.ript import (  # noqa: E402
     window_batch,
     windows_with_advantages,
 )
-from lib.ript_config import RIPTConfig, validate_config  # noqa: E402
 from lib.rollout import make_policy_fn  # noqa: E402
+from lib.schemas import RIPTConfig, validate_config  # noqa: E402
 
 
 # New in stage 09: YAML config + CLI overrides + validation, replacing the hard-coded config.
 def load_config_from_yaml(path: Path, overrides: list[str]) -> DictConfig:
-    """The schema's defaults (lib/ript_config.py), then the YAML file, then `key=value` overrides."""
+    """The schema's defaults (lib/schemas.py), then the YAML file, then `key=value` overrides."""
     config = load_config(RIPTConfig, path, overrides)
     validate_config(config)
     return config

@@ -6,7 +6,7 @@ gradients are averaged by DDP, and the statistics are reduced across ranks. The 
 `setup_distributed` / `get_model_from_ddp` / `cleanup_distributed` are `Accelerator(...)` /
 `accelerator.unwrap_model` / `wait_for_everyone` + `end_training` below.
 
-The config comes from a YAML file on top of the schema's defaults (lib/ript_config.py), with
+The config comes from a YAML file on top of the schema's defaults (lib/schemas.py), with
 `key=value` overrides; a simple `InitialStateDataset`, print output and a JSON progress file.
 Every iteration ("epoch") draws init states, rolls out K episodes from each, keeps the groups
 whose outcomes differ (smart sampling), and trains on their windows in minibatches with the
@@ -52,13 +52,13 @@ from lib.ript import (  # noqa: E402
     window_batch,
     windows_with_advantages,
 )
-from lib.ript_config import RIPTConfig, validate_config  # noqa: E402
 from lib.rollout import make_policy_fn  # noqa: E402
+from lib.schemas import RIPTConfig, validate_config  # noqa: E402
 
 
 # New in stage 09: YAML config + CLI overrides + validation, replacing the hard-coded config.
 def load_config_from_yaml(path: Path, overrides: list[str]) -> DictConfig:
-    """The schema's defaults (lib/ript_config.py), then the YAML file, then `key=value` overrides."""
+    """The schema's defaults (lib/schemas.py), then the YAML file, then `key=value` overrides."""
     config = load_config(RIPTConfig, path, overrides)
     validate_config(config)
     return config

@@ -13,7 +13,7 @@ same output_dir continues the same run) and to `metrics.jsonl`; `success.png` pl
 Multi-process through Hugging Face Accelerate: each rank rolls out from its own shard of the init
 states in its own simulators, DDP averages the gradients, statistics are reduced across ranks.
 
-The config comes from a YAML file on top of the schema's defaults (lib/ript_config.py), with
+The config comes from a YAML file on top of the schema's defaults (lib/schemas.py), with
 `key=value` overrides; a JSON progress file.
 Every iteration ("epoch") draws init states, rolls out K episodes from each, keeps the groups
 whose outcomes differ (smart sampling), and trains on their windows in minibatches with the
@@ -56,17 +56,17 @@ from lib.ript import (  # noqa: E402
     window_batch,
     windows_with_advantages,
 )
-from lib.ript_config import RIPTConfig, validate_config  # noqa: E402
 from lib.rollout import (
     make_policy_fn,
     save_rollout_video,
 )
 from lib.run_logging import append_metrics, init_trackers, plot_metrics, tee_output  # noqa: E402
+from lib.schemas import RIPTConfig, validate_config  # noqa: E402
 
 
 # New in stage 09: YAML config + CLI overrides + validation, replacing the hard-coded config.
 def load_config_from_yaml(path: Path, overrides: list[str]) -> DictConfig:
-    """The schema's defaults (lib/ript_config.py), then the YAML file, then `key=value` overrides."""
+    """The schema's defaults (lib/schemas.py), then the YAML file, then `key=value` overrides."""
     config = load_config(RIPTConfig, path, overrides)
     validate_config(config)
     return config

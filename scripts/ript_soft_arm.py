@@ -57,9 +57,9 @@ from lib.ript import (  # noqa: E402
     run_update,
     windows_with_advantages,
 )
-from lib.ript_config import SoftArmRIPTConfig, validate_soft_arm_config  # noqa: E402
 from lib.rollout import make_policy_fn  # noqa: E402
 from lib.run_logging import append_metrics  # noqa: E402
+from lib.schemas import SoftArmRIPTConfig, validate_soft_arm_ript_config  # noqa: E402
 from lib.soft_arm_sim import SoftArmVectorRollout  # noqa: E402
 
 HELD_OUT_SEED_START = 10_000_000  # eval_soft_arm.py's
@@ -218,7 +218,7 @@ def plot_curves(runs: list[dict], png: Path, title: str) -> None:
 def main() -> int:
     args = parse_args()
     config = load_config(SoftArmRIPTConfig, args.config, args.overrides)
-    validate_soft_arm_config(config)
+    validate_soft_arm_ript_config(config)
     source = resolve_pretrained(config.model.pretrained)
     runs = [run_seed(config, seed, source) for seed in config.seeds]
     output_dir = Path(config.output_dir)

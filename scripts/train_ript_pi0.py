@@ -50,17 +50,17 @@ from lib.ript import (  # noqa: E402
     run_update,
     windows_with_advantages,
 )
-from lib.ript_config import RIPTConfig, validate_config  # noqa: E402
 from lib.rollout import (
     make_policy_fn,
     save_rollout_video,
 )
 from lib.run_logging import append_metrics, init_trackers, plot_metrics, tee_output  # noqa: E402
+from lib.schemas import RIPTConfig, validate_config  # noqa: E402
 
 
 # New in stage 09: YAML config + CLI overrides + validation, replacing the hard-coded config.
 def load_config_from_yaml(path: Path, overrides: list[str]) -> DictConfig:
-    """The schema's defaults (lib/ript_config.py), then the YAML file, then `key=value` overrides."""
+    """The schema's defaults (lib/schemas.py), then the YAML file, then `key=value` overrides."""
     config = load_config(RIPTConfig, path, overrides)
     validate_config(config)
     return config

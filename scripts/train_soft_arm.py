@@ -20,9 +20,7 @@ import gc
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
@@ -34,7 +32,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib.checkpoint import GracefulStop, check_output_dir, save_policy_checkpoint, start_output_dir  # noqa: E402
-from lib.config import check, load_config, to_flat_dict  # noqa: E402
+from lib.config import load_config, to_flat_dict  # noqa: E402
 from lib.errors import UserError, exit_code_of  # noqa: E402
 from lib.graph_pi0 import PI0GraphConfig, PI0GraphPolicy  # noqa: E402
 from lib.pi0 import (  # noqa: E402
@@ -47,6 +45,7 @@ from lib.pi0 import (  # noqa: E402
     seeded_noise_and_time,
 )
 from lib.run_logging import append_metrics, init_trackers, plot_metrics, setup_logging  # noqa: E402
+from lib.schemas import SoftArmTrainConfig, validate_soft_arm_train_config  # noqa: E402
 from lib.soft_arm import (  # noqa: E402
     ACTION_DIM,
     ACTION_KEY,
@@ -58,101 +57,6 @@ from lib.soft_arm import (  # noqa: E402
     dataset_stats,
     make_soft_arm_datasets,
 )
-
-
-# ----------------------------------------------------------------------------------------------
-# Config: defaults here, overridden by the YAML file, then by `key=value` arguments.
-@dataclass
-class ModelConfig:
-    pretrained: str = "tiny"  # "tiny" / "full" (random init), or a local path / hub id (lerobot/pi0_base)
-    tokenizer: str = "artifacts/tokenizer"  # local dir, or a hub id (google/paligemma-3b-pt-224)
-    use_graph: bool = True
-    dtype: str = "float32"  # storage dtype of the VLM and expert weights: float32 or bfloat16
-    gradient_checkpointing: bool = False
-    freeze_vision_encoder: bool = False
-    train_expert_only: bool = False
-
-
-@dataclass
-class DataConfig:
-    root: str = "artifacts/soft_arm_lerobot"  # a LeRobotDataset from data_prep/soft_arm_to_lerobot.py
-    val_fraction: float = 0.1  # fraction of episodes held out for validation
-    batch_size: int = 8  # per process and micro-step
-    num_workers: int = 2
-    chunk_size: int = 16
-    image_size: int = 224
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 2.5e-5
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.01
-    warmup_steps: int = 1000
-    decay_lr: float = 2.5e-6  # cosine decay ends here at train.steps
-    grad_clip_norm: float = 1.0
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 30_000  # optimizer steps
-    gradient_accumulation_steps: int = 1
-    mixed_precision: Optional[str] = None  # None: the launcher's; or "no", "bf16", "fp16"
-    log_every: int = 10
-    val_every: int = 500
-    val_batches: int = 20
-    save_every: int = 2000
-    keep_last: int = 3
-
-
-@dataclass
-class TrackingConfig:
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard", "wandb"])
-    project: str = "pi0-soft-arm"
-    run_name: str = "soft_arm"
-    wandb_mode: str = "offline"  # "online" to sync to wandb
-
-
-@dataclass
-class SoftArmTrainConfig:
-    output_dir: str = "outputs/soft_arm"
-    seed: int = 42
-    resume: Optional[str] = None  # "latest" or a checkpoint directory
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-
-def validate_config(config) -> None:
-    check(config.data.batch_size > 0, "data.batch_size", "> 0", config.data.batch_size)
-    check(0 <= config.data.val_fraction < 1, "data.val_fraction", "in [0, 1)", config.data.val_fraction)
-    check(config.data.chunk_size > 0, "data.chunk_size", "> 0", config.data.chunk_size)
-    check(config.train.steps > 0, "train.steps", "> 0", config.train.steps)
-    check(
-        config.train.gradient_accumulation_steps >= 1,
-        "train.gradient_accumulation_steps",
-        ">= 1",
-        config.train.gradient_accumulation_steps,
-    )
-    check(
-        config.train.mixed_precision in (None, "no", "bf16", "fp16"),
-        "train.mixed_precision",
-        "null, 'no', 'bf16' or 'fp16'",
-        config.train.mixed_precision,
-    )
-    check(config.model.dtype in ("float32", "bfloat16"), "model.dtype", "'float32' or 'bfloat16'", config.model.dtype)
-    check(len(config.optim.betas) == 2, "optim.betas", "a list of two floats", list(config.optim.betas))
-    check(
-        set(config.tracking.report_to) <= {"tensorboard", "wandb"},
-        "tracking.report_to",
-        "a subset of [tensorboard, wandb]",
-        list(config.tracking.report_to),
-    )
-    for key in ("log_every", "val_every", "save_every"):
-        check(config.train[key] > 0, f"train.{key}", "> 0", config.train[key])
 
 
 def parse_args() -> argparse.Namespace:
@@ -194,8 +98,9 @@ class TrainingProgress:
 
 def main() -> int:
     args = parse_args()
+    # Config: the schema's defaults (lib/schemas.py), then the YAML file, then `key=value` overrides.
     config = load_config(SoftArmTrainConfig, args.config, args.overrides)
-    validate_config(config)
+    validate_soft_arm_train_config(config)
     output_dir = Path(config.output_dir)
     # Refuse a directory that holds another run, and find the checkpoint to resume, before anything
     # is written (a dry run writes only its log).

@@ -6,6 +6,7 @@ import pytest
 from conftest import PYTHON, run
 
 from lib.config import ConfigError, load_config
+from lib.schemas import SoftArmTrainConfig, validate_soft_arm_train_config
 
 
 @dataclass
@@ -61,9 +62,4 @@ def test_train_script_rejects_unknown_key_and_bad_value():
 
 @pytest.mark.parametrize("name", ["debug_config.yaml", "soft_arm_config.yaml", "soft_arm_sim.yaml"])
 def test_shipped_configs_load(name):
-    from importlib import util
-
-    spec = util.spec_from_file_location("train_soft_arm", "scripts/train_soft_arm.py")
-    module = util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.validate_config(load_config(module.SoftArmTrainConfig, f"configs/{name}"))
+    validate_soft_arm_train_config(load_config(SoftArmTrainConfig, f"configs/{name}"))

@@ -23,7 +23,7 @@ from lib.errors import UserError
 from lib.graph_pi0 import GRAPH_KEY, PI0GraphConfig, PI0GraphPolicy
 from lib.libero import make_ript_policy
 from lib.pi0 import CheckpointError, load_pretrained_policy, make_pi0_policy, resolve_pretrained
-from lib.ript_config import ModelConfig
+from lib.schemas import ModelConfig
 
 FEATURES = {
     "observation.images.front": PolicyFeature(type=FeatureType.VISUAL, shape=(3, 64, 64)),

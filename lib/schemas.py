@@ -1,0 +1,331 @@
+"""Every config schema of the project: defaults and types here, values from `configs/*.yaml` and
+`key=value` overrides (lib/config.py), range checks in the `validate_*` functions.
+
+- `RIPTConfig`: RIPT on LIBERO (`train_ript_pi0.py`, the stage scripts 09-13);
+- `SoftArmRIPTConfig`: RIPT on the simulated soft arm (`ript_soft_arm.py`);
+- `SoftArmTrainConfig`: supervised fine-tuning of graph pi0 (`train_soft_arm.py`).
+They share the common sections: model source, optimizer, checkpointing, tracking.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from lib.config import check
+
+# The update objectives (lib/cfg_pi0.py): the seed's CFG-RL, the advantage-filtered baseline, and
+# behaviour cloning on every window (reward ignored: the no-reward control).
+OBJECTIVES = ("cfg_rl", "advantage_filtered", "behavior_cloning")
+
+
+# --- Sections every trainer shares ------------------------------------------------------------------
+
+
+@dataclass
+class PolicySourceConfig:
+    pretrained: str = "tiny"  # "tiny" / "full" (random init), or a local path / hub id of a pi0 checkpoint
+    tokenizer: str = "artifacts/tokenizer"  # local dir or hub id (google/paligemma-3b-pt-224)
+    dtype: str = "float32"  # storage dtype of the VLM and expert weights: float32 or bfloat16
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 1.0
+
+
+@dataclass
+class CheckpointingConfig:
+    mixed_precision: Optional[str] = None  # None: the launcher's; or "no", "bf16", "fp16"
+    save_every: int = 10
+    keep_last: int = 3
+
+
+@dataclass
+class TrackingConfig:
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard", "wandb"])
+    project: str = "pi0-ript"
+    run_name: str = "ript"
+    wandb_mode: str = "offline"  # "online" to sync to wandb
+
+
+def validate_source(model: Any) -> None:
+    check(model.dtype in ("float32", "bfloat16"), "model.dtype", "'float32' or 'bfloat16'", model.dtype)
+
+
+def validate_optim(optim: Any) -> None:
+    """Ranges of an `optim` section."""
+    check(optim.lr > 0, "optim.lr", "> 0", optim.lr)
+    check(
+        len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
+        "optim.betas",
+        "two floats in [0, 1)",
+        list(optim.betas),
+    )
+    check(optim.eps > 0, "optim.eps", "> 0", optim.eps)
+    check(optim.weight_decay >= 0, "optim.weight_decay", ">= 0", optim.weight_decay)
+    check(optim.grad_clip_norm > 0, "optim.grad_clip_norm", "> 0", optim.grad_clip_norm)
+
+
+def validate_checkpointing(train: Any) -> None:
+    check(
+        train.mixed_precision in (None, "no", "bf16", "fp16"),
+        "train.mixed_precision",
+        "null, 'no', 'bf16' or 'fp16'",
+        train.mixed_precision,
+    )
+    check(train.save_every > 0, "train.save_every", "> 0", train.save_every)
+    check(train.keep_last >= 1, "train.keep_last", ">= 1", train.keep_last)
+
+
+def validate_tracking(tracking: Any) -> None:
+    check(
+        set(tracking.report_to) <= {"tensorboard", "wandb"},
+        "tracking.report_to",
+        "a subset of [tensorboard, wandb]",
+        list(tracking.report_to),
+    )
+    check(
+        tracking.wandb_mode in ("offline", "online", "disabled"),
+        "tracking.wandb_mode",
+        "offline, online or disabled",
+        tracking.wandb_mode,
+    )
+
+
+# --- RIPT on LIBERO ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig(PolicySourceConfig):
+    chunk_size: int = 50
+    num_inference_steps: int = 10
+    image_size: int = 224
+    guidance_weight: float = 1.0  # w in v = v_null + w (v_cond - v_null); 1 = plain conditional
+
+
+# The LIBERO suites (their step limits are lib.libero.MAX_STEPS).
+LIBERO_BENCHMARKS = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
+
+
+@dataclass
+class EnvConfig:
+    benchmark: str = "libero_spatial"
+    task_names: Optional[list[str]] = None  # None: every task of the suite
+    num_envs: int = 8  # simulator processes per rank
+    camera_size: int = 128
+    max_steps: Optional[int] = None  # None: the suite's standard limit
+    replan_steps: int = 5  # actions executed from each chunk before the next policy call
+
+
+@dataclass
+class RLConfig:
+    rollouts_per_state: int = 4  # K
+    states_per_draw: int = 4  # init states drawn per rank at a time
+    target_groups: int = 4  # informative groups wanted per rank and iteration
+    max_draw_rounds: int = 4  # dynamic-sampling draws per iteration at most
+    skip_after: int = 3  # a state solved K/K this many times in a row ...
+    skip_for: int = 5  # ... is skipped for this many draws
+    objective: str = "cfg_rl"  # cfg_rl | advantage_filtered | behavior_cloning
+    alpha: float = 0.1  # weight of the unconditional branch in cfg_rl
+    update_epochs: int = 4
+    minibatch_size: int = 16
+
+
+@dataclass
+class TrainConfig(CheckpointingConfig):
+    iterations: int = 100
+    eval_every: int = 10
+    eval_init_indices: list[int] = field(default_factory=lambda: [0, 1])  # per task, fixed
+
+
+@dataclass
+class RIPTTrackingConfig(TrackingConfig):
+    video_every: int = 10  # a rollout video every N iterations (0: none), from stage 11 on
+
+
+@dataclass
+class RIPTConfig:
+    output_dir: str = "outputs/ript"
+    seed: int = 42
+    resume: Optional[str] = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: RIPTTrackingConfig = field(default_factory=RIPTTrackingConfig)
+
+
+def validate_rl(rl: Any) -> None:
+    """Ranges of the `rl` section (shared by the LIBERO and soft-arm configs)."""
+    check(rl.rollouts_per_state >= 2, "rl.rollouts_per_state", ">= 2 (leave-one-out)", rl.rollouts_per_state)
+    check(rl.objective in OBJECTIVES, "rl.objective", f"one of {list(OBJECTIVES)}", rl.objective)
+    for key in ("states_per_draw", "target_groups", "max_draw_rounds", "update_epochs", "minibatch_size"):
+        check(rl[key] > 0, f"rl.{key}", "> 0", rl[key])
+    check(rl.skip_after > 0, "rl.skip_after", "> 0", rl.skip_after)
+    check(rl.skip_for >= 0, "rl.skip_for", ">= 0", rl.skip_for)
+    check(rl.alpha >= 0, "rl.alpha", ">= 0", rl.alpha)
+
+
+def validate_config(config: Any) -> None:
+    """Range checks the types cannot express; a `ConfigError` names the key."""
+    validate_rl(config.rl)
+    validate_optim(config.optim)
+    check(config.env.num_envs > 0, "env.num_envs", "> 0", config.env.num_envs)
+    check(config.env.replan_steps > 0, "env.replan_steps", "> 0", config.env.replan_steps)
+    check(
+        0 < config.env.replan_steps <= config.model.chunk_size,
+        "env.replan_steps",
+        f"in [1, model.chunk_size={config.model.chunk_size}]",
+        config.env.replan_steps,
+    )
+    check(
+        config.env.benchmark in LIBERO_BENCHMARKS,
+        "env.benchmark",
+        f"one of {list(LIBERO_BENCHMARKS)}",
+        config.env.benchmark,
+    )
+    check(config.train.iterations > 0, "train.iterations", "> 0", config.train.iterations)
+    check(config.train.eval_every > 0, "train.eval_every", "> 0", config.train.eval_every)
+    check(config.tracking.video_every >= 0, "tracking.video_every", ">= 0", config.tracking.video_every)
+    validate_source(config.model)
+    validate_checkpointing(config.train)
+    validate_tracking(config.tracking)
+
+
+# --- RIPT on the simulated soft arm (scripts/ript_soft_arm.py) -----------------------------------
+
+
+@dataclass
+class SoftArmRLModelConfig:
+    pretrained: str = "outputs/ript_soft_arm/bc_few20/checkpoints/last/pretrained_model"  # a graph pi0 (BC)
+    guidance_weight: float = 1.0  # w at sampling; the flag embedding starts at zero (acts as the BC policy)
+
+
+@dataclass
+class SoftArmRLEnvConfig:
+    num_envs: int = 16  # simulators stepped together, one batched policy call per round
+    replan_steps: int = 8  # actions executed from each 16-step chunk
+    max_steps: int = 40  # control steps per episode (10 Hz)
+    image_size: int = 224
+    train_states: int = 512  # the pool of training task seeds (the RL "init states")
+    eval_episodes: int = 100  # held-out seeds of eval_soft_arm.py
+
+
+@dataclass
+class SoftArmRIPTConfig:
+    output_dir: str = "outputs/ript_soft_arm/rl"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one RL run each
+    iterations: int = 15
+    eval_every: int = 5  # held-out success every N iterations (and at 0 and the end)
+    model: SoftArmRLModelConfig = field(default_factory=SoftArmRLModelConfig)
+    env: SoftArmRLEnvConfig = field(default_factory=SoftArmRLEnvConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def validate_soft_arm_ript_config(config: Any) -> None:
+    """Range checks of a `SoftArmRIPTConfig`; a `ConfigError` names the key."""
+    validate_rl(config.rl)
+    validate_optim(config.optim)
+    check(len(config.seeds) > 0, "seeds", "a non-empty list", list(config.seeds))
+    check(config.iterations > 0, "iterations", "> 0", config.iterations)
+    check(config.eval_every > 0, "eval_every", "> 0", config.eval_every)
+    for key in ("num_envs", "replan_steps", "max_steps", "image_size", "eval_episodes"):
+        check(config.env[key] > 0, f"env.{key}", "> 0", config.env[key])
+    check(
+        config.env.train_states >= config.rl.states_per_draw,
+        "env.train_states",
+        f">= rl.states_per_draw ({config.rl.states_per_draw})",
+        config.env.train_states,
+    )
+    check(config.model.guidance_weight >= 0, "model.guidance_weight", ">= 0", config.model.guidance_weight)
+
+
+# --- Supervised fine-tuning of graph pi0 on soft-arm episodes (scripts/train_soft_arm.py) ----------
+
+
+@dataclass
+class SoftArmModelConfig(PolicySourceConfig):
+    use_graph: bool = True
+    gradient_checkpointing: bool = False
+    freeze_vision_encoder: bool = False
+    train_expert_only: bool = False
+
+
+@dataclass
+class SoftArmDataConfig:
+    root: str = "artifacts/soft_arm_lerobot"  # a LeRobotDataset from data_prep/soft_arm_to_lerobot.py
+    val_fraction: float = 0.1  # fraction of episodes held out for validation
+    batch_size: int = 8  # per process and micro-step
+    num_workers: int = 2
+    chunk_size: int = 16
+    image_size: int = 224
+
+
+@dataclass
+class ScheduledOptimConfig(OptimConfig):
+    lr: float = 2.5e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 1000
+    decay_lr: float = 2.5e-6  # cosine decay ends here at train.steps
+
+
+@dataclass
+class SoftArmLoopConfig(CheckpointingConfig):
+    steps: int = 30_000  # optimizer steps
+    gradient_accumulation_steps: int = 1
+    log_every: int = 10
+    val_every: int = 500
+    val_batches: int = 20
+    save_every: int = 2000
+
+
+@dataclass
+class SoftArmTrackingConfig(TrackingConfig):
+    project: str = "pi0-soft-arm"
+    run_name: str = "soft_arm"
+
+
+@dataclass
+class SoftArmTrainConfig:
+    output_dir: str = "outputs/soft_arm"
+    seed: int = 42
+    resume: Optional[str] = None  # "latest" or a checkpoint directory
+    model: SoftArmModelConfig = field(default_factory=SoftArmModelConfig)
+    data: SoftArmDataConfig = field(default_factory=SoftArmDataConfig)
+    optim: ScheduledOptimConfig = field(default_factory=ScheduledOptimConfig)
+    train: SoftArmLoopConfig = field(default_factory=SoftArmLoopConfig)
+    tracking: SoftArmTrackingConfig = field(default_factory=SoftArmTrackingConfig)
+
+
+def validate_soft_arm_train_config(config: Any) -> None:
+    """Range checks of a `SoftArmTrainConfig`; a `ConfigError` names the key."""
+    check(config.data.batch_size > 0, "data.batch_size", "> 0", config.data.batch_size)
+    check(0 <= config.data.val_fraction < 1, "data.val_fraction", "in [0, 1)", config.data.val_fraction)
+    check(config.data.chunk_size > 0, "data.chunk_size", "> 0", config.data.chunk_size)
+    check(config.data.image_size > 0, "data.image_size", "> 0", config.data.image_size)
+    check(config.data.num_workers >= 0, "data.num_workers", ">= 0", config.data.num_workers)
+    check(config.train.steps > 0, "train.steps", "> 0", config.train.steps)
+    check(
+        config.train.gradient_accumulation_steps >= 1,
+        "train.gradient_accumulation_steps",
+        ">= 1",
+        config.train.gradient_accumulation_steps,
+    )
+    for key in ("log_every", "val_every", "val_batches"):
+        check(config.train[key] > 0, f"train.{key}", "> 0", config.train[key])
+    validate_source(config.model)
+    validate_optim(config.optim)
+    check(config.optim.warmup_steps >= 0, "optim.warmup_steps", ">= 0", config.optim.warmup_steps)
+    check(
+        0 <= config.optim.decay_lr <= config.optim.lr,
+        "optim.decay_lr",
+        f"in [0, optim.lr={config.optim.lr}]",
+        config.optim.decay_lr,
+    )
+    validate_checkpointing(config.train)
+    validate_tracking(config.tracking)
