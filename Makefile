@@ -69,23 +69,23 @@ stage-08: $(TOKENIZER_DIR)/tokenizer.json
 	$(PY) scripts/08_train_with_epochs.py --tokenizer $(TOKENIZER_DIR)
 
 stage-09: $(TOKENIZER_DIR)/tokenizer.json
-	$(PY) scripts/09_train_with_config.py --config_path configs/debug_train_pi0.yaml
+	$(PY) scripts/09_train_with_config.py --config configs/debug_train_pi0.yaml
 
 stage-10: $(TOKENIZER_DIR)/tokenizer.json
 	$(ACCELERATE) launch --config_file accelerate_configs/cpu_2proc.yaml scripts/10_train_with_distributed.py \
-		--config_path configs/debug_train_pi0.yaml
+		--config configs/debug_train_pi0.yaml
 
 stage-11: $(TOKENIZER_DIR)/tokenizer.json
 	$(ACCELERATE) launch --config_file accelerate_configs/cpu_2proc.yaml scripts/11_train_with_logging.py \
-		--config_path configs/debug_train_pi0.yaml
+		--config configs/debug_train_pi0.yaml
 
 stage-12: $(TOKENIZER_DIR)/tokenizer.json
 	$(ACCELERATE) launch --config_file accelerate_configs/cpu_2proc.yaml scripts/12_train_with_dataset.py \
-		--config_path configs/debug_train_pi0.yaml
+		--config configs/debug_train_pi0.yaml
 
 stage-13: $(TOKENIZER_DIR)/tokenizer.json
 	$(ACCELERATE) launch --config_file accelerate_configs/cpu_2proc.yaml scripts/13_train_production_ready.py \
-		--config_path configs/debug_train_pi0.yaml
+		--config configs/debug_train_pi0.yaml
 
 test:
 	$(PY) -m pytest -q -m "not slow" tests

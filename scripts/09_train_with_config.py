@@ -1,6 +1,6 @@
 """Stage 09 of the RIPT reproduction: stage 08 + YAML configs (see scripts/STAGES.md).
 
-New: the config comes from a YAML file (`--config_path`, e.g. configs/debug_train_pi0.yaml for
+New: the config comes from a YAML file (`--config`, alias `--config_path`, e.g. configs/debug_train_pi0.yaml for
 development, configs/train_pi0_cfg_rl.yaml for production) on top of the schema's defaults
 (lib/schemas.py), with `key=value` overrides; `validate_config` names any bad key.
 
@@ -11,8 +11,8 @@ and trains on their windows in minibatches with the CFG-RL objective. The later 
 capability each: 09 YAML configs, 10 multi-process, 11 logging, 12 a PyTorch dataset, 13
 checkpoints and recovery; `train_ript_pi0.py` is the final script.
 
-    python scripts/09_train_with_config.py --config_path configs/debug_train_pi0.yaml
-    python scripts/09_train_with_config.py --config_path configs/minimal_test.yaml train.iterations=1
+    python scripts/09_train_with_config.py --config configs/debug_train_pi0.yaml
+    python scripts/09_train_with_config.py --config configs/minimal_test.yaml train.iterations=1
 """
 
 import argparse
@@ -86,7 +86,9 @@ class InitialStateDataset:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # New in stage 09: a config file and overrides instead of a few fixed flags.
-    parser.add_argument("--config_path", type=Path, default=Path("configs/debug_train_pi0.yaml"))
+    parser.add_argument(
+        "--config", "--config_path", dest="config", type=Path, default=Path("configs/debug_train_pi0.yaml")
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.iterations=2")
     return parser.parse_args()
 
@@ -95,11 +97,11 @@ def main() -> int:
     args = parse_args()
     # New in stage 09: load and validate the YAML config.
     try:
-        config = load_config_from_yaml(args.config_path, args.overrides)
+        config = load_config_from_yaml(args.config, args.overrides)
     except ConfigError as error:
         print(f"✗ config error: {error}", file=sys.stderr)
         return 2
-    print(f"✓ config loaded from {args.config_path} and validated")
+    print(f"✓ config loaded from {args.config} and validated")
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)

@@ -13,11 +13,11 @@ whose outcomes differ (smart sampling), and trains on their windows in minibatch
 CFG-RL objective. The later stages add one capability each: 11 logging, 12 a PyTorch dataset, 13
 checkpoints and recovery; `train_ript_pi0.py` is the final script.
 
-    python scripts/10_train_with_distributed.py --config_path configs/debug_train_pi0.yaml
+    python scripts/10_train_with_distributed.py --config configs/debug_train_pi0.yaml
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/10_train_with_distributed.py \
-        --config_path configs/minimal_test.yaml
+        --config configs/minimal_test.yaml
     torchrun --nproc_per_node 2 scripts/10_train_with_distributed.py \
-        --config_path configs/minimal_test.yaml
+        --config configs/minimal_test.yaml
 """
 
 import argparse
@@ -95,7 +95,9 @@ class InitialStateDataset:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # New in stage 09: a config file and overrides instead of a few fixed flags.
-    parser.add_argument("--config_path", type=Path, default=Path("configs/debug_train_pi0.yaml"))
+    parser.add_argument(
+        "--config", "--config_path", dest="config", type=Path, default=Path("configs/debug_train_pi0.yaml")
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.iterations=2")
     return parser.parse_args()
 
@@ -104,7 +106,7 @@ def main() -> int:
     args = parse_args()
     # New in stage 09: load and validate the YAML config.
     try:
-        config = load_config_from_yaml(args.config_path, args.overrides)
+        config = load_config_from_yaml(args.config, args.overrides)
     except ConfigError as error:
         print(f"✗ config error: {error}", file=sys.stderr)
         return 2
@@ -117,7 +119,7 @@ def main() -> int:
     )
     rank, world = accelerator.process_index, accelerator.num_processes
     # New in stage 10: `accelerator.print` prints on the main process only.
-    accelerator.print(f"✓ config loaded from {args.config_path} and validated")
+    accelerator.print(f"✓ config loaded from {args.config} and validated")
     accelerator.print(f"processes: {world} ({accelerator.distributed_type}), device: {accelerator.device}")
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -16,9 +16,9 @@ whose outcomes differ (smart sampling), and trains on their windows in minibatch
 CFG-RL objective. The later stages add one capability each: 12 a PyTorch dataset, 13 checkpoints
 and recovery; `train_ript_pi0.py` is the final script.
 
-    python scripts/11_train_with_logging.py --config_path configs/debug_train_pi0.yaml
+    python scripts/11_train_with_logging.py --config configs/debug_train_pi0.yaml
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/11_train_with_logging.py \
-        --config_path configs/minimal_test.yaml
+        --config configs/minimal_test.yaml
 """
 
 import argparse
@@ -100,7 +100,9 @@ class InitialStateDataset:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # New in stage 09: a config file and overrides instead of a few fixed flags.
-    parser.add_argument("--config_path", type=Path, default=Path("configs/debug_train_pi0.yaml"))
+    parser.add_argument(
+        "--config", "--config_path", dest="config", type=Path, default=Path("configs/debug_train_pi0.yaml")
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.iterations=2")
     return parser.parse_args()
 
@@ -109,7 +111,7 @@ def main() -> int:
     args = parse_args()
     # New in stage 09: load and validate the YAML config.
     try:
-        config = load_config_from_yaml(args.config_path, args.overrides)
+        config = load_config_from_yaml(args.config, args.overrides)
     except ConfigError as error:
         print(f"✗ config error: {error}", file=sys.stderr)
         return 2
@@ -126,7 +128,7 @@ def main() -> int:
     # New in stage 11: every rank prints into output_dir/train_rank{R}.log; only the main
     # process's output also reaches the console.
     log_file = tee_output(config.output_dir, rank, accelerator.is_main_process)
-    print(f"✓ config loaded from {args.config_path} and validated")
+    print(f"✓ config loaded from {args.config} and validated")
     print(f"processes: {world} ({accelerator.distributed_type}), device: {accelerator.device}")
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

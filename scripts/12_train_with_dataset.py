@@ -19,9 +19,9 @@ Every iteration ("epoch") draws init states, rolls out K episodes from each, kee
 whose outcomes differ (smart sampling), and trains on their windows in minibatches with the
 CFG-RL objective. Stage 13 adds checkpoints and recovery; `train_ript_pi0.py` is the final script.
 
-    python scripts/12_train_with_dataset.py --config_path configs/debug_train_pi0.yaml
+    python scripts/12_train_with_dataset.py --config configs/debug_train_pi0.yaml
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/12_train_with_dataset.py \
-        --config_path configs/minimal_test.yaml
+        --config configs/minimal_test.yaml
 """
 
 import argparse
@@ -75,7 +75,9 @@ def load_config_from_yaml(path: Path, overrides: list[str]) -> DictConfig:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # New in stage 09: a config file and overrides instead of a few fixed flags.
-    parser.add_argument("--config_path", type=Path, default=Path("configs/debug_train_pi0.yaml"))
+    parser.add_argument(
+        "--config", "--config_path", dest="config", type=Path, default=Path("configs/debug_train_pi0.yaml")
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.iterations=2")
     return parser.parse_args()
 
@@ -84,7 +86,7 @@ def main() -> int:
     args = parse_args()
     # New in stage 09: load and validate the YAML config.
     try:
-        config = load_config_from_yaml(args.config_path, args.overrides)
+        config = load_config_from_yaml(args.config, args.overrides)
     except ConfigError as error:
         print(f"✗ config error: {error}", file=sys.stderr)
         return 2
@@ -102,7 +104,7 @@ def main() -> int:
     # New in stage 11: every rank prints into output_dir/train_rank{R}.log; only the main
     # process's output also reaches the console.
     log_file = tee_output(config.output_dir, rank, accelerator.is_main_process)
-    print(f"✓ config loaded from {args.config_path} and validated")
+    print(f"✓ config loaded from {args.config} and validated")
     print(f"processes: {world} ({accelerator.distributed_type}), device: {accelerator.device}")
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -25,10 +25,10 @@ Every iteration ("epoch") draws init states, rolls out K episodes from each, kee
 whose outcomes differ (smart sampling), and trains on their windows in minibatches with the
 CFG-RL objective. `train_ript_pi0.py`, the final script, adds evaluation on fixed init states.
 
-    python scripts/13_train_production_ready.py --config_path configs/debug_train_pi0.yaml
+    python scripts/13_train_production_ready.py --config configs/debug_train_pi0.yaml
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/13_train_production_ready.py \
-        --config_path configs/minimal_test.yaml
-    ... scripts/13_train_production_ready.py --config_path configs/minimal_test.yaml --resume latest
+        --config configs/minimal_test.yaml
+    ... scripts/13_train_production_ready.py --config configs/minimal_test.yaml --resume latest
 """
 
 import argparse
@@ -88,7 +88,9 @@ def load_config_from_yaml(path: Path, overrides: list[str]) -> DictConfig:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # New in stage 09: a config file and overrides instead of a few fixed flags.
-    parser.add_argument("--config_path", type=Path, default=Path("configs/debug_train_pi0.yaml"))
+    parser.add_argument(
+        "--config", "--config_path", dest="config", type=Path, default=Path("configs/debug_train_pi0.yaml")
+    )
     # stage 13: continue a run, or replace the run that output_dir holds
     parser.add_argument("--resume", metavar="CHECKPOINT", help="'latest' (newest of output_dir) or a checkpoint dir")
     parser.add_argument("--overwrite", action="store_true", help="replace the run that output_dir already holds")
@@ -99,7 +101,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     # New in stage 09: load and validate the YAML config (a bad one: one line, exit 2).
-    config = load_config_from_yaml(args.config_path, args.overrides)
+    config = load_config_from_yaml(args.config, args.overrides)
     # New in stage 13: refuse an output_dir that holds another run unless it is resumed or
     # overwritten, and find the checkpoint to resume, before anything is written.
     checkpoint = check_output_dir(config.output_dir, args.resume or config.resume, args.overwrite)
@@ -120,7 +122,7 @@ def main() -> int:
     # New in stage 11: every rank prints into output_dir/train_rank{R}.log; only the main
     # process's output also reaches the console.
     log_file = tee_output(config.output_dir, rank, accelerator.is_main_process)
-    print(f"✓ config loaded from {args.config_path} and validated")
+    print(f"✓ config loaded from {args.config} and validated")
     print(f"processes: {world} ({accelerator.distributed_type}), device: {accelerator.device}")
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

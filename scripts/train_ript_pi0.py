@@ -9,9 +9,9 @@ with the CFG-RL objective (or the advantage-filtered baseline, `rl.objective`) f
 over the rollout windows. Statistics are reduced across ranks. Checkpoints, `--resume`, clean
 stops on SIGTERM/SIGINT, per-rank logs and trackers are stage 13's (see its docstring).
 
-    python scripts/train_ript_pi0.py --config_path configs/debug_train_pi0.yaml
+    python scripts/train_ript_pi0.py --config configs/debug_train_pi0.yaml
     accelerate launch --config_file accelerate_configs/8gpu.yaml scripts/train_ript_pi0.py \
-        --config_path configs/train_pi0_cfg_rl.yaml model.pretrained=/path/to/pi0_libero
+        --config configs/train_pi0_cfg_rl.yaml model.pretrained=/path/to/pi0_libero
     ... --resume latest              # continue the newest checkpoint of output_dir
 """
 
@@ -74,7 +74,9 @@ ADVANTAGE_KEYS = ("advantage_mean", "advantage_std", "advantage_positive_fractio
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # New in stage 09: a config file and overrides instead of a few fixed flags.
-    parser.add_argument("--config_path", type=Path, default=Path("configs/train_pi0_cfg_rl.yaml"))
+    parser.add_argument(
+        "--config", "--config_path", dest="config", type=Path, default=Path("configs/train_pi0_cfg_rl.yaml")
+    )
     # stage 13: continue a run, or replace the run that output_dir holds
     parser.add_argument("--resume", metavar="CHECKPOINT", help="'latest' (newest of output_dir) or a checkpoint dir")
     parser.add_argument("--overwrite", action="store_true", help="replace the run that output_dir already holds")
@@ -85,7 +87,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     # New in stage 09: load and validate the YAML config (a bad one: one line, exit 2).
-    config = load_config_from_yaml(args.config_path, args.overrides)
+    config = load_config_from_yaml(args.config, args.overrides)
     # New in stage 13: refuse an output_dir that holds another run unless it is resumed or
     # overwritten, and find the checkpoint to resume, before anything is written.
     checkpoint = check_output_dir(config.output_dir, args.resume or config.resume, args.overwrite)
@@ -106,7 +108,7 @@ def main() -> int:
     # New in stage 11: every rank prints into output_dir/train_rank{R}.log; only the main
     # process's output also reaches the console.
     log_file = tee_output(config.output_dir, rank, accelerator.is_main_process)
-    print(f"✓ config loaded from {args.config_path} and validated")
+    print(f"✓ config loaded from {args.config} and validated")
     print(f"processes: {world} ({accelerator.distributed_type}), device: {accelerator.device}")
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

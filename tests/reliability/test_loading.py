@@ -186,7 +186,7 @@ def test_scripts_exit_2_with_one_line(graph_checkpoint, tmp_path, train_args):
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
     result = run(
-        [PYTHON, "scripts/train_ript_pi0.py", "--config_path", "configs/minimal_test.yaml", f"output_dir={run_dir}"],
+        [PYTHON, "scripts/train_ript_pi0.py", "--config", "configs/minimal_test.yaml", f"output_dir={run_dir}"],
         check=False,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
