@@ -13,16 +13,13 @@ The physical simulator of the soft arm (MuJoCo) is a later issue; this only feed
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lib.soft_arm import ACTION_DIM, NODE_FEATURES, NUM_NODES, RawEpisode, save_raw_episode  # noqa: E402
+from lib.soft_arm import ACTION_DIM, NODE_FEATURES, NUM_NODES, RawEpisode, save_raw_episode
 
 SEGMENT_LENGTH = 0.05  # m
 RESPONSE = 0.25  # fraction of the commanded curvature change reached per step

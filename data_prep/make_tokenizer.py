@@ -9,12 +9,9 @@ Deterministic: the same corpus and vocab size give the same files.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lib.pi0 import build_local_tokenizer  # noqa: E402
+from lib.pi0 import build_local_tokenizer
 
 
 def main() -> None:

@@ -15,17 +15,14 @@ Writes `simulation_report.json` (episodes written/kept, expert failures, episode
 import argparse
 import json
 import multiprocessing
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lib.soft_arm import ACTION_KEY, GRAPH_KEY, IMAGE_KEY, STATE_KEY, RawEpisode, save_raw_episode  # noqa: E402
-from lib.soft_arm_sim import CONTROL_HZ, MAX_STEPS, ScriptedExpert, SoftArmSim  # noqa: E402
+from lib.soft_arm import ACTION_KEY, GRAPH_KEY, IMAGE_KEY, STATE_KEY, RawEpisode, save_raw_episode
+from lib.soft_arm_sim import CONTROL_HZ, MAX_STEPS, ScriptedExpert, SoftArmSim
 
 MAX_ATTEMPTS = 5
 _simulator: SoftArmSim | None = None  # one per worker process, reused across episodes

@@ -20,9 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lib.soft_arm import (  # noqa: E402
+from lib.soft_arm import (
     ACTION_DIM,
     ACTION_KEY,
     GRAPH_KEY,

@@ -23,15 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lib.libero import (  # noqa: E402
+from lib.libero import (
     VectorLiberoRollout,
     get_suite,
     make_ript_policy,
 )
-from lib.pi0 import seeded_noise_and_time  # noqa: E402
-from lib.ript import (  # noqa: E402
+from lib.pi0 import seeded_noise_and_time
+from lib.ript import (
     StateOutcomeHistory,
     collect_informative_groups,
     init_state_key,
@@ -40,8 +38,8 @@ from lib.ript import (  # noqa: E402
     window_batch,
     windows_with_advantages,
 )
-from lib.rollout import make_policy_fn  # noqa: E402
-from lib.schemas import EnvConfig, ModelConfig, OptimConfig, RIPTConfig, RLConfig, TrainConfig  # noqa: E402
+from lib.rollout import make_policy_fn
+from lib.schemas import EnvConfig, ModelConfig, OptimConfig, RIPTConfig, RLConfig, TrainConfig
 
 TASK = "pick_up_the_black_bowl_between_the_plate_and_the_ramekin_and_place_it_on_the_plate"
 

@@ -27,16 +27,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lib.config import ConfigError, load_config  # noqa: E402
-from lib.libero import (  # noqa: E402
+from lib.config import ConfigError, load_config
+from lib.libero import (
     VectorLiberoRollout,
     get_suite,
     make_ript_policy,
 )
-from lib.pi0 import seeded_noise_and_time  # noqa: E402
-from lib.ript import (  # noqa: E402
+from lib.pi0 import seeded_noise_and_time
+from lib.ript import (
     StateOutcomeHistory,
     collect_informative_groups,
     init_state_key,
@@ -45,8 +43,8 @@ from lib.ript import (  # noqa: E402
     window_batch,
     windows_with_advantages,
 )
-from lib.rollout import make_policy_fn  # noqa: E402
-from lib.schemas import RIPTConfig, validate_config  # noqa: E402
+from lib.rollout import make_policy_fn
+from lib.schemas import RIPTConfig, validate_config
 
 
 # New in stage 09: YAML config + CLI overrides + validation, replacing the hard-coded config.

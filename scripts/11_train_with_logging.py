@@ -35,16 +35,14 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lib.config import ConfigError, load_config, to_flat_dict  # noqa: E402
-from lib.libero import (  # noqa: E402
+from lib.config import ConfigError, load_config, to_flat_dict
+from lib.libero import (
     VectorLiberoRollout,
     get_suite,
     make_ript_policy,
 )
-from lib.pi0 import seeded_noise_and_time  # noqa: E402
-from lib.ript import (  # noqa: E402
+from lib.pi0 import seeded_noise_and_time
+from lib.ript import (
     StateOutcomeHistory,
     collect_informative_groups,
     init_state_key,
@@ -57,8 +55,8 @@ from lib.rollout import (
     make_policy_fn,
     save_rollout_video,
 )
-from lib.run_logging import append_metrics, init_trackers, plot_metrics, tee_output  # noqa: E402
-from lib.schemas import RIPTConfig, validate_config  # noqa: E402
+from lib.run_logging import append_metrics, init_trackers, plot_metrics, tee_output
+from lib.schemas import RIPTConfig, validate_config
 
 
 # New in stage 09: YAML config + CLI overrides + validation, replacing the hard-coded config.

@@ -36,18 +36,16 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lib.config import ConfigError, load_config, to_flat_dict  # noqa: E402
-from lib.libero import (  # noqa: E402
+from lib.config import ConfigError, load_config, to_flat_dict
+from lib.libero import (
     LiberoInitStateDataset,
     VectorLiberoRollout,
     collate_fn_state,
     make_ript_policy,
     split_state_batch,
 )
-from lib.pi0 import seeded_noise_and_time  # noqa: E402
-from lib.ript import (  # noqa: E402
+from lib.pi0 import seeded_noise_and_time
+from lib.ript import (
     StateOutcomeHistory,
     collect_informative_groups,
     init_state_key,
@@ -60,8 +58,8 @@ from lib.rollout import (
     make_policy_fn,
     save_rollout_video,
 )
-from lib.run_logging import append_metrics, init_trackers, plot_metrics, tee_output  # noqa: E402
-from lib.schemas import RIPTConfig, validate_config  # noqa: E402
+from lib.run_logging import append_metrics, init_trackers, plot_metrics, tee_output
+from lib.schemas import RIPTConfig, validate_config
 
 
 # New in stage 09: YAML config + CLI overrides + validation, replacing the hard-coded config.

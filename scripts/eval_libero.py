@@ -19,13 +19,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lib.cfg_pi0 import PI0CFGPolicy  # noqa: E402
-from lib.checkpoint import check_writable_dir  # noqa: E402
-from lib.errors import exit_code_of  # noqa: E402
-from lib.libero import LiberoInitStateDataset, VectorLiberoRollout, max_steps_of  # noqa: E402
-from lib.pi0 import load_policy_fn  # noqa: E402
+from lib.cfg_pi0 import PI0CFGPolicy
+from lib.checkpoint import check_writable_dir
+from lib.errors import exit_code_of
+from lib.libero import LiberoInitStateDataset, VectorLiberoRollout, max_steps_of
+from lib.pi0 import load_policy_fn
 
 
 def parse_args() -> argparse.Namespace:

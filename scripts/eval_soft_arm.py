@@ -23,13 +23,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lib.checkpoint import check_writable_dir  # noqa: E402
-from lib.errors import exit_code_of  # noqa: E402
-from lib.graph_pi0 import PI0GraphPolicy  # noqa: E402
-from lib.pi0 import load_policy_fn  # noqa: E402
-from lib.soft_arm_sim import (  # noqa: E402
+from lib.checkpoint import check_writable_dir
+from lib.errors import exit_code_of
+from lib.graph_pi0 import PI0GraphPolicy
+from lib.pi0 import load_policy_fn
+from lib.soft_arm_sim import (
     CONTROL_HZ,
     MAX_STEPS,
     SUCCESS_RADIUS,

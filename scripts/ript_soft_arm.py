@@ -37,30 +37,28 @@ from accelerate.utils import set_seed
 from lerobot.configs import PreTrainedConfig
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lib.cfg_pi0 import PI0GraphCFGConfig, PI0GraphCFGPolicy  # noqa: E402
-from lib.config import load_config  # noqa: E402
-from lib.errors import exit_code_of  # noqa: E402
-from lib.graph_pi0 import PI0GraphConfig  # noqa: E402
-from lib.pi0 import (  # noqa: E402
+from lib.cfg_pi0 import PI0GraphCFGConfig, PI0GraphCFGPolicy
+from lib.config import load_config
+from lib.errors import exit_code_of
+from lib.graph_pi0 import PI0GraphConfig
+from lib.pi0 import (
     CheckpointError,
     load_pi0_processors,
     load_pretrained_policy,
     load_tokenizer,
     resolve_pretrained,
 )
-from lib.ript import (  # noqa: E402
+from lib.ript import (
     StateOutcomeHistory,
     collect_iteration,
     iteration_statistics,
     run_update,
     windows_with_advantages,
 )
-from lib.rollout import make_policy_fn  # noqa: E402
-from lib.run_logging import append_metrics  # noqa: E402
-from lib.schemas import SoftArmRIPTConfig, validate_soft_arm_ript_config  # noqa: E402
-from lib.soft_arm_sim import SoftArmVectorRollout  # noqa: E402
+from lib.rollout import make_policy_fn
+from lib.run_logging import append_metrics
+from lib.schemas import SoftArmRIPTConfig, validate_soft_arm_ript_config
+from lib.soft_arm_sim import SoftArmVectorRollout
 
 HELD_OUT_SEED_START = 10_000_000  # eval_soft_arm.py's
 TRAIN_SEED_START = 20_000_000  # the RL "init states"; never in the demonstrations or the held-out set

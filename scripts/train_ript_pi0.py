@@ -29,19 +29,17 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataPara
 from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lib.checkpoint import GracefulStop, check_output_dir, save_policy_checkpoint, start_output_dir  # noqa: E402
-from lib.config import load_config, to_flat_dict  # noqa: E402
-from lib.errors import exit_code_of  # noqa: E402
-from lib.libero import (  # noqa: E402
+from lib.checkpoint import GracefulStop, check_output_dir, save_policy_checkpoint, start_output_dir
+from lib.config import load_config, to_flat_dict
+from lib.errors import exit_code_of
+from lib.libero import (
     LiberoInitStateDataset,
     VectorLiberoRollout,
     collate_fn_state,
     make_ript_policy,
     split_state_batch,
 )
-from lib.ript import (  # noqa: E402
+from lib.ript import (
     RIPTProgress,
     StateOutcomeHistory,
     collect_iteration,
@@ -54,8 +52,8 @@ from lib.rollout import (
     make_policy_fn,
     save_rollout_video,
 )
-from lib.run_logging import append_metrics, init_trackers, plot_metrics, tee_output  # noqa: E402
-from lib.schemas import RIPTConfig, validate_config  # noqa: E402
+from lib.run_logging import append_metrics, init_trackers, plot_metrics, tee_output
+from lib.schemas import RIPTConfig, validate_config
 
 
 # New in stage 09: YAML config + CLI overrides + validation, replacing the hard-coded config.

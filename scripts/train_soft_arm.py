@@ -29,13 +29,11 @@ from lerobot.configs import FeatureType, PolicyFeature
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lib.checkpoint import GracefulStop, check_output_dir, save_policy_checkpoint, start_output_dir  # noqa: E402
-from lib.config import load_config, to_flat_dict  # noqa: E402
-from lib.errors import UserError, exit_code_of  # noqa: E402
-from lib.graph_pi0 import PI0GraphConfig, PI0GraphPolicy  # noqa: E402
-from lib.pi0 import (  # noqa: E402
+from lib.checkpoint import GracefulStop, check_output_dir, save_policy_checkpoint, start_output_dir
+from lib.config import load_config, to_flat_dict
+from lib.errors import UserError, exit_code_of
+from lib.graph_pi0 import PI0GraphConfig, PI0GraphPolicy
+from lib.pi0 import (
     MODEL_SIZES,
     count_parameters,
     load_tokenizer,
@@ -44,9 +42,9 @@ from lib.pi0 import (  # noqa: E402
     saved_model_size,
     seeded_noise_and_time,
 )
-from lib.run_logging import append_metrics, init_trackers, plot_metrics, setup_logging  # noqa: E402
-from lib.schemas import SoftArmTrainConfig, validate_soft_arm_train_config  # noqa: E402
-from lib.soft_arm import (  # noqa: E402
+from lib.run_logging import append_metrics, init_trackers, plot_metrics, setup_logging
+from lib.schemas import SoftArmTrainConfig, validate_soft_arm_train_config
+from lib.soft_arm import (
     ACTION_DIM,
     ACTION_KEY,
     GRAPH_KEY,
