@@ -109,7 +109,7 @@ def main() -> int:
         print(f"✗ config error: {error}", file=sys.stderr)
         return 2
     # New in stage 10: the seed's setup_distributed(). `cpu=` because a launcher config with
-    # `use_cpu: true` starts processes that never connect on a machine without a GPU (DESIGN.md).
+    # `use_cpu: true` starts processes that never connect on a machine without a GPU (docs/dependencies.md).
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=config.train.mixed_precision,

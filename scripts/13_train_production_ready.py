@@ -104,7 +104,7 @@ def main() -> int:
     # overwritten, and find the checkpoint to resume, before anything is written.
     checkpoint = check_output_dir(config.output_dir, args.resume or config.resume, args.overwrite)
     # New in stage 10: the seed's setup_distributed(). `cpu=` because a launcher config with
-    # `use_cpu: true` starts processes that never connect on a machine without a GPU (DESIGN.md).
+    # `use_cpu: true` starts processes that never connect on a machine without a GPU (docs/dependencies.md).
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=config.train.mixed_precision,

@@ -1,13 +1,16 @@
-"""RIPT: RL post-training of pi0 in LIBERO with Hugging Face Accelerate, the final script:
-stage 13 (scripts/13_train_production_ready.py) + evaluation on fixed init states every
-`train.eval_every` iterations and the RIPT diagnostics (advantage statistics, skipped states).
+"""RIPT: RL post-training of pi0 in LIBERO with Hugging Face Accelerate (the production script).
 
 Each iteration: draw init states (a DataLoader that accelerate shards across ranks), roll out K
 episodes from each in vectorized LIBERO envs, keep the groups whose outcomes differ (dynamic
 sampling), give every rollout its leave-one-out advantage, and update the flag-conditioned pi0
-with the CFG-RL objective (or the advantage-filtered baseline, `rl.objective`) for a few epochs
-over the rollout windows. Statistics are reduced across ranks. Checkpoints, `--resume`, clean
-stops on SIGTERM/SIGINT, per-rank logs and trackers are stage 13's (see its docstring).
+with `rl.objective` (CFG-RL by default) for a few epochs over the rollout windows: one iteration
+of the engine in lib/ript.py. Statistics are reduced across ranks; every `train.eval_every`
+iterations the policy is evaluated on fixed init states. Checkpoints hold weights, processors,
+optimizer, RNG, sampler position and per-state outcome history; `--resume latest` continues
+exactly; SIGTERM/SIGINT finish the iteration, save and exit 0. Each rank logs to
+`output_dir/train_rank{R}.log`; metrics go to the trackers, `metrics.jsonl` and `success.png`.
+It is stage 13 (scripts/13_train_production_ready.py) plus evaluation and the advantage
+statistics; a parity test checks that the two agree.
 
     python scripts/train_ript_pi0.py --config configs/debug_train_pi0.yaml
     accelerate launch --config_file accelerate_configs/8gpu.yaml scripts/train_ript_pi0.py \
@@ -56,7 +59,7 @@ from lib.run_logging import append_metrics, init_trackers, plot_metrics, tee_out
 from lib.schemas import RIPTConfig, validate_config
 
 
-# New in stage 09: YAML config + CLI overrides + validation, replacing the hard-coded config.
+# YAML config + CLI overrides + validation, replacing the hard-coded config.
 def load_config_from_yaml(path: Path, overrides: list[str]) -> DictConfig:
     """The schema's defaults (lib/schemas.py), then the YAML file, then `key=value` overrides."""
     config = load_config(RIPTConfig, path, overrides)
@@ -71,11 +74,11 @@ ADVANTAGE_KEYS = ("advantage_mean", "advantage_std", "advantage_positive_fractio
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # New in stage 09: a config file and overrides instead of a few fixed flags.
+    # A config file and overrides instead of a few fixed flags.
     parser.add_argument(
         "--config", "--config_path", dest="config", type=Path, default=Path("configs/train_pi0_cfg_rl.yaml")
     )
-    # stage 13: continue a run, or replace the run that output_dir holds
+    # Continue a run, or replace the run that output_dir holds
     parser.add_argument("--resume", metavar="CHECKPOINT", help="'latest' (newest of output_dir) or a checkpoint dir")
     parser.add_argument("--overwrite", action="store_true", help="replace the run that output_dir already holds")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.iterations=2")
@@ -84,26 +87,26 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    # New in stage 09: load and validate the YAML config (a bad one: one line, exit 2).
+    # Load and validate the YAML config (a bad one: one line, exit 2).
     config = load_config_from_yaml(args.config, args.overrides)
-    # New in stage 13: refuse an output_dir that holds another run unless it is resumed or
+    # Refuse an output_dir that holds another run unless it is resumed or
     # overwritten, and find the checkpoint to resume, before anything is written.
     checkpoint = check_output_dir(config.output_dir, args.resume or config.resume, args.overwrite)
-    # New in stage 10: the seed's setup_distributed(). `cpu=` because a launcher config with
-    # `use_cpu: true` starts processes that never connect on a machine without a GPU (DESIGN.md).
+    # The seed's setup_distributed(). `cpu=` because a launcher config with
+    # `use_cpu: true` starts processes that never connect on a machine without a GPU (docs/dependencies.md).
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=config.train.mixed_precision,
-        log_with=list(config.tracking.report_to) or None,  # New in stage 11: trackers
+        log_with=list(config.tracking.report_to) or None,  # trackers (tensorboard, wandb)
         project_dir=config.output_dir,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # New in stage 12
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     rank, world = accelerator.process_index, accelerator.num_processes
-    if accelerator.is_main_process:  # New in stage 13
+    if accelerator.is_main_process:
         start_output_dir(config.output_dir, checkpoint, args.overwrite)
     accelerator.wait_for_everyone()
-    # New in stage 11: every rank prints into output_dir/train_rank{R}.log; only the main
+    # Every rank prints into output_dir/train_rank{R}.log; only the main
     # process's output also reaches the console.
     log_file = tee_output(config.output_dir, rank, accelerator.is_main_process)
     print(f"✓ config loaded from {args.config} and validated")
@@ -112,7 +115,7 @@ def main() -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     print(f"config: {OmegaConf.to_container(config)}")
-    # New in stage 11: trackers (wandb offline by default, its run id kept for re-runs).
+    # Trackers (wandb offline by default, its run id kept for re-runs).
     init_trackers(
         accelerator,
         output_dir,
@@ -133,25 +136,25 @@ def main() -> int:
         eps=config.optim.eps,
         weight_decay=config.optim.weight_decay,
     )
-    # New in stage 12: init states as a PyTorch dataset, batched by a DataLoader that
+    # Init states as a PyTorch dataset, batched by a DataLoader that
     # accelerate shards across ranks.
     dataset = LiberoInitStateDataset(config.env.benchmark, config.env.task_names)
     state_loader = torch.utils.data.DataLoader(
         dataset, batch_size=config.rl.states_per_draw, shuffle=True, drop_last=True, collate_fn=collate_fn_state
     )
-    # New in stage 10: DDP-wrap the policy; `unwrap_model` is the seed's get_model_from_ddp().
+    # DDP-wrap the policy; `unwrap_model` is the seed's get_model_from_ddp().
     policy, optimizer, state_loader = accelerator.prepare(policy, optimizer, state_loader)
     unwrapped = accelerator.unwrap_model(policy)
     policy_fn = make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast)
     history = StateOutcomeHistory(skip_after=config.rl.skip_after, skip_for=config.rl.skip_for)
     parameters = sum(p.numel() for p in policy.parameters())
     print(f"{len(dataset)} init states, {len(state_loader)} batches per epoch and rank; {parameters} parameters")
-    # New in the final script: fixed init states for evaluation (each rank runs its share).
+    # Fixed init states for evaluation (each rank runs its share).
     eval_states = LiberoInitStateDataset(config.env.benchmark, config.env.task_names, config.train.eval_init_indices)
     eval_shard = [eval_states[i] for i in range(rank, len(eval_states), world)]
     print(f"{len(eval_states)} fixed init states for evaluation")
 
-    # New in stage 13: what a checkpoint restores besides weights, optimizer and RNG.
+    # What a checkpoint restores besides weights, optimizer and RNG.
     progress_state = RIPTProgress()
     accelerator.register_for_checkpointing(progress_state, history)
     if checkpoint is not None:
@@ -159,7 +162,7 @@ def main() -> int:
         print(f"resumed from {checkpoint} at iteration {progress_state.iteration}")
 
     def save(iteration: int) -> Path:
-        """New in stage 13: an atomic checkpoint; every rank's outcome history goes into it."""
+        """An atomic checkpoint; every rank's outcome history goes into it."""
         history.merge(gather_object([history.state_dict()]))
         path = save_policy_checkpoint(
             accelerator, output_dir, iteration, policy, [preprocessor, postprocessor, tokenizer], config.train.keep_last
@@ -169,7 +172,7 @@ def main() -> int:
 
     def draw_state_batches():
         """Init-state batches forever, epoch after epoch (a new shuffle each); resumes at the
-        sampler position of the checkpoint (New in stage 13)."""
+        sampler position of the checkpoint."""
         while True:
             epoch, skip = divmod(progress_state.draws, len(state_loader))
             loader = accelerator.skip_first_batches(state_loader, skip) if skip else state_loader
@@ -182,7 +185,7 @@ def main() -> int:
 
     progress_file = output_dir / "progress.json"
     progress = {"config": OmegaConf.to_container(config), "iterations": []}
-    if checkpoint is not None and progress_file.exists():  # New in stage 13: keep the earlier iterations
+    if checkpoint is not None and progress_file.exists():  # keep the earlier iterations
         progress["iterations"] = [
             r for r in json.loads(progress_file.read_text())["iterations"] if r["iteration"] <= progress_state.iteration
         ]
@@ -194,13 +197,13 @@ def main() -> int:
         config.env.replan_steps,
         seed=config.seed + 1000 * rank,
     )
-    stop = GracefulStop()  # New in stage 13: SIGTERM/SIGINT -> save and exit 0
+    stop = GracefulStop()  # SIGTERM/SIGINT -> save and exit 0
     process = psutil.Process()
     try:
         for iteration in range(progress_state.iteration + 1, config.train.iterations + 1):
             # Rollouts with smart sampling: keep only groups whose K outcomes differ.
             started = time.perf_counter()
-            # New in stage 11: a video of one rollout every `tracking.video_every` iterations.
+            # A video of one rollout every `tracking.video_every` iterations.
             record_video = (
                 accelerator.is_main_process
                 and config.tracking.video_every > 0
@@ -216,7 +219,7 @@ def main() -> int:
                 record_first=record_video,
             )
             rollout_time = time.perf_counter() - started
-            if record_video:  # New in stage 11
+            if record_video:
                 print(f"video: {save_rollout_video(rollouts.episodes, output_dir / 'videos', iteration)}")
 
             # Batched training on the kept rollouts' windows, weighted by leave-one-out advantage.
@@ -233,9 +236,9 @@ def main() -> int:
                 config.seed,
                 iteration,
             )
-            update_time = time.perf_counter() - started - rollout_time  # New in stage 13
+            update_time = time.perf_counter() - started - rollout_time
 
-            # New in stage 10: statistics summed (loss averaged) over all ranks.
+            # Statistics summed (loss averaged) over all ranks.
             statistics = iteration_statistics(accelerator, rollouts, advantages)
             record = {
                 "iteration": iteration,
@@ -243,16 +246,16 @@ def main() -> int:
                 "update_steps": len(losses),
                 "loss": accelerator.reduce(torch.stack(losses).mean(), "mean").item() if losses else None,
                 "rollout_time_s": rollout_time,
-                # New in stage 13: performance and memory monitoring.
+                # Performance and memory monitoring.
                 "update_time_s": update_time,
                 "env_steps_per_s": statistics["env_steps"] / max(rollout_time, 1e-9),
                 "worker_restarts": envs.worker_restarts,
                 "rss_gib": process.memory_info().rss / 2**30,
                 "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
-                # New in the final script: advantage statistics and skipped states, over all ranks.
+                # Advantage statistics and skipped states, over all ranks.
                 **{key: statistics[key] for key in ADVANTAGE_KEYS},
             }
-            # New in the final script: evaluation on the fixed init states.
+            # Evaluation on the fixed init states.
             if iteration % config.train.eval_every == 0 or iteration == config.train.iterations:
                 unwrapped.eval()
                 eval_results = envs.run(eval_shard, policy_fn) if eval_shard else []
@@ -263,7 +266,7 @@ def main() -> int:
                 record["eval_success_rate"] = eval_successes / max(eval_episodes, 1)
                 print(f"evaluation: success {record['eval_success_rate']:.2f} on {eval_episodes} fixed init states")
             progress["iterations"].append(record)
-            # New in stage 11: metrics to the trackers and to metrics.jsonl.
+            # Metrics to the trackers and to metrics.jsonl.
             metrics = {
                 f"ript/{key}": value for key, value in record.items() if key != "iteration" and value is not None
             }
@@ -277,13 +280,13 @@ def main() -> int:
                 f"rollout {rollout_time:.1f} s, update {update_time:.1f} s, {record['rss_gib']:.1f} GiB RSS"
             )
             progress_state.iteration = iteration
-            # New in stage 13: free what the iteration left behind (rollout windows, frames).
+            # Free what the iteration left behind (rollout windows, frames).
             del rollouts, windows, advantages
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-            # New in stage 13: checkpoints, and a clean stop on SIGTERM/SIGINT.
+            # Checkpoints, and a clean stop on SIGTERM/SIGINT.
             stopped = stop.should_stop(accelerator)
             if iteration % config.train.save_every == 0 or iteration == config.train.iterations or stopped:
                 checkpoint = save(iteration)
@@ -291,14 +294,14 @@ def main() -> int:
                 print(f"signal {stop.received} received: stopped at iteration {iteration} after saving")
                 break
     except Exception:
-        # New in stage 13: the failure goes to this rank's log; resume from the last checkpoint.
+        # The failure goes to this rank's log; resume from the last checkpoint.
         traceback.print_exc()
         print(f"iteration {progress_state.iteration + 1} failed; resume with --resume latest", file=sys.stderr)
         raise
     finally:
         envs.close()
     print(f"progress written to {progress_file}")
-    # New in stage 11: a plot of the success rate, and where the logs are.
+    # A plot of the success rate, and where the logs are.
     if accelerator.is_main_process and metrics_file.exists():
         plot_metrics(
             metrics_file, output_dir / "success.png", ("ript/success_rate", "ript/eval_success_rate"), log_scale=False
@@ -306,7 +309,7 @@ def main() -> int:
     print(f"logs: {log_file} (one per rank), metrics: {metrics_file}")
     if checkpoint is not None:
         print(f"checkpoint: {checkpoint / 'pretrained_model'}")
-    # New in stage 10: the seed's cleanup_distributed(); an orderly end (gloo aborts at exit on
+    # The seed's cleanup_distributed(); an orderly end (gloo aborts at exit on
     # Python 3.12 without it).
     accelerator.wait_for_everyone()
     policy = optimizer = unwrapped = state_loader = None

@@ -107,7 +107,7 @@ def main() -> int:
 
     # ------------------------------------------------------------------------------------------
     # Accelerator. `cpu=` because on a machine without a GPU, a launcher config with
-    # `use_cpu: true` starts processes that never connect (see DESIGN.md); MULTI_GPU + this
+    # `use_cpu: true` starts processes that never connect (docs/dependencies.md); MULTI_GPU + this
     # gives real gloo ranks on CPU. find_unused_parameters: the graph encoder idles on batches
     # without a graph.
     accelerator = Accelerator(
