@@ -10,6 +10,7 @@ is the plain baseline, `behavior_cloning` (every window, reward ignored) the no-
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
@@ -39,6 +40,7 @@ class PI0WithCondition(PI0Pytorch):
         nn.init.zeros_(self.condition_embedding.weight)  # starts as plain pi0 for either flag
         self._flags: Tensor | None = None
         self._guidance_weight: float | None = None
+        self._flow_noise: tuple[float, float, list[tuple[Tensor, Tensor]]] | None = None
 
     @contextlib.contextmanager
     def conditioning(self, flags: Tensor | None, guidance_weight: float | None = None) -> Iterator[None]:
@@ -58,15 +60,34 @@ class PI0WithCondition(PI0Pytorch):
         embs = torch.cat([embs[:, :1] + flag_embs[:, None], embs[:, 1:]], dim=1)
         return embs, pad_masks, att_masks, adarms_cond
 
+    @contextlib.contextmanager
+    def noisy_sampling(self, std: float, num_steps: int) -> Iterator[list[tuple[Tensor, Tensor]]]:
+        """Flow-Noise sampling: within the block every Euler step of `sample_actions` becomes a
+        Gaussian transition x_{k+1} = x_k + dt v(x_k, t_k) + std eps. LeRobot's loop computes
+        x + dt v', so the noise enters as v' = v + std eps / dt. Yields the record: per step, x_k and
+        the transition mean x_k + dt v."""
+        record: list[tuple[Tensor, Tensor]] = []
+        self._flow_noise = (std, -1.0 / num_steps, record)
+        try:
+            yield record
+        finally:
+            self._flow_noise = None
+
     def denoise_step(self, state, prefix_pad_masks, past_key_values, x_t, timestep):
         if self._guidance_weight is None:
-            return super().denoise_step(state, prefix_pad_masks, past_key_values, x_t, timestep)
-        # Both branches in one forward: the prefix (and its KV cache) was built on [cond; null].
-        velocity = super().denoise_step(
-            state, prefix_pad_masks, past_key_values, torch.cat([x_t, x_t]), torch.cat([timestep, timestep])
-        )
-        v_cond, v_null = velocity.chunk(2)
-        return v_null + self._guidance_weight * (v_cond - v_null)
+            velocity = super().denoise_step(state, prefix_pad_masks, past_key_values, x_t, timestep)
+        else:
+            # Both branches in one forward: the prefix (and its KV cache) was built on [cond; null].
+            both = super().denoise_step(
+                state, prefix_pad_masks, past_key_values, torch.cat([x_t, x_t]), torch.cat([timestep, timestep])
+            )
+            v_cond, v_null = both.chunk(2)
+            velocity = v_null + self._guidance_weight * (v_cond - v_null)
+        if self._flow_noise is None:
+            return velocity
+        std, dt, record = self._flow_noise
+        record.append((x_t, x_t + dt * velocity))
+        return velocity + std * torch.randn_like(x_t) / dt
 
     @torch.no_grad()
     def sample_actions_guided(
@@ -117,6 +138,13 @@ class PI0CFGPolicy(CheckedLoadPolicy):
     new_parts = {"pi0": ("model.condition_embedding.",)}
     network_cls = PI0WithCondition
 
+    def __init__(self, config: PI0CFGConfig, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        # Exploration noise of Flow-Noise sampling (0: the deterministic guided sampler). A run-time
+        # setting of the RL loop (`exploration_noise`), not saved: a checkpoint acts deterministically.
+        self.flow_noise_std = 0.0
+        self._sampling_record: dict[str, Tensor] | None = None
+
     def _model_kwargs(self, batch: dict[str, Tensor]) -> dict[str, Tensor | None]:
         """Network inputs beyond plain pi0's (none here; the graph in the graph variant)."""
         return {}
@@ -131,13 +159,78 @@ class PI0CFGPolicy(CheckedLoadPolicy):
             self.prepare_state(batch),
         )
 
+    @property
+    def action_dim(self) -> int:
+        return self.config.output_features[ACTION].shape[0]
+
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict[str, Tensor], noise: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """Guided sampling; with `flow_noise_std` > 0, Flow-Noise sampling whose denoising chain and
+        step log-probabilities wait in `pop_sampling_record()` for the rollout to keep."""
         self.eval()
+        if self.flow_noise_std > 0:
+            actions, chain, step_log_probs = self.sample_with_flow_noise(batch, noise)
+            self._sampling_record = {"flow_chain": chain, "flow_step_log_probs": step_log_probs}
+            return actions
         actions = self.model.sample_actions_guided(
             *self._model_inputs(batch), self.config.guidance_weight, noise=noise, **self._model_kwargs(batch)
         )
-        return actions[:, :, : self.config.output_features[ACTION].shape[0]]
+        return actions[:, :, : self.action_dim]
+
+    def pop_sampling_record(self) -> dict[str, Tensor] | None:
+        """What the last `predict_action_chunk` recorded for the update (per batch row), once."""
+        record, self._sampling_record = self._sampling_record, None
+        return record
+
+    @torch.no_grad()
+    def sample_with_flow_noise(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> tuple[Tensor, ...]:
+        """Flow-Noise sampling (unguided, null flag): actions (B, chunk, action_dim), the denoising
+        chain x_0 (noise) ... x_K (actions) as (B, K+1, chunk, max_action_dim), and the exact
+        log-probability of every step's transition, per element (B, K, chunk, max_action_dim)."""
+        inputs = self._model_inputs(batch)
+        flags = torch.full((inputs[-1].shape[0],), NULL_FLAG, device=inputs[-1].device)
+        steps = self.config.num_inference_steps
+        with self.model.conditioning(flags), self.model.noisy_sampling(self.flow_noise_std, steps) as record:
+            final = self.model.sample_actions(*inputs, noise=noise, num_steps=steps, **self._model_kwargs(batch))
+        chain = torch.stack([x for x, _ in record] + [final], dim=1).float()
+        means = torch.stack([mean for _, mean in record], dim=1).float()
+        step_log_probs = torch.distributions.Normal(means, self.flow_noise_std).log_prob(chain[:, 1:])
+        return final[:, :, : self.action_dim], chain, step_log_probs
+
+    def chain_log_probs(self, batch: dict[str, Tensor], chain: Tensor, std: float) -> Tensor:
+        """Log-probability (with gradient) of every transition of recorded denoising chains
+        (B, K+1, chunk, max_action_dim) under Flow-Noise sampling with `std`, per element.
+
+        Through LeRobot's own training forward, which returns (u - v(x_t, t))^2 for
+        x_t = t noise + (1 - t) actions and u = noise - actions: choosing noise and actions so that
+        x_t = x_k and u = (x_{k+1} - x_k) / dt makes it (x_{k+1} - x_k - dt v(x_k, t_k))^2 / dt^2,
+        the Gaussian's exponent up to the factor dt^2 / (2 std^2). All K steps of all windows run as
+        one batch of B*K rows (null flag, as sampled)."""
+        batch_size, steps = chain.shape[0], chain.shape[1] - 1
+        dt = -1.0 / steps
+        x_k, x_next = chain[:, :-1], chain[:, 1:]
+        times = (1.0 + dt * torch.arange(steps, device=chain.device, dtype=torch.float32))[None, :, None, None]
+        velocity_target = (x_next - x_k) / dt
+        actions, noise = x_k - times * velocity_target, x_k + (1 - times) * velocity_target
+
+        def repeat(value: Any) -> Any:
+            if isinstance(value, list):
+                return [repeat(item) for item in value]
+            return None if value is None else value.repeat_interleave(steps, dim=0)
+
+        inputs = [repeat(value) for value in self._model_inputs(batch)]
+        model_kwargs = {key: repeat(value) for key, value in self._model_kwargs(batch).items()}
+        flags = torch.full((batch_size * steps,), NULL_FLAG, device=chain.device)
+        with self.model.conditioning(flags):
+            squared = self.model(
+                *inputs,
+                actions.flatten(0, 1),
+                noise.flatten(0, 1),
+                times.expand(batch_size, steps, 1, 1).flatten(),
+                **model_kwargs,
+            )
+        log_probs = -(dt**2) * squared / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)
+        return log_probs.view(chain.shape[0], steps, *chain.shape[2:])
 
     def flow_losses(self, batch: dict[str, Tensor], flags: Tensor, noise: Tensor, time: Tensor) -> Tensor:
         """Per-sample flow-matching loss (B,) under optimality `flags` (B,), over real action dims
@@ -158,14 +251,19 @@ class PI0CFGPolicy(CheckedLoadPolicy):
         time: Tensor,
         objective: str = "cfg_rl",
         alpha: float = 0.1,
+        std: float = 0.1,
+        clip_epsilon: float = 0.2,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """RL loss of a batch of rollout windows with their advantages (B,)."""
+        """RL loss of a batch of rollout windows with their advantages (B,). `alpha`: the null
+        branch's weight in cfg_rl; `std`, `clip_epsilon`: flow_noise's sampling noise and PPO clip."""
         if objective == "cfg_rl":
             return cfg_rl_loss(self, batch, advantages, noise, time, alpha)
         if objective == "advantage_filtered":
             return advantage_filtered_loss(self, batch, advantages, noise, time)
         if objective == "behavior_cloning":
             return advantage_filtered_loss(self, batch, torch.ones_like(advantages), noise, time)
+        if objective == "flow_noise":
+            return flow_noise_loss(self, batch, advantages, std, clip_epsilon)
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
 
 
@@ -201,6 +299,56 @@ def advantage_filtered_loss(
     positive = (advantages > 0).to(losses.dtype)
     loss = (positive * losses).sum() / positive.sum().clamp_min(1.0)
     return loss, {"loss": loss.detach(), "positive_fraction": positive.mean()}
+
+
+def window_mask(policy: PI0CFGPolicy, batch: dict[str, Tensor], shape: torch.Size) -> Tensor:
+    """(B, K, chunk, max_action_dim) mask of the elements of a denoising chain that became executed
+    actions: the real action dims of the unpadded chunk steps."""
+    mask = torch.zeros(shape, dtype=torch.bool, device=batch[OBS_LANGUAGE_TOKENS].device)
+    mask[..., : policy.action_dim] = True
+    if "action_is_pad" in batch:
+        mask &= ~batch["action_is_pad"][:, None, :, None]
+    return mask
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `values` over the `mask`ed elements of each row: (B, ...) -> (B,)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1.0)
+
+
+def flow_noise_loss(
+    policy: PI0CFGPolicy, batch: dict[str, Tensor], advantages: Tensor, std: float, clip_epsilon: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped surrogate on the Flow-Noise log-probabilities of the executed actions' chains.
+
+    The ratio is exp of the mean per-element log-ratio (new minus old, the old recorded at rollout
+    time) over the executed elements of a window's chain, like GRPO's per-token ratios: a sum over
+    its thousands of Gaussian elements would make one ratio explode. With zero advantages the loss
+    and its gradient are zero."""
+    chain = batch["flow_chain"]
+    mask = window_mask(policy, batch, chain[:, 1:].shape)
+    new = masked_mean(policy.chain_log_probs(batch, chain, std), mask)
+    old = masked_mean(batch["flow_step_log_probs"], mask)
+    ratio = torch.exp(new - old)
+    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip_epsilon, 1 + clip_epsilon) * advantages)
+    loss = -surrogate.mean()
+    return loss, {
+        "loss": loss.detach(),
+        "approx_kl": (old - new).detach().mean(),
+        "clip_fraction": ((ratio - 1).abs() > clip_epsilon).float().mean(),
+    }
+
+
+@contextlib.contextmanager
+def exploration_noise(policy: Any, rl: Any) -> Iterator[None]:
+    """Within the block `policy` samples as the RL objective needs: Flow-Noise sampling with
+    `rl.flow_noise_std` for `flow_noise`, deterministic otherwise."""
+    policy.flow_noise_std = rl.flow_noise_std if rl.objective == "flow_noise" else 0.0
+    try:
+        yield
+    finally:
+        policy.flow_noise_std = 0.0
 
 
 # --- The graph policy with the flag: CFG-RL on the soft arm ---------------------------------------

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from lib.config import ConfigError
-from lib.rollout import PolicyFn, Window
+from lib.rollout import PolicyFn, Window, split_policy_output
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
@@ -341,8 +341,8 @@ class VectorLiberoRollout:
             start_next(worker)
         while active:
             workers = sorted(active)
-            chunks = np.asarray(policy_fn([active[w][1] for w in workers]), dtype=np.float32)
-            for worker, chunk in zip(workers, chunks, strict=True):
+            chunks, extras = split_policy_output(policy_fn([active[w][1] for w in workers]))
+            for worker, chunk, extra in zip(workers, chunks, extras, strict=True):
                 episode, observation = active.pop(worker)
                 result = results[episode]
                 steps = min(self.replan_steps, self.max_steps - result.length, len(chunk))
@@ -354,7 +354,7 @@ class VectorLiberoRollout:
                     self._fail(worker, episode, results, pending)
                     start_next(worker)
                     continue
-                result.windows.append(Window(observation=observation, actions=chunk, executed=executed))
+                result.windows.append(Window(observation, chunk, executed, extra))
                 result.frames.extend(frames)
                 result.length += executed
                 if success or result.length >= self.max_steps:

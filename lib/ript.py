@@ -197,12 +197,19 @@ def window_batch(
     windows: list[Any], advantages: list[float], picked: list[int], chunk_size: int
 ) -> tuple[dict[str, Any], Tensor]:
     """A raw policy batch (before the pre-processor) of the picked windows: observations and the
-    chunk each produced (steps past the executed ones marked `action_is_pad`); and their advantages."""
+    chunk each produced (steps past the executed ones marked `action_is_pad`); and their advantages.
+    What the sampling recorded (`Window.extras`) is `window_extras`'s, added after pre-processing."""
     batch = observations_to_batch([windows[i].observation for i in picked])
     batch[ACTION] = torch.from_numpy(np.stack([windows[i].actions for i in picked]))
     executed = torch.tensor([windows[i].executed for i in picked])
     batch["action_is_pad"] = torch.arange(chunk_size)[None] >= executed[:, None]
     return batch, torch.tensor([advantages[i] for i in picked])
+
+
+def window_extras(windows: list[Window], picked: list[int], device: Any) -> dict[str, Tensor]:
+    """The picked windows' sampling records (`Window.extras`) stacked into tensors on `device`."""
+    keys = windows[picked[0]].extras.keys()
+    return {key: torch.from_numpy(np.stack([windows[i].extras[key] for i in picked])).to(device) for key in keys}
 
 
 # --- The engine: one RIPT iteration from the `rl` config section ----------------------------------
@@ -301,13 +308,20 @@ def run_update(
     losses = []
     for step, picked in enumerate(order):
         batch, batch_advantages = window_batch(windows, advantages, picked, unwrapped.config.chunk_size)
-        batch = preprocessor(batch)
+        batch = {**preprocessor(batch), **window_extras(windows, picked, accelerator.device)}
         noise, flow_time = seeded_noise_and_time(
             unwrapped.model, len(picked), noise_seed(seed, iteration, step, rank, world), accelerator.device
         )
         with accelerator.autocast():
             loss, _ = policy(
-                batch, batch_advantages.to(accelerator.device), noise, flow_time, objective=rl.objective, alpha=rl.alpha
+                batch,
+                batch_advantages.to(accelerator.device),
+                noise,
+                flow_time,
+                objective=rl.objective,
+                alpha=rl.alpha,
+                std=rl.flow_noise_std,
+                clip_epsilon=rl.clip_epsilon,
             )
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(policy.parameters(), grad_clip_norm)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,26 @@ import torch
 
 IMAGE_PREFIX = "observation.images."
 
-PolicyFn = Callable[[list[dict[str, Any]]], np.ndarray]
+
+@dataclass
+class PolicyOutput:
+    """Action chunks (n, chunk, action_dim) plus, per row, what the RL update needs of how they
+    were sampled (e.g. Flow-Noise's denoising chain and step log-probabilities)."""
+
+    actions: np.ndarray
+    extras: list[dict[str, np.ndarray]]
+
+
+# Observations in; action chunks (n, chunk, action_dim) out, or a `PolicyOutput`.
+PolicyFn = Callable[[list[dict[str, Any]]], "np.ndarray | PolicyOutput"]
+
+
+def split_policy_output(output: np.ndarray | PolicyOutput) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
+    """(float32 chunks, per-row extras) of a policy function's answer."""
+    if isinstance(output, PolicyOutput):
+        return np.asarray(output.actions, dtype=np.float32), output.extras
+    chunks = np.asarray(output, dtype=np.float32)
+    return chunks, [{} for _ in range(len(chunks))]
 
 
 @dataclass
@@ -25,6 +44,7 @@ class Window:
     observation: dict[str, Any]
     actions: np.ndarray
     executed: int
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # see PolicyOutput
 
 
 def observations_to_batch(observations: list[dict[str, Any]]) -> dict[str, Any]:
@@ -49,13 +69,19 @@ def make_policy_fn(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> PolicyFn:
     """The simulators' view of a policy: observations in, unnormalized action chunks
-    (n, chunk, action_dim) out, one batched `predict_action_chunk` for all of them."""
+    (n, chunk, action_dim) out, one batched `predict_action_chunk` for all of them; a
+    `PolicyOutput` when the policy recorded how it sampled (`pop_sampling_record`)."""
 
     @torch.no_grad()
-    def policy_fn(observations: list[dict[str, Any]]) -> np.ndarray:
+    def policy_fn(observations: list[dict[str, Any]]) -> np.ndarray | PolicyOutput:
         with autocast():
             chunks = policy.predict_action_chunk(preprocessor(observations_to_batch(observations)))
-        return postprocessor(chunks.float()).numpy()
+        actions = postprocessor(chunks.float()).numpy()
+        record = policy.pop_sampling_record() if hasattr(policy, "pop_sampling_record") else None
+        if record is None:
+            return actions
+        rows = {key: value.float().cpu().numpy() for key, value in record.items()}
+        return PolicyOutput(actions, [{key: value[i] for key, value in rows.items()} for i in range(len(actions))])
 
     return policy_fn
 

@@ -12,9 +12,10 @@ from typing import Any, Optional
 
 from lib.config import check
 
-# The update objectives (lib/cfg_pi0.py): the seed's CFG-RL, the advantage-filtered baseline, and
-# behaviour cloning on every window (reward ignored: the no-reward control).
-OBJECTIVES = ("cfg_rl", "advantage_filtered", "behavior_cloning")
+# The update objectives (lib/cfg_pi0.py): the seed's CFG-RL, the advantage-filtered baseline,
+# behaviour cloning on every window (reward ignored: the no-reward control), and a PPO update on the
+# exact log-probabilities of Flow-Noise sampling (stochastic denoising steps, as in piRL).
+OBJECTIVES = ("cfg_rl", "advantage_filtered", "behavior_cloning", "flow_noise")
 
 
 # --- Sections every trainer shares ------------------------------------------------------------------
@@ -128,8 +129,10 @@ class RLConfig:
     max_draw_rounds: int = 4  # dynamic-sampling draws per iteration at most
     skip_after: int = 3  # a state solved K/K this many times in a row ...
     skip_for: int = 5  # ... is skipped for this many draws
-    objective: str = "cfg_rl"  # cfg_rl | advantage_filtered | behavior_cloning
+    objective: str = "cfg_rl"  # cfg_rl | advantage_filtered | behavior_cloning | flow_noise
     alpha: float = 0.1  # weight of the unconditional branch in cfg_rl
+    flow_noise_std: float = 0.1  # flow_noise: std of the noise added at every denoising step (normalized actions)
+    clip_epsilon: float = 0.2  # flow_noise: PPO's ratio clip
     update_epochs: int = 4
     minibatch_size: int = 16
 
@@ -168,6 +171,8 @@ def validate_rl(rl: Any) -> None:
     check(rl.skip_after > 0, "rl.skip_after", "> 0", rl.skip_after)
     check(rl.skip_for >= 0, "rl.skip_for", ">= 0", rl.skip_for)
     check(rl.alpha >= 0, "rl.alpha", ">= 0", rl.alpha)
+    check(rl.flow_noise_std > 0, "rl.flow_noise_std", "> 0", rl.flow_noise_std)
+    check(0 < rl.clip_epsilon < 1, "rl.clip_epsilon", "in (0, 1)", rl.clip_epsilon)
 
 
 def validate_config(config: Any) -> None:

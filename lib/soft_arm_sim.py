@@ -46,7 +46,7 @@ os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 
 import mujoco  # noqa: E402
 
-from lib.rollout import PolicyFn, Window  # noqa: E402
+from lib.rollout import PolicyFn, Window, split_policy_output  # noqa: E402
 from lib.soft_arm import GRAPH_KEY, IMAGE_KEY, STATE_KEY  # noqa: E402
 
 NUM_SEGMENTS = 10
@@ -375,8 +375,8 @@ def run_soft_arm_episodes(
             start_next(simulator)
         while running:
             order = sorted(running)
-            chunks = np.asarray(policy_fn([running[i][1] for i in order]), dtype=np.float32)
-            for simulator, chunk in zip(order, chunks, strict=True):
+            chunks, extras = split_policy_output(policy_fn([running[i][1] for i in order]))
+            for simulator, chunk, extra in zip(order, chunks, extras, strict=True):
                 index, observation = running.pop(simulator)
                 episode, sim = episodes[index], simulators[simulator]
                 executed, done = 0, False
@@ -391,7 +391,7 @@ def run_soft_arm_episodes(
                     if done:
                         episode.success = success
                         break
-                episode.windows.append(Window(observation=observation, actions=chunk, executed=executed))
+                episode.windows.append(Window(observation, chunk, executed, extra))
                 if done:
                     episode.final_distance = episode.distances[-1]
                     if progress is not None:

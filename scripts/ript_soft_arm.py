@@ -37,7 +37,7 @@ from accelerate.utils import set_seed
 from lerobot.configs import PreTrainedConfig
 from tqdm.auto import tqdm
 
-from lib.cfg_pi0 import PI0GraphCFGConfig, PI0GraphCFGPolicy
+from lib.cfg_pi0 import PI0GraphCFGConfig, PI0GraphCFGPolicy, exploration_noise
 from lib.config import load_config
 from lib.errors import exit_code_of
 from lib.graph_pi0 import PI0GraphConfig
@@ -138,9 +138,10 @@ def run_seed(config, seed: int, source: Path) -> dict:
     episodes_used = 0
     for iteration in tqdm(range(1, config.iterations + 1), desc=f"seed {seed} iterations"):
         iteration_started = time.perf_counter()
-        rollouts = collect_iteration(
-            config.rl, lambda: next(draws), envs, policy_fn, history, key_of=lambda state: state["seed"]
-        )
+        with exploration_noise(unwrapped, config.rl):  # Flow-Noise sampling for flow_noise
+            rollouts = collect_iteration(
+                config.rl, lambda: next(draws), envs, policy_fn, history, key_of=lambda state: state["seed"]
+            )
         rollout_time = time.perf_counter() - iteration_started
         windows, advantages = windows_with_advantages(rollouts.kept)
         losses = run_update(

@@ -32,6 +32,7 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataPara
 from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
 
+from lib.cfg_pi0 import exploration_noise
 from lib.checkpoint import GracefulStop, check_output_dir, save_policy_checkpoint, start_output_dir
 from lib.config import load_config, to_flat_dict
 from lib.errors import exit_code_of
@@ -209,15 +210,16 @@ def main() -> int:
                 and config.tracking.video_every > 0
                 and (iteration % config.tracking.video_every == 0)
             )
-            rollouts = collect_iteration(
-                config.rl,
-                lambda: next(state_batches),
-                envs,
-                policy_fn,
-                history,
-                init_state_key,
-                record_first=record_video,
-            )
+            with exploration_noise(unwrapped, config.rl):  # Flow-Noise sampling for flow_noise
+                rollouts = collect_iteration(
+                    config.rl,
+                    lambda: next(state_batches),
+                    envs,
+                    policy_fn,
+                    history,
+                    init_state_key,
+                    record_first=record_video,
+                )
             rollout_time = time.perf_counter() - started
             if record_video:
                 print(f"video: {save_rollout_video(rollouts.episodes, output_dir / 'videos', iteration)}")
