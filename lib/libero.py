@@ -32,7 +32,7 @@ os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 # Episode step limits per suite (the standard LIBERO evaluation protocol).
 MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
 STATE_DIM, ACTION_DIM = 8, 7
-SETTLE_STEPS = 10  # no-op steps after a reset while objects fall into place
+SETTLE_STEPS = 10  # no-op steps after a reset while objects fall into place (the LIBERO protocol)
 NOOP_ACTION = np.array([0.0] * 6 + [-1.0], dtype=np.float32)
 AGENTVIEW_KEY = "observation.images.agentview"
 WRIST_KEY = "observation.images.wrist"
@@ -187,7 +187,7 @@ def make_ript_policy(model: Any, device: str) -> tuple[Any, Any, Any, Any]:
     return policy, preprocessor, postprocessor, tokenizer
 
 
-def _env_worker(connection: Any, benchmark_name: str, camera_size: int, seed: int) -> None:
+def _env_worker(connection: Any, benchmark_name: str, camera_size: int, seed: int, settle_steps: int) -> None:
     """Worker loop: ("reset", task_id, init_state) -> observation; ("step", actions) -> (observation,
     success, steps executed, frames); ("close",) ends it. Errors are sent back, not raised."""
     env, env_task = None, None
@@ -205,7 +205,7 @@ def _env_worker(connection: Any, benchmark_name: str, camera_size: int, seed: in
                         env, env_task = make_libero_env(benchmark_name, task_id, camera_size, seed), task_id
                     env.reset()
                     obs = env.set_init_state(init_state)
-                    for _ in range(SETTLE_STEPS):
+                    for _ in range(settle_steps):
                         obs, _, _, _ = env.step(NOOP_ACTION)
                     connection.send(("ok", observation_to_policy(obs)))
                 elif command == "step":
@@ -260,6 +260,7 @@ class VectorLiberoRollout:
         seed: int = 0,
         worker_timeout_s: float = 600.0,
         max_retries: int = 2,
+        settle_steps: int = SETTLE_STEPS,
     ) -> None:
         import multiprocessing
 
@@ -270,6 +271,7 @@ class VectorLiberoRollout:
         self.seed = seed
         self.worker_timeout_s = worker_timeout_s
         self.max_retries = max_retries
+        self.settle_steps = settle_steps
         self.worker_restarts = 0
         self._context = multiprocessing.get_context("spawn")  # no fork of a process holding torch / EGL
         self._workers: list[tuple[Any, Any] | None] = [None] * num_envs
@@ -280,7 +282,9 @@ class VectorLiberoRollout:
     def _start_worker(self, index: int) -> None:
         parent, child = self._context.Pipe()
         process = self._context.Process(
-            target=_env_worker, daemon=True, args=(child, self.benchmark_name, self.camera_size, self.seed + index)
+            target=_env_worker,
+            daemon=True,
+            args=(child, self.benchmark_name, self.camera_size, self.seed + index, self.settle_steps),
         )
         process.start()
         child.close()

@@ -119,6 +119,7 @@ class EnvConfig:
     camera_size: int = 128
     max_steps: Optional[int] = None  # None: the suite's standard limit
     replan_steps: int = 5  # actions executed from each chunk before the next policy call
+    settle_steps: int = 10  # no-op steps after each reset while objects settle (LIBERO's protocol: 10)
 
 
 @dataclass
@@ -181,6 +182,7 @@ def validate_config(config: Any) -> None:
     validate_optim(config.optim)
     check(config.env.num_envs > 0, "env.num_envs", "> 0", config.env.num_envs)
     check(config.env.replan_steps > 0, "env.replan_steps", "> 0", config.env.replan_steps)
+    check(config.env.settle_steps >= 0, "env.settle_steps", ">= 0", config.env.settle_steps)
     check(
         0 < config.env.replan_steps <= config.model.chunk_size,
         "env.replan_steps",

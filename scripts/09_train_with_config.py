@@ -129,6 +129,7 @@ def main() -> int:
         config.env.max_steps,
         config.env.replan_steps,
         seed=config.seed,
+        settle_steps=config.env.settle_steps,
     )
     all_results = []  # every episode rolled out in the current iteration
     try:

@@ -36,6 +36,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--camera_size", type=int, default=224)
     parser.add_argument("--max_steps", type=int, default=None, help="default: the suite's standard limit")
     parser.add_argument("--replan_steps", type=int, default=5)
+    parser.add_argument("--settle_steps", type=int, default=10, help="no-op steps after a reset (protocol: 10)")
     parser.add_argument("--videos_per_task", type=int, default=2)
     parser.add_argument("--fps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=7)
@@ -73,7 +74,13 @@ def main() -> int:
     started = time.perf_counter()
     with (
         VectorLiberoRollout(
-            args.benchmark, args.num_envs, args.camera_size, max_steps, args.replan_steps, seed=args.seed
+            args.benchmark,
+            args.num_envs,
+            args.camera_size,
+            max_steps,
+            args.replan_steps,
+            seed=args.seed,
+            settle_steps=args.settle_steps,
         ) as envs,
         tqdm(total=len(requests), desc=f"{args.benchmark} episodes") as bar,
     ):

@@ -197,6 +197,7 @@ def main() -> int:
         config.env.max_steps,
         config.env.replan_steps,
         seed=config.seed + 1000 * rank,
+        settle_steps=config.env.settle_steps,
     )
     stop = GracefulStop()  # SIGTERM/SIGINT -> save and exit 0
     process = psutil.Process()

@@ -39,7 +39,10 @@ def test_init_state_dataset_and_collate():
 def test_rollouts_batch_policy_calls_and_survive_a_dead_worker():
     requests = [dict(item) for item in LiberoInitStateDataset("libero_spatial", [TASK], init_indices=[0, 1, 2])]
     calls = []
-    with VectorLiberoRollout("libero_spatial", num_envs=2, camera_size=64, max_steps=4, replan_steps=2) as envs:
+    rollout = VectorLiberoRollout(
+        "libero_spatial", num_envs=2, camera_size=64, max_steps=4, replan_steps=2, settle_steps=1
+    )
+    with rollout as envs:
         victim = envs._workers[1][0].pid
 
         def policy_fn(observations):

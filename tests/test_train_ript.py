@@ -131,6 +131,8 @@ def test_eval_libero_writes_summary_plot_and_video(tokenizer_dir, tmp_path):
             "6",
             "--replan_steps",
             "3",
+            "--settle_steps",  # plumbing, not the protocol: one settle step per reset
+            "1",
             "--videos_per_task",
             "1",
             "--output_dir",
