@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -363,13 +363,8 @@ class PI0WithGraphAndCondition(PI0WithCondition, PI0WithGraph):
 @PreTrainedConfig.register_subclass("pi0_graph_cfg")
 @dataclass
 class PI0GraphCFGConfig(PI0CFGConfig, PI0GraphConfig):
-    """`PI0GraphConfig` plus the guidance weight."""
-
-    @classmethod
-    def from_graph_config(cls, config: PI0GraphConfig, guidance_weight: float) -> PI0GraphCFGConfig:
-        """The config of a graph checkpoint with the flag added (every saved setting kept)."""
-        values = {f.name: getattr(config, f.name) for f in fields(PI0GraphConfig) if f.init}
-        return cls(**values, guidance_weight=guidance_weight)
+    """`PI0GraphConfig` plus the guidance weight (`from_config` turns a graph checkpoint's config
+    into this one)."""
 
 
 class PI0GraphCFGPolicy(PI0CFGPolicy):

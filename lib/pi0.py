@@ -9,6 +9,7 @@ and the vision tower, projection and vocabulary sizes are hard-coded in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -104,6 +105,14 @@ class SizedPI0Config(PI0Config):
         super().__post_init__()
         if self.model_size not in MODEL_SIZES:
             raise ValueError(f"model_size must be one of {MODEL_SIZES}, got {self.model_size!r}")
+
+    @classmethod
+    def from_config(cls, config: PI0Config, **values: Any) -> SizedPI0Config:
+        """This config class holding every setting of `config` (a plain pi0 or a sibling policy's
+        config) that it has, plus `values`: e.g. a graph checkpoint's config with the flag added."""
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        saved = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init and f.name in names}
+        return cls(**{**saved, **values})
 
 
 @contextlib.contextmanager
@@ -411,17 +420,26 @@ def seeded_noise_and_time(
     return noise.to(device), time.to(device)
 
 
-def load_policy_fn(checkpoint: str | Path, policy_cls: type[PI0Policy]) -> PolicyFn:
+def load_policy_fn(checkpoint: str | Path, policy_for_type: dict[str, type[PI0Policy]]) -> PolicyFn:
     """A checkpoint's `pretrained_model` directory as the simulators' batched policy function
-    (`lib.rollout.make_policy_fn`), on the GPU in bf16 autocast when there is one. Raises
-    `CheckpointError` naming the directory when it is not a loadable checkpoint of a `policy_cls`
-    policy (evaluation starts from no fresh part, so a plain pi0 checkpoint is refused too)."""
+    (`lib.rollout.make_policy_fn`), on the GPU in bf16 autocast when there is one.
+
+    `policy_for_type` maps each saved policy type the caller evaluates to the class that runs it;
+    a type mapped to a class of another type is loaded into it with the class's new parts fresh
+    (only where they leave it acting unchanged, like a zero flag embedding). Any other checkpoint
+    is a `CheckpointError` naming the directory."""
     checkpoint = resolve_pretrained(checkpoint)
     saved_type = saved_config(checkpoint).get("type")
-    if saved_type != policy_cls.name:
-        raise CheckpointError(f"{checkpoint} holds a {saved_type!r} policy, expected a {policy_cls.name!r} checkpoint")
+    if saved_type not in policy_for_type:
+        raise CheckpointError(
+            f"{checkpoint} holds a {saved_type!r} policy; this evaluates {' or '.join(policy_for_type)} checkpoints"
+        )
+    policy_cls = policy_for_type[saved_type]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    policy = make_pi0_policy(checkpoint, policy_cls=policy_cls).to(device).eval()
+    saved = PreTrainedConfig.from_pretrained(checkpoint)
+    config = saved if isinstance(saved, policy_cls.config_class) else policy_cls.config_class.from_config(saved)
+    config.device = device
+    policy = load_pretrained_policy(checkpoint, policy_cls, config).eval()
     preprocessor, postprocessor = load_pi0_processors(checkpoint, load_tokenizer(checkpoint), device)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else contextlib.nullcontext
     return make_policy_fn(policy, preprocessor, postprocessor, autocast)

@@ -66,7 +66,9 @@ def main() -> int:
     args = parse_args()
     torch.manual_seed(args.seed)
     check_writable_dir(args.output_dir)  # before the episodes, not after them
-    policy_fn = load_policy_fn(args.checkpoint, PI0CFGPolicy)
+    # A train_ript_pi0.py checkpoint, or a plain LeRobot pi0 (a run's starting point): loaded into
+    # the flag-conditioned class with a zero flag embedding, it acts exactly as that pi0.
+    policy_fn = load_policy_fn(args.checkpoint, {PI0CFGPolicy.name: PI0CFGPolicy, "pi0": PI0CFGPolicy})
 
     init_states = LiberoInitStateDataset(args.benchmark, args.task_names, list(range(args.num_init_states)))
     requests = [dict(item, record=item["init_index"] < args.videos_per_task) for item in init_states]

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lib.cfg_pi0 import PI0GraphCFGPolicy
 from lib.checkpoint import check_writable_dir
 from lib.errors import exit_code_of
 from lib.graph_pi0 import PI0GraphPolicy
@@ -36,6 +37,8 @@ from lib.soft_arm_sim import (
 )
 
 HELD_OUT_SEED_START = 10_000_000
+# train_soft_arm.py's graph pi0, and the RL-trained graph pi0 with the flag of ript_soft_arm.py.
+CHECKPOINT_TYPES = {PI0GraphPolicy.name: PI0GraphPolicy, PI0GraphCFGPolicy.name: PI0GraphCFGPolicy}
 
 
 def parse_args() -> argparse.Namespace:
@@ -84,7 +87,7 @@ def main() -> int:
     args = parse_args()
     torch.manual_seed(args.seed)
     check_writable_dir(args.output_dir)  # before the episodes, not after them
-    policy_fn = expert_policy_fn() if args.expert else load_policy_fn(args.checkpoint, PI0GraphPolicy)
+    policy_fn = expert_policy_fn() if args.expert else load_policy_fn(args.checkpoint, CHECKPOINT_TYPES)
     # The expert acts every step; a policy runs `replan_steps` of each chunk.
     replan_steps = 1 if args.expert else args.replan_steps
     seeds = list(range(args.seed_start, args.seed_start + args.num_episodes))

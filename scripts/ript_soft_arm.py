@@ -77,7 +77,7 @@ def load_rl_policy(source: Path, guidance_weight: float, device: str):
     saved = PreTrainedConfig.from_pretrained(source)
     if not isinstance(saved, PI0GraphConfig):
         raise CheckpointError(f"{source} holds a {saved.type!r} policy, expected a graph pi0 (train_soft_arm.py)")
-    config = saved if isinstance(saved, PI0GraphCFGConfig) else PI0GraphCFGConfig.from_graph_config(saved, 1.0)
+    config = saved if isinstance(saved, PI0GraphCFGConfig) else PI0GraphCFGConfig.from_config(saved)
     config.guidance_weight, config.device = guidance_weight, device
     policy = load_pretrained_policy(source, PI0GraphCFGPolicy, config)
     tokenizer = load_tokenizer(source)

@@ -23,7 +23,7 @@ def test_starts_as_the_bc_policy(bc_checkpoint, tmp_path, with_graph, guidance_w
     """Loaded from a BC graph checkpoint, the flag embedding is zero: the policy acts exactly as the
     BC policy, with or without a graph in the batch, at any guidance weight (both branches agree)."""
     bc = PI0GraphPolicy.from_pretrained(bc_checkpoint)
-    config = PI0GraphCFGConfig.from_graph_config(bc.config, guidance_weight)
+    config = PI0GraphCFGConfig.from_config(bc.config, guidance_weight=guidance_weight)
     policy = load_pretrained_policy(bc_checkpoint, PI0GraphCFGPolicy, config)
     assert torch.count_nonzero(policy.model.condition_embedding.weight) == 0
     batch = make_batch()
@@ -42,7 +42,7 @@ def test_starts_as_the_bc_policy(bc_checkpoint, tmp_path, with_graph, guidance_w
 
 
 def test_cfg_rl_update_reaches_the_flag_and_the_graph_encoder(bc_checkpoint):
-    config = PI0GraphCFGConfig.from_graph_config(PI0GraphPolicy.from_pretrained(bc_checkpoint).config, 1.0)
+    config = PI0GraphCFGConfig.from_config(PI0GraphPolicy.from_pretrained(bc_checkpoint).config)
     policy = load_pretrained_policy(bc_checkpoint, PI0GraphCFGPolicy, config)
     batch = make_batch()
     noise, time = torch.randn(2, 16, 32), torch.rand(2)

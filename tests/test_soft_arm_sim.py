@@ -213,4 +213,10 @@ def test_eval_and_ript_soft_arm_on_a_tiny_checkpoint(tmp_path, tokenizer_dir):
     # The RL-trained policy is a loadable checkpoint, with its guidance weight.
     trained = PI0GraphCFGPolicy.from_pretrained(ript_dir / "seed0" / "pretrained_model")
     assert trained.config.guidance_weight == 2.0
+    # ... and eval_soft_arm.py scores it like a BC checkpoint.
+    rl_eval = tmp_path / "rl_eval"
+    eval_args = ["--num_episodes", "2", "--num_envs", "2", "--max_steps", "6", "--image_size", "64", "--videos", "0"]
+    checkpoint_args = ["--checkpoint", str(ript_dir / "seed0" / "pretrained_model"), "--output_dir", str(rl_eval)]
+    run([PYTHON, "scripts/eval_soft_arm.py", *checkpoint_args, *eval_args])
+    assert json.loads((rl_eval / "summary.json").read_text())["episodes"] == 2
     assert "keeping the finished run" in run(ript).stdout  # a finished seed is not run again

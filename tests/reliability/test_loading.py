@@ -132,6 +132,23 @@ def test_a_plain_pi0_checkpoint_leaves_only_the_new_parts_fresh(tmp_path):
         state = policy.state_dict()
         assert {k for k in state if k not in saved} and all(k.startswith(new_part) for k in state if k not in saved)
         assert all(torch.equal(saved[key], state[key]) for key in saved)
+    # With its flag embedding at zero, the flag-conditioned class acts exactly as the plain pi0 (so
+    # eval_libero.py scores a plain pi0 through it), at any guidance weight.
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "observation.images.front": torch.rand(2, 3, 64, 64, generator=generator),
+        "observation.state": torch.randn(2, 10, generator=generator),
+        "observation.language.tokens": torch.randint(0, 500, (2, 12), generator=generator),
+        "observation.language.attention_mask": torch.ones(2, 12, dtype=torch.bool),
+    }
+    noise = torch.randn(2, 8, 32, generator=generator)
+    plain = make_pi0_policy("tiny", plain_config, PI0Policy)
+    plain.load_state_dict(saved)
+    expected = plain.predict_action_chunk(batch, noise=noise)
+    for guidance_weight in (1.0, 3.0):
+        config = PI0CFGConfig.from_config(plain_config, model_size="tiny", guidance_weight=guidance_weight)
+        cfg_policy = load_pretrained_policy(tmp_path, PI0CFGPolicy, config)
+        torch.testing.assert_close(cfg_policy.predict_action_chunk(batch, noise=noise), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_missing_local_path_is_named():
