@@ -291,6 +291,19 @@ def saved_model_size(source: str | Path) -> str:
     return saved_config(resolve_pretrained(source)).get("model_size", "full")
 
 
+def make_optimizer(policy: torch.nn.Module, optim: Any) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of `policy`, from an `optim` config section (lr, betas,
+    eps, weight_decay); the fused kernel on a GPU."""
+    return torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad],
+        lr=optim.lr,
+        betas=tuple(optim.betas),
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+        fused=torch.cuda.is_available(),
+    )
+
+
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -46,6 +46,7 @@ from lib.pi0 import (
     load_pi0_processors,
     load_pretrained_policy,
     load_tokenizer,
+    make_optimizer,
     resolve_pretrained,
 )
 from lib.ript import (
@@ -104,13 +105,7 @@ def run_seed(config, seed: int, source: Path) -> dict:
     policy, preprocessor, postprocessor, tokenizer = load_rl_policy(
         source, config.model.guidance_weight, accelerator.device.type
     )
-    optimizer = torch.optim.AdamW(
-        [p for p in policy.parameters() if p.requires_grad],
-        lr=config.optim.lr,
-        betas=tuple(config.optim.betas),
-        eps=config.optim.eps,
-        weight_decay=config.optim.weight_decay,
-    )
+    optimizer = make_optimizer(policy, config.optim)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     unwrapped = accelerator.unwrap_model(policy)
     policy_fn = make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast)

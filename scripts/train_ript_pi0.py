@@ -43,6 +43,7 @@ from lib.libero import (
     make_ript_policy,
     split_state_batch,
 )
+from lib.pi0 import make_optimizer
 from lib.ript import (
     RIPTProgress,
     StateOutcomeHistory,
@@ -130,13 +131,7 @@ def main() -> int:
     # Policy: the flag-conditioned pi0 and its processors.
     device = accelerator.device.type
     policy, preprocessor, postprocessor, tokenizer = make_ript_policy(config.model, device)
-    optimizer = torch.optim.AdamW(
-        [p for p in policy.parameters() if p.requires_grad],
-        lr=config.optim.lr,
-        betas=tuple(config.optim.betas),
-        eps=config.optim.eps,
-        weight_decay=config.optim.weight_decay,
-    )
+    optimizer = make_optimizer(policy, config.optim)
     # Init states as a PyTorch dataset, batched by a DataLoader that
     # accelerate shards across ranks.
     dataset = LiberoInitStateDataset(config.env.benchmark, config.env.task_names)

@@ -37,6 +37,7 @@ from lib.pi0 import (
     MODEL_SIZES,
     count_parameters,
     load_tokenizer,
+    make_optimizer,
     make_pi0_policy,
     make_pi0_processors,
     saved_model_size,
@@ -191,14 +192,7 @@ def main() -> int:
     # ------------------------------------------------------------------------------------------
     # Optimizer (AdamW, openpi's betas) and warm-up + cosine schedule. The scheduler is stepped
     # by hand once per optimizer step, so the schedule does not depend on the process count.
-    optimizer = torch.optim.AdamW(
-        [p for p in policy.parameters() if p.requires_grad],
-        lr=config.optim.lr,
-        betas=tuple(config.optim.betas),
-        eps=config.optim.eps,
-        weight_decay=config.optim.weight_decay,
-        fused=torch.cuda.is_available(),
-    )
+    optimizer = make_optimizer(policy, config.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         cosine_with_warmup(config.optim.warmup_steps, config.train.steps, config.optim.decay_lr / config.optim.lr),
