@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ def save_checkpoint(
     accelerator.save_state(str(tmp / STATE_DIR))
     if accelerator.is_main_process:
         save_model(tmp / MODEL_DIR)
+        _hold_for_fault_injection(tmp, step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -70,6 +72,17 @@ def save_checkpoint(
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+# Fault-injection tests (tests/reliability): the save of this step stops half-written, before the
+# rename, and waits there to be killed. Unset in every real run.
+HOLD_SAVE_ENV = "PI0_FAULT_HOLD_SAVE_AT_STEP"
+
+
+def _hold_for_fault_injection(tmp: Path, step: int) -> None:
+    if os.environ.get(HOLD_SAVE_ENV) == str(step):
+        (tmp / "HOLDING").touch()
+        time.sleep(600)
 
 
 def save_policy_checkpoint(

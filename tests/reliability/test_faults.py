@@ -1,0 +1,54 @@
+"""Faults injected into real training processes; the files they leave are inspected."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+from conftest import PYTHON, REPO, run
+
+from lib.checkpoint import HOLD_SAVE_ENV
+
+
+def test_kill_9_while_a_checkpoint_is_written(train_args, tmp_path):
+    """SIGKILL inside the write of step 4's checkpoint: step 2 and `last` stay valid, the half-written
+    directory is never taken for a checkpoint, and `--resume latest` continues from step 2 to the end
+    with no duplicate metrics rows."""
+    output_dir = tmp_path / "run"
+    command = [
+        PYTHON,
+        "scripts/train_soft_arm.py",
+        *train_args,
+        f"output_dir={output_dir}",
+        "data.num_workers=0",
+        "train.steps=4",
+        "train.save_every=2",
+        "train.log_every=1",
+        "train.val_every=4",
+    ]
+    process = subprocess.Popen(
+        command, cwd=REPO, env={**os.environ, HOLD_SAVE_ENV: "4"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    holding = output_dir / "checkpoints" / ".tmp_step_00000004" / "HOLDING"
+    deadline = time.monotonic() + 300
+    while not holding.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert holding.exists(), (
+        f"the save of step 4 never started: {process.stderr.read()[-3000:] if process.poll() else ''}"
+    )
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+
+    checkpoints = output_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".tmp_step_00000004", "last", "step_00000002"]
+    assert (checkpoints / "last").resolve().name == "step_00000002"
+    assert (checkpoints / "last" / "pretrained_model" / "model.safetensors").is_file()
+
+    result = run([*command, "--resume", "latest"])
+    assert "resumed from" in result.stdout and "at step 2" in result.stdout
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last", "step_00000002", "step_00000004"]
+    assert (checkpoints / "last").resolve().name == "step_00000004"
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    # the killed run's rows after step 2 were dropped on resume: each step is logged once
+    assert [row["step"] for row in rows if "train/loss" in row] == [1, 2, 3, 4]
