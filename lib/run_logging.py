@@ -126,3 +126,15 @@ def tee_output(output_dir: str | Path, rank: int, is_main_process: bool) -> Path
     sys.stdout = TeeIO(sys.__stdout__ if is_main_process else None, log_file)
     sys.stderr = TeeIO(sys.__stderr__, log_file)
     return path
+
+
+def finish_run(accelerator: Accelerator) -> None:
+    """An orderly end on every rank: wait for the others, free accelerate's references, end the
+    trackers. The caller drops its own references to the model, optimizer and loaders first: on
+    Python 3.12, gloo runs otherwise abort at exit now and then (docs/dependencies.md)."""
+    import gc
+
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()

@@ -47,10 +47,9 @@ os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 import mujoco  # noqa: E402
 
 from lib.rollout import PolicyFn, Window, split_policy_output  # noqa: E402
-from lib.soft_arm import GRAPH_KEY, IMAGE_KEY, STATE_KEY  # noqa: E402
+from lib.soft_arm import GRAPH_KEY, IMAGE_KEY, NUM_NODES, STATE_KEY  # noqa: E402
 
-NUM_SEGMENTS = 10
-NODE_FEATURES = 19
+NUM_SEGMENTS = NUM_NODES  # one graph node per segment
 SEGMENT_LENGTH = 0.04  # m; the arm is 0.4 m long
 SEGMENT_RADIUS = 0.008  # m
 BASE_STIFFNESS = 0.12  # N m / rad at joint 0, falling linearly to half of it at joint 9

@@ -57,7 +57,7 @@ from lib.rollout import (
     make_policy_fn,
     save_rollout_video,
 )
-from lib.run_logging import append_metrics, init_trackers, plot_metrics, tee_output
+from lib.run_logging import append_metrics, finish_run, init_trackers, plot_metrics, tee_output
 from lib.schemas import RIPTConfig, validate_config
 
 
@@ -307,13 +307,9 @@ def main() -> int:
     print(f"logs: {log_file} (one per rank), metrics: {metrics_file}")
     if checkpoint is not None:
         print(f"checkpoint: {checkpoint / 'pretrained_model'}")
-    # The seed's cleanup_distributed(); an orderly end (gloo aborts at exit on
-    # Python 3.12 without it).
-    accelerator.wait_for_everyone()
+    # The seed's cleanup_distributed(): drop the last references, then an orderly end.
     policy = optimizer = unwrapped = state_loader = None
-    accelerator.free_memory()
-    gc.collect()
-    accelerator.end_training()
+    finish_run(accelerator)
     return 0
 
 

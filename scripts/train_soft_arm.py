@@ -16,7 +16,6 @@ SIGTERM/SIGINT finish the current step, save a checkpoint and exit 0.
 """
 
 import argparse
-import gc
 import math
 import sys
 import time
@@ -43,7 +42,7 @@ from lib.pi0 import (
     saved_model_size,
     seeded_noise_and_time,
 )
-from lib.run_logging import append_metrics, init_trackers, plot_metrics, setup_logging
+from lib.run_logging import append_metrics, finish_run, init_trackers, plot_metrics, setup_logging
 from lib.schemas import SoftArmTrainConfig, validate_soft_arm_train_config
 from lib.soft_arm import (
     ACTION_DIM,
@@ -346,11 +345,8 @@ def main() -> int:
             plot_metrics(metrics_file, output_dir / "loss.png", ("train/loss", "val/loss"))
     if args.dry_run:
         logger.info("dry run ok: one step on %d process(es), loss %.4f", accelerator.num_processes, loss.item())
-    accelerator.wait_for_everyone()
-    policy = optimizer = train_loader = val_loader = None  # drop the last references before free_memory
-    accelerator.free_memory()
-    gc.collect()
-    accelerator.end_training()
+    policy = optimizer = train_loader = val_loader = None  # drop the last references (finish_run)
+    finish_run(accelerator)
     return 0
 
 

@@ -10,9 +10,8 @@ from conftest import PYTHON, run
 
 from lib.cfg_pi0 import PI0GraphCFGPolicy
 from lib.ript import rollout_groups
-from lib.soft_arm import GRAPH_KEY, IMAGE_KEY, STATE_KEY, load_raw_episode, make_soft_arm_datasets
+from lib.soft_arm import GRAPH_KEY, IMAGE_KEY, NODE_FEATURES, STATE_KEY, load_raw_episode, make_soft_arm_datasets
 from lib.soft_arm_sim import (
-    NODE_FEATURES,
     NUM_SEGMENTS,
     SEGMENT_LENGTH,
     SoftArmSim,
