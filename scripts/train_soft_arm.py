@@ -39,6 +39,7 @@ from lib.pi0 import (
     make_optimizer,
     make_pi0_policy,
     make_pi0_processors,
+    resolve_pretrained,
     saved_model_size,
     seeded_noise_and_time,
 )
@@ -157,10 +158,11 @@ def main() -> int:
     # Policy: graph pi0 from a pretrained checkpoint or a fresh size, and its processors.
     state_dim = train_dataset.meta.features[STATE_KEY]["shape"][0]
     image_shape = (3, config.data.image_size, config.data.image_size)
+    # A hub id is resolved once (through the Hugging Face cache) for its size and its weights.
+    fresh = config.model.pretrained in MODEL_SIZES
+    source = config.model.pretrained if fresh else resolve_pretrained(config.model.pretrained)
     policy_config = PI0GraphConfig(
-        model_size=config.model.pretrained
-        if config.model.pretrained in MODEL_SIZES
-        else saved_model_size(config.model.pretrained),
+        model_size=config.model.pretrained if fresh else saved_model_size(source),
         use_graph=config.model.use_graph,
         dtype=config.model.dtype,
         chunk_size=config.data.chunk_size,
@@ -178,7 +180,7 @@ def main() -> int:
     )
     # Loading is checked (lib/pi0.py): a plain pi0 checkpoint gets a fresh graph encoder and
     # nothing else may be missing.
-    policy = make_pi0_policy(config.model.pretrained, policy_config, PI0GraphPolicy)
+    policy = make_pi0_policy(source, policy_config, PI0GraphPolicy)
     tokenizer = load_tokenizer(config.model.tokenizer)
     preprocessor, postprocessor = make_pi0_processors(policy.config, tokenizer, dataset_stats(train_dataset))
     logger.info(
