@@ -239,9 +239,9 @@ class PI0CFGPolicy(CheckedLoadPolicy):
             losses = self.model(
                 *self._model_inputs(batch), self.prepare_action(batch), noise, time, **self._model_kwargs(batch)
             )
-        per_step = losses[:, :, : self.config.output_features[ACTION].shape[0]].mean(dim=-1)
-        valid = (~batch["action_is_pad"]).to(per_step.dtype) if "action_is_pad" in batch else torch.ones_like(per_step)
-        return (per_step * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)
+        per_step = losses[:, :, : self.action_dim].mean(dim=-1)
+        valid = ~batch["action_is_pad"] if "action_is_pad" in batch else torch.ones_like(per_step, dtype=torch.bool)
+        return masked_mean(per_step, valid)
 
     def forward(
         self,

@@ -227,7 +227,8 @@ def load_pretrained_policy(
             f"(another model size or action dimension?): {'; '.join(mismatches[:3])}"
         ) from error
     new_parts = new_parts_by_type.get(saved_type, ())
-    missing = [key for key in missing if not key.startswith(new_parts) and not _is_tied(policy, key, state_dict)]
+    tied = _tied_to_loaded(policy, state_dict)
+    missing = [key for key in missing if not key.startswith(new_parts) and key not in tied]
     if missing or unexpected:
         raise CheckpointError(
             f"{weights_file} does not match {policy_cls.__name__}: "
@@ -238,11 +239,11 @@ def load_pretrained_policy(
     return policy
 
 
-def _is_tied(module: torch.nn.Module, key: str, loaded: dict[str, torch.Tensor]) -> bool:
-    """True when `key` shares its storage with a tensor that was loaded (tied weights are saved once)."""
+def _tied_to_loaded(module: torch.nn.Module, loaded: dict[str, torch.Tensor]) -> set[str]:
+    """Keys of `module` that share their storage with a loaded tensor (tied weights are saved once)."""
     tensors = module.state_dict(keep_vars=True)
-    pointer = tensors[key].data_ptr()
-    return any(tensors[other].data_ptr() == pointer for other in loaded if other != key and other in tensors)
+    loaded_pointers = {tensors[key].data_ptr() for key in loaded if key in tensors}
+    return {key for key, tensor in tensors.items() if key not in loaded and tensor.data_ptr() in loaded_pointers}
 
 
 class CheckedLoadPolicy(PI0Policy):
