@@ -296,8 +296,9 @@ def run_update(
     alpha, std, clip_epsilon)` gives the loss (lib/cfg_pi0.py); what the sampling recorded in the
     windows (`Window.extras`, e.g. flow_noise's chains) joins the pre-processed batch. Every rank
     runs the same number of steps (the rank with the most windows sets it, the others cycle through
-    theirs: DDP needs matching collectives); no rank updates if one has no window. Window order and flow-matching noise are functions of seed,
-    iteration, step and rank, so a resumed run repeats the uninterrupted one."""
+    theirs: DDP needs matching collectives); no rank updates if one has no window. Window order and
+    flow-matching noise are functions of seed, iteration, step and rank, so a resumed run repeats
+    the uninterrupted one."""
     counts = accelerator.gather(torch.tensor([len(windows)], device=accelerator.device))
     if int(counts.min()) == 0:
         return []
