@@ -52,7 +52,7 @@ soft-arm-ablation: $(TOKENIZER_DIR)/tokenizer.json
 RIPT_ARM_RAW_DIR := artifacts/soft_arm_raw_few20
 RIPT_ARM_DATASET_DIR := artifacts/soft_arm_lerobot_few20
 RIPT_ARM_DIR := outputs/ript_soft_arm
-RIPT_ARM := $(PY) scripts/ript_soft_arm.py --config configs/ript_soft_arm.yaml \
+RIPT_ARM := $(PY) scripts/ript_soft_arm.py --config configs/ript_soft_arm.yaml --resume latest \
 	model.pretrained=$(RIPT_ARM_DIR)/bc_few20/checkpoints/last/pretrained_model
 ript-soft-arm: $(TOKENIZER_DIR)/tokenizer.json
 	$(PY) data_prep/simulate_soft_arm.py --output_dir $(RIPT_ARM_RAW_DIR) --episodes 20 --seed 0 --workers 2

@@ -7,6 +7,7 @@ the file and what was expected.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,25 @@ def load_config[T](schema: type[T], path: str | Path | None = None, overrides: l
             raise _describe(error, "command line") from error
     OmegaConf.set_readonly(config, True)
     return config
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, default_config: Path | None, example: str) -> None:
+    """The command line every training script shares: `--config FILE` (old spelling `--config_path`),
+    `--output_dir DIR` (the same as the override `output_dir=DIR`), `--resume CHECKPOINT`,
+    `--overwrite`, `--dry_run`, then `key=value` overrides."""
+    parser.add_argument(
+        "--config", "--config_path", dest="config", type=Path, default=default_config, help="YAML config"
+    )
+    parser.add_argument("--output_dir", help="where the run writes (overrides the config's output_dir)")
+    parser.add_argument("--resume", metavar="CHECKPOINT", help="'latest' (newest of output_dir) or a checkpoint dir")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run that output_dir already holds")
+    parser.add_argument("--dry_run", action="store_true", help="build everything, run one step, save nothing, exit")
+    parser.add_argument("overrides", nargs="*", help=f"config overrides, e.g. {example}")
+
+
+def run_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides of `add_run_arguments`' command line, `--output_dir` last (it wins)."""
+    return [*args.overrides, *([f"output_dir={args.output_dir}"] if args.output_dir else [])]
 
 
 def check(condition: bool, key: str, expected: str, value: Any) -> None:

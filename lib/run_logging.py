@@ -13,26 +13,6 @@ from accelerate import Accelerator
 LOG_FORMAT = "%(asctime)s %(levelname)s [rank %(rank)s] %(message)s"
 
 
-def setup_logging(output_dir: str | Path, rank: int, is_main_process: bool, name: str = "train") -> logging.Logger:
-    """`output_dir/train_rank{R}.log` receives everything the rank logs; rank 0 also prints it."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    logger = logging.getLogger(name)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
-    handlers: list[logging.Handler] = [logging.FileHandler(output_dir / f"train_rank{rank}.log")]
-    if is_main_process:
-        handlers.append(logging.StreamHandler(sys.stdout))
-    for handler in handlers:
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        handler.addFilter(lambda record: setattr(record, "rank", rank) or True)
-        logger.addHandler(handler)
-    return logger
-
-
 def init_trackers(
     accelerator: Accelerator,
     output_dir: str | Path,
@@ -126,6 +106,23 @@ def tee_output(output_dir: str | Path, rank: int, is_main_process: bool) -> Path
     sys.stdout = TeeIO(sys.__stdout__ if is_main_process else None, log_file)
     sys.stderr = TeeIO(sys.__stderr__, log_file)
     return path
+
+
+def setup_logging(output_dir: str | Path, rank: int, is_main_process: bool, name: str = "train") -> logging.Logger:
+    """`tee_output`, plus a logger that stamps each line with the time and the rank: the one path
+    to `output_dir/train_rank{R}.log` that every trainer takes (the RIPT scripts print plainly)."""
+    tee_output(output_dir, rank, is_main_process)
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    handler = logging.StreamHandler(sys.stdout)  # the tee: the log file, and the console on rank 0
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(lambda record: setattr(record, "rank", rank) or True)
+    logger.addHandler(handler)
+    return logger
 
 
 def finish_run(accelerator: Accelerator) -> None:

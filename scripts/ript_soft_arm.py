@@ -19,13 +19,16 @@ Success is measured in closed loop on the held-out seeds of eval_soft_arm.py at 
 every `eval_every` iterations, for every RL seed. Writes, under `output_dir`, `results.md`,
 `summary.json` and `success.png` (held-out success per iteration, every seed), and per seed
 `seed<N>/summary.json`, `metrics.jsonl` and `pretrained_model/` (the RL-trained policy:
-`PI0GraphCFGPolicy.from_pretrained`). A seed whose `summary.json` exists is kept, not re-run.
+`PI0GraphCFGPolicy.from_pretrained`). An output_dir that holds seed runs is refused unless
+`--resume latest` (finished seeds are kept; an unfinished one runs again from its start) or
+`--overwrite`; `--dry_run` runs one iteration of the first seed and writes nothing.
 One process (the simulators and the update share it).
 """
 
 import argparse
 import json
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,8 +41,9 @@ from lerobot.configs import PreTrainedConfig
 from tqdm.auto import tqdm
 
 from lib.cfg_pi0 import PI0GraphCFGConfig, PI0GraphCFGPolicy, exploration_noise
-from lib.config import load_config
-from lib.errors import exit_code_of
+from lib.checkpoint import check_writable_dir
+from lib.config import add_run_arguments, load_config, run_overrides
+from lib.errors import UserError, exit_code_of
 from lib.graph_pi0 import PI0GraphConfig
 from lib.pi0 import (
     CheckpointError,
@@ -67,9 +71,28 @@ TRAIN_SEED_START = 20_000_000  # the RL "init states"; never in the demonstratio
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=Path("configs/ript_soft_arm.yaml"))
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. rl.objective=cfg_rl iterations=30")
+    add_run_arguments(parser, Path("configs/ript_soft_arm.yaml"), example="rl.objective=cfg_rl iterations=30")
     return parser.parse_args()
+
+
+def check_seed_runs(output_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """The output_dir convention of the trainers, at the grain of whole seeds: a directory that
+    holds seed runs is refused unless `--resume latest` (finished seeds are kept, an unfinished one
+    runs again from its start) or `--overwrite` (they are deleted)."""
+    check_writable_dir(output_dir)
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    if resume not in (None, "latest"):
+        raise UserError(f"--resume {resume}: this script resumes whole seeds; pass --resume latest")
+    seed_runs = sorted(output_dir.glob("seed*/metrics.jsonl"))
+    if seed_runs and not resume and not overwrite:
+        raise UserError(
+            f"output_dir {output_dir} already holds a run; pass --resume latest to keep its finished seeds, "
+            "--overwrite to replace it, or another output_dir"
+        )
+    if overwrite:
+        for run in seed_runs:
+            shutil.rmtree(run.parent)
 
 
 def load_rl_policy(source: Path, guidance_weight: float, device: str):
@@ -92,13 +115,13 @@ def held_out_success(envs: SoftArmVectorRollout, policy_fn, seeds: list[int], la
     return float(np.mean([e.success for e in episodes]))
 
 
-def run_seed(config, seed: int, source: Path) -> dict:
+def run_seed(config, seed: int, source: Path, dry_run: bool = False) -> dict | None:
+    """One RL run from `source`; a dry run builds everything, runs one iteration and writes nothing."""
     output_dir = Path(config.output_dir) / f"seed{seed}"
     summary_file = output_dir / "summary.json"
-    if summary_file.is_file():
-        print(f"seed {seed}: keeping the finished run in {output_dir} (delete it to run again)")
+    if summary_file.is_file() and not dry_run:
+        print(f"seed {seed}: keeping the finished run in {output_dir}")
         return json.loads(summary_file.read_text())
-    output_dir.mkdir(parents=True, exist_ok=True)
     started, cpu_started = time.perf_counter(), time.process_time()
     set_seed(seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -125,6 +148,27 @@ def run_seed(config, seed: int, source: Path) -> dict:
 
     draws = pool_draws()
     history = StateOutcomeHistory(skip_after=config.rl.skip_after, skip_for=config.rl.skip_for)
+    if dry_run:
+        with exploration_noise(unwrapped, config.rl):
+            rollouts = collect_iteration(
+                config.rl, lambda: next(draws), envs, policy_fn, history, key_of=lambda state: state["seed"]
+            )
+        windows, advantages = windows_with_advantages(rollouts.kept)
+        losses = run_update(
+            accelerator,
+            policy,
+            optimizer,
+            preprocessor,
+            windows,
+            advantages,
+            config.rl,
+            config.optim.grad_clip_norm,
+            seed,
+            1,
+        )
+        print(f"dry run ok: one iteration, {len(rollouts.episodes)} episodes, {len(losses)} updates")
+        return None
+    output_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = output_dir / "metrics.jsonl"
     metrics_file.unlink(missing_ok=True)
     curve = {0: held_out_success(envs, policy_fn, held_out, f"seed {seed} iteration 0")}
@@ -211,16 +255,21 @@ def plot_curves(runs: list[dict], png: Path, title: str) -> None:
 
 def main() -> int:
     args = parse_args()
-    config = load_config(SoftArmRIPTConfig, args.config, args.overrides)
+    overrides = run_overrides(args)
+    config = load_config(SoftArmRIPTConfig, args.config, overrides)
     validate_soft_arm_ript_config(config)
-    source = resolve_pretrained(config.model.pretrained)
-    runs = [run_seed(config, seed, source) for seed in config.seeds]
     output_dir = Path(config.output_dir)
+    source = resolve_pretrained(config.model.pretrained)
+    if args.dry_run:
+        run_seed(config, config.seeds[0], source, dry_run=True)
+        return 0
+    check_seed_runs(output_dir, args.resume, args.overwrite)
+    runs = [run_seed(config, seed, source) for seed in config.seeds]
     label = f"{config.rl.objective}" + (
         f", w={config.model.guidance_weight:g}" if config.rl.objective == "cfg_rl" else ""
     )
     before, after = [r["success_before"] for r in runs], [r["success_after"] for r in runs]
-    summary = {"config": str(args.config), "overrides": args.overrides, "objective": label, "runs": runs}
+    summary = {"config": str(args.config), "overrides": overrides, "objective": label, "runs": runs}
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(runs, output_dir / "success.png", f"RIPT on the soft arm ({label})")
     lines = [

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lib.cfg_pi0 import exploration_noise
 from lib.checkpoint import GracefulStop, check_output_dir, save_policy_checkpoint, start_output_dir
-from lib.config import load_config, to_flat_dict
+from lib.config import add_run_arguments, load_config, run_overrides, to_flat_dict
 from lib.errors import exit_code_of
 from lib.libero import (
     LiberoInitStateDataset,
@@ -76,36 +76,31 @@ ADVANTAGE_KEYS = ("advantage_mean", "advantage_std", "advantage_positive_fractio
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # A config file and overrides instead of a few fixed flags.
-    parser.add_argument(
-        "--config", "--config_path", dest="config", type=Path, default=Path("configs/train_pi0_cfg_rl.yaml")
-    )
-    # Continue a run, or replace the run that output_dir holds
-    parser.add_argument("--resume", metavar="CHECKPOINT", help="'latest' (newest of output_dir) or a checkpoint dir")
-    parser.add_argument("--overwrite", action="store_true", help="replace the run that output_dir already holds")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.iterations=2")
+    add_run_arguments(parser, default_config=Path("configs/train_pi0_cfg_rl.yaml"), example="train.iterations=2")
     return parser.parse_args()
 
 
 def main() -> int:
     args = parse_args()
     # Load and validate the YAML config (a bad one: one line, exit 2).
-    config = load_config_from_yaml(args.config, args.overrides)
+    config = load_config_from_yaml(args.config, run_overrides(args))
     # Refuse an output_dir that holds another run unless it is resumed or
     # overwritten, and find the checkpoint to resume, before anything is written.
-    checkpoint = check_output_dir(config.output_dir, args.resume or config.resume, args.overwrite)
+    # A dry run (one iteration, nothing saved) writes only its log.
+    resume = args.resume or config.resume
+    checkpoint = None if args.dry_run else check_output_dir(config.output_dir, resume, args.overwrite)
     # The seed's setup_distributed(). `cpu=` because a launcher config with
     # `use_cpu: true` starts processes that never connect on a machine without a GPU (docs/dependencies.md).
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=config.train.mixed_precision,
-        log_with=list(config.tracking.report_to) or None,  # trackers (tensorboard, wandb)
+        log_with=None if args.dry_run else list(config.tracking.report_to) or None,  # tensorboard, wandb
         project_dir=config.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     rank, world = accelerator.process_index, accelerator.num_processes
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and not args.dry_run:
         start_output_dir(config.output_dir, checkpoint, args.overwrite)
     accelerator.wait_for_everyone()
     # Every rank prints into output_dir/train_rank{R}.log; only the main
@@ -196,13 +191,15 @@ def main() -> int:
     )
     stop = GracefulStop()  # SIGTERM/SIGINT -> save and exit 0
     process = psutil.Process()
+    last_iteration = progress_state.iteration + 1 if args.dry_run else config.train.iterations
     try:
-        for iteration in range(progress_state.iteration + 1, config.train.iterations + 1):
+        for iteration in range(progress_state.iteration + 1, last_iteration + 1):
             # Rollouts with smart sampling: keep only groups whose K outcomes differ.
             started = time.perf_counter()
             # A video of one rollout every `tracking.video_every` iterations.
             record_video = (
-                accelerator.is_main_process
+                not args.dry_run
+                and accelerator.is_main_process
                 and config.tracking.video_every > 0
                 and (iteration % config.tracking.video_every == 0)
             )
@@ -254,7 +251,7 @@ def main() -> int:
                 **{key: statistics[key] for key in ADVANTAGE_KEYS},
             }
             # Evaluation on the fixed init states.
-            if iteration % config.train.eval_every == 0 or iteration == config.train.iterations:
+            if not args.dry_run and (iteration % config.train.eval_every == 0 or iteration == last_iteration):
                 unwrapped.eval()
                 eval_results = envs.run(eval_shard, policy_fn) if eval_shard else []
                 eval_successes, eval_episodes = accelerator.reduce(
@@ -269,7 +266,7 @@ def main() -> int:
                 f"ript/{key}": value for key, value in record.items() if key != "iteration" and value is not None
             }
             accelerator.log(metrics, step=iteration)
-            if accelerator.is_main_process:
+            if accelerator.is_main_process and not args.dry_run:
                 progress_file.write_text(json.dumps(progress, indent=2))
                 append_metrics(metrics_file, iteration, metrics)
             print(
@@ -286,7 +283,9 @@ def main() -> int:
 
             # Checkpoints, and a clean stop on SIGTERM/SIGINT.
             stopped = stop.should_stop(accelerator)
-            if iteration % config.train.save_every == 0 or iteration == config.train.iterations or stopped:
+            if not args.dry_run and (
+                iteration % config.train.save_every == 0 or iteration == last_iteration or stopped
+            ):
                 checkpoint = save(iteration)
             if stopped:
                 print(f"signal {stop.received} received: stopped at iteration {iteration} after saving")
@@ -298,9 +297,12 @@ def main() -> int:
         raise
     finally:
         envs.close()
-    print(f"progress written to {progress_file}")
+    if args.dry_run:
+        print(f"dry run ok: one iteration on {world} process(es), {record['episodes']} episodes, {len(losses)} updates")
+    else:
+        print(f"progress written to {progress_file}")
     # A plot of the success rate, and where the logs are.
-    if accelerator.is_main_process and metrics_file.exists():
+    if accelerator.is_main_process and not args.dry_run and metrics_file.exists():
         plot_metrics(
             metrics_file, output_dir / "success.png", ("ript/success_rate", "ript/eval_success_rate"), log_scale=False
         )

@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from lib.checkpoint import GracefulStop, check_output_dir, save_policy_checkpoint, start_output_dir
-from lib.config import load_config, to_flat_dict
+from lib.config import add_run_arguments, load_config, run_overrides, to_flat_dict
 from lib.errors import UserError, exit_code_of
 from lib.graph_pi0 import PI0GraphConfig, PI0GraphPolicy
 from lib.pi0 import (
@@ -60,13 +60,7 @@ from lib.soft_arm import (
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, help="YAML config (configs/soft_arm_config.yaml)")
-    parser.add_argument(
-        "--resume", metavar="CHECKPOINT", help="'latest' (the newest checkpoint of output_dir) or a checkpoint dir"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace the run that output_dir already holds")
-    parser.add_argument("--dry_run", action="store_true", help="build everything, run one step, exit")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=100")
+    add_run_arguments(parser, default_config=None, example="train.steps=100")
     return parser.parse_args()
 
 
@@ -98,7 +92,7 @@ class TrainingProgress:
 def main() -> int:
     args = parse_args()
     # Config: the schema's defaults (lib/schemas.py), then the YAML file, then `key=value` overrides.
-    config = load_config(SoftArmTrainConfig, args.config, args.overrides)
+    config = load_config(SoftArmTrainConfig, args.config, run_overrides(args))
     validate_soft_arm_train_config(config)
     output_dir = Path(config.output_dir)
     # Refuse a directory that holds another run, and find the checkpoint to resume, before anything

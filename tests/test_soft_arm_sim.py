@@ -218,4 +218,10 @@ def test_eval_and_ript_soft_arm_on_a_tiny_checkpoint(tmp_path, tokenizer_dir):
     checkpoint_args = ["--checkpoint", str(ript_dir / "seed0" / "pretrained_model"), "--output_dir", str(rl_eval)]
     run([PYTHON, "scripts/eval_soft_arm.py", *checkpoint_args, *eval_args])
     assert json.loads((rl_eval / "summary.json").read_text())["episodes"] == 2
-    assert "keeping the finished run" in run(ript).stdout  # a finished seed is not run again
+    # The trainers' output_dir convention: a second run is refused unless it resumes (a finished
+    # seed is kept, not run again); a dry run does one iteration and writes nothing.
+    refused = run(ript, check=False)
+    assert refused.returncode == 2 and "already holds a run" in refused.stderr and "Traceback" not in refused.stderr
+    assert "keeping the finished run" in run([*ript, "--resume", "latest"]).stdout
+    dry = run([*ript, "--dry_run", "--output_dir", str(tmp_path / "dry")])
+    assert "dry run ok: one iteration, 4 episodes" in dry.stdout and not (tmp_path / "dry").exists()

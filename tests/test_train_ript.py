@@ -82,6 +82,13 @@ def test_stop_resume_and_what_a_run_writes(args, tmp_path):
     assert policy.config.model_size == "tiny" and policy.config.chunk_size == 4
     load_pi0_processors(checkpoint, load_tokenizer(checkpoint))
 
+    # A dry run in the finished run's output_dir: one iteration, and the run's files untouched.
+    written = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(".log")}
+    dry = run([PYTHON, SCRIPT, *args, "--dry_run"])
+    assert "dry run ok: one iteration on 1 process(es), 2 episodes" in dry.stdout
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(".log")}
+    assert after == written
+
 
 def test_eval_libero_writes_summary_plot_and_video(tokenizer_dir, tmp_path):
     from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature
