@@ -4,13 +4,6 @@ New: the config comes from a YAML file (`--config`, alias `--config_path`, e.g. 
 development, configs/train_pi0_cfg_rl.yaml for production) on top of the schema's defaults
 (lib/schemas.py), with `key=value` overrides; `validate_config` names any bad key.
 
-RL post-training of pi0 in LIBERO in one process: a simple `InitialStateDataset`, print output
-and a JSON progress file. Every iteration ("epoch") draws init
-states, rolls out K episodes from each, keeps the groups whose outcomes differ (smart sampling),
-and trains on their windows in minibatches with the CFG-RL objective. The later stages add one
-capability each: 09 YAML configs, 10 multi-process, 11 logging, 12 a PyTorch dataset, 13
-checkpoints and recovery; `train_ript_pi0.py` is the final script.
-
     python scripts/09_train_with_config.py --config configs/debug_train_pi0.yaml
     python scripts/09_train_with_config.py --config configs/minimal_test.yaml train.iterations=1
 """

@@ -6,13 +6,6 @@ gradients are averaged by DDP, and the statistics are reduced across ranks. The 
 `setup_distributed` / `get_model_from_ddp` / `cleanup_distributed` are `Accelerator(...)` /
 `accelerator.unwrap_model` / `wait_for_everyone` + `end_training` below.
 
-The config comes from a YAML file on top of the schema's defaults (lib/schemas.py), with
-`key=value` overrides; a simple `InitialStateDataset`, print output and a JSON progress file.
-Every iteration ("epoch") draws init states, rolls out K episodes from each, keeps the groups
-whose outcomes differ (smart sampling), and trains on their windows in minibatches with the
-CFG-RL objective. The later stages add one capability each: 11 logging, 12 a PyTorch dataset, 13
-checkpoints and recovery; `train_ript_pi0.py` is the final script.
-
     python scripts/10_train_with_distributed.py --config configs/debug_train_pi0.yaml
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/10_train_with_distributed.py \
         --config configs/minimal_test.yaml
@@ -54,7 +47,7 @@ from lib.rollout import make_policy_fn
 from lib.schemas import RIPTConfig, validate_config
 
 
-# New in stage 09: YAML config + CLI overrides + validation, replacing the hard-coded config.
+# YAML config + CLI overrides + validation, replacing the hard-coded config.
 def load_config_from_yaml(path: Path, overrides: list[str]) -> DictConfig:
     """The schema's defaults (lib/schemas.py), then the YAML file, then `key=value` overrides."""
     config = load_config(RIPTConfig, path, overrides)
@@ -92,7 +85,7 @@ class InitialStateDataset:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # New in stage 09: a config file and overrides instead of a few fixed flags.
+    # A config file and overrides instead of a few fixed flags.
     parser.add_argument(
         "--config", "--config_path", dest="config", type=Path, default=Path("configs/debug_train_pi0.yaml")
     )
@@ -102,7 +95,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    # New in stage 09: load and validate the YAML config.
+    # Load and validate the YAML config.
     try:
         config = load_config_from_yaml(args.config, args.overrides)
     except ConfigError as error:

@@ -6,16 +6,6 @@ New: everything each rank prints is also written to `output_dir/train_rank{R}.lo
 unless `tracking.wandb_mode=online`; the wandb run id is kept in `output_dir`, so a re-run with the
 same output_dir continues the same run) and to `metrics.jsonl`; `success.png` plots them.
 
-Multi-process through Hugging Face Accelerate: each rank rolls out from its own shard of the init
-states in its own simulators, DDP averages the gradients, statistics are reduced across ranks.
-
-The config comes from a YAML file on top of the schema's defaults (lib/schemas.py), with
-`key=value` overrides; a simple `InitialStateDataset`, print output and a JSON progress file.
-Every iteration ("epoch") draws init states, rolls out K episodes from each, keeps the groups
-whose outcomes differ (smart sampling), and trains on their windows in minibatches with the
-CFG-RL objective. The later stages add one capability each: 12 a PyTorch dataset, 13 checkpoints
-and recovery; `train_ript_pi0.py` is the final script.
-
     python scripts/11_train_with_logging.py --config configs/debug_train_pi0.yaml
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/11_train_with_logging.py \
         --config configs/minimal_test.yaml
@@ -59,7 +49,7 @@ from lib.run_logging import append_metrics, init_trackers, plot_metrics, tee_out
 from lib.schemas import RIPTConfig, validate_config
 
 
-# New in stage 09: YAML config + CLI overrides + validation, replacing the hard-coded config.
+# YAML config + CLI overrides + validation, replacing the hard-coded config.
 def load_config_from_yaml(path: Path, overrides: list[str]) -> DictConfig:
     """The schema's defaults (lib/schemas.py), then the YAML file, then `key=value` overrides."""
     config = load_config(RIPTConfig, path, overrides)
@@ -88,7 +78,7 @@ class InitialStateDataset:
                     )
         if not self.states:
             raise ValueError(f"none of the tasks {task_names} is in {benchmark}")
-        self.states = self.states[rank::world]  # New in stage 10: each rank its own init states
+        self.states = self.states[rank::world]  # Each rank its own init states
         self.rng = random.Random(seed + rank)
 
     def sample(self, n: int) -> list[dict]:
@@ -97,7 +87,7 @@ class InitialStateDataset:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # New in stage 09: a config file and overrides instead of a few fixed flags.
+    # A config file and overrides instead of a few fixed flags.
     parser.add_argument(
         "--config", "--config_path", dest="config", type=Path, default=Path("configs/debug_train_pi0.yaml")
     )
@@ -107,13 +97,13 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    # New in stage 09: load and validate the YAML config.
+    # Load and validate the YAML config.
     try:
         config = load_config_from_yaml(args.config, args.overrides)
     except ConfigError as error:
         print(f"✗ config error: {error}", file=sys.stderr)
         return 2
-    # New in stage 10: the seed's setup_distributed(). `cpu=` because a launcher config with
+    # The seed's setup_distributed(). `cpu=` because a launcher config with
     # `use_cpu: true` starts processes that never connect on a machine without a GPU (docs/dependencies.md).
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
@@ -124,7 +114,8 @@ def main() -> int:
     )
     rank, world = accelerator.process_index, accelerator.num_processes
     # New in stage 11: every rank prints into output_dir/train_rank{R}.log; only the main
-    # process's output also reaches the console.
+    # process's output also reaches the console. So plain `print` takes over from stage 10's
+    # `accelerator.print`: each rank's lines now belong in its own log.
     log_file = tee_output(config.output_dir, rank, accelerator.is_main_process)
     print(f"✓ config loaded from {args.config} and validated")
     print(f"processes: {world} ({accelerator.distributed_type}), device: {accelerator.device}")
@@ -153,7 +144,7 @@ def main() -> int:
         eps=config.optim.eps,
         weight_decay=config.optim.weight_decay,
     )
-    # New in stage 10: DDP-wrap the policy; `unwrap_model` is the seed's get_model_from_ddp().
+    # DDP-wrap the policy; `unwrap_model` is the seed's get_model_from_ddp().
     policy, optimizer = accelerator.prepare(policy, optimizer)
     unwrapped = accelerator.unwrap_model(policy)
     policy_fn = make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast)
@@ -202,7 +193,7 @@ def main() -> int:
             # Batched training on the kept rollouts' windows, weighted by leave-one-out advantage.
             windows, advantages = windows_with_advantages(kept)
             losses = []
-            # New in stage 10: every rank must run the same number of DDP steps; the rank with the
+            # Every rank must run the same number of DDP steps; the rank with the
             # most windows sets it, the others cycle through theirs; no update if a rank has none.
             counts = accelerator.gather(torch.tensor([len(windows)], device=accelerator.device))
             if int(counts.min()) > 0:
@@ -235,7 +226,7 @@ def main() -> int:
                     optimizer.zero_grad(set_to_none=True)
                     losses.append(loss.detach())
 
-            # New in stage 10: statistics summed (loss averaged) over all ranks.
+            # Statistics summed (loss averaged) over all ranks.
             successes, episodes, groups, dropped_success, dropped_failure = accelerator.reduce(
                 torch.tensor(
                     [
@@ -281,7 +272,7 @@ def main() -> int:
     if accelerator.is_main_process and metrics_file.exists():
         plot_metrics(metrics_file, output_dir / "success.png", ("ript/success_rate",), log_scale=False)
     print(f"logs: {log_file} (one per rank), metrics: {metrics_file}")
-    # New in stage 10: the seed's cleanup_distributed(); an orderly end (gloo aborts at exit on
+    # The seed's cleanup_distributed(); an orderly end (gloo aborts at exit on
     # Python 3.12 without it).
     accelerator.wait_for_everyone()
     policy = optimizer = unwrapped = None

@@ -7,24 +7,6 @@ exit 0 (a second signal ends the process at once); memory is reported and garbag
 iteration; a failed iteration is reported with its traceback in the rank's log before the run
 stops (resume from the last checkpoint); rollout and update throughput are measured.
 
-Init states come from `LiberoInitStateDataset` (every task and init state of the suite) and a
-`DataLoader` with `collate_fn_state`; accelerate shards its batches across ranks (the distributed
-sampler) with a seedable shuffle, so the order is a function of seed and epoch.
-
-Everything each rank prints is also written to `output_dir/train_rank{R}.log` (the seed's
-`_TeeIO`: `lib.run_logging.TeeIO`); metrics go to the trackers (tensorboard, and wandb offline
-unless `tracking.wandb_mode=online`; the wandb run id is kept in `output_dir`, so a re-run with the
-same output_dir continues the same run) and to `metrics.jsonl`; `success.png` plots them.
-
-Multi-process through Hugging Face Accelerate: each rank rolls out from its own shard of the init
-states in its own simulators, DDP averages the gradients, statistics are reduced across ranks.
-
-The config comes from a YAML file on top of the schema's defaults (lib/schemas.py), with
-`key=value` overrides; a JSON progress file.
-Every iteration ("epoch") draws init states, rolls out K episodes from each, keeps the groups
-whose outcomes differ (smart sampling), and trains on their windows in minibatches with the
-CFG-RL objective. `train_ript_pi0.py`, the final script, adds evaluation on fixed init states.
-
     python scripts/13_train_production_ready.py --config configs/debug_train_pi0.yaml
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/13_train_production_ready.py \
         --config configs/minimal_test.yaml
@@ -75,7 +57,7 @@ from lib.run_logging import append_metrics, init_trackers, plot_metrics, tee_out
 from lib.schemas import RIPTConfig, validate_config
 
 
-# New in stage 09: YAML config + CLI overrides + validation, replacing the hard-coded config.
+# YAML config + CLI overrides + validation, replacing the hard-coded config.
 def load_config_from_yaml(path: Path, overrides: list[str]) -> DictConfig:
     """The schema's defaults (lib/schemas.py), then the YAML file, then `key=value` overrides."""
     config = load_config(RIPTConfig, path, overrides)
@@ -85,7 +67,7 @@ def load_config_from_yaml(path: Path, overrides: list[str]) -> DictConfig:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # New in stage 09: a config file and overrides instead of a few fixed flags.
+    # A config file and overrides instead of a few fixed flags.
     parser.add_argument(
         "--config", "--config_path", dest="config", type=Path, default=Path("configs/debug_train_pi0.yaml")
     )
@@ -98,26 +80,26 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    # New in stage 09: load and validate the YAML config (a bad one: one line, exit 2).
+    # Load and validate the YAML config (a bad one: one line, exit 2).
     config = load_config_from_yaml(args.config, args.overrides)
     # New in stage 13: refuse an output_dir that holds another run unless it is resumed or
     # overwritten, and find the checkpoint to resume, before anything is written.
     checkpoint = check_output_dir(config.output_dir, args.resume or config.resume, args.overwrite)
-    # New in stage 10: the seed's setup_distributed(). `cpu=` because a launcher config with
+    # The seed's setup_distributed(). `cpu=` because a launcher config with
     # `use_cpu: true` starts processes that never connect on a machine without a GPU (docs/dependencies.md).
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=config.train.mixed_precision,
-        log_with=list(config.tracking.report_to) or None,  # New in stage 11: trackers
+        log_with=list(config.tracking.report_to) or None,  # trackers
         project_dir=config.output_dir,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # New in stage 12
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.is_main_process:  # New in stage 13
         start_output_dir(config.output_dir, checkpoint, args.overwrite)
     accelerator.wait_for_everyone()
-    # New in stage 11: every rank prints into output_dir/train_rank{R}.log; only the main
+    # Every rank prints into output_dir/train_rank{R}.log; only the main
     # process's output also reaches the console.
     log_file = tee_output(config.output_dir, rank, accelerator.is_main_process)
     print(f"✓ config loaded from {args.config} and validated")
@@ -126,7 +108,7 @@ def main() -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     print(f"config: {OmegaConf.to_container(config)}")
-    # New in stage 11: trackers (wandb offline by default, its run id kept for re-runs).
+    # Trackers (wandb offline by default, its run id kept for re-runs).
     init_trackers(
         accelerator,
         output_dir,
@@ -147,13 +129,13 @@ def main() -> int:
         eps=config.optim.eps,
         weight_decay=config.optim.weight_decay,
     )
-    # New in stage 12: init states as a PyTorch dataset, batched by a DataLoader that
+    # Init states as a PyTorch dataset, batched by a DataLoader that
     # accelerate shards across ranks.
     dataset = LiberoInitStateDataset(config.env.benchmark, config.env.task_names)
     state_loader = torch.utils.data.DataLoader(
         dataset, batch_size=config.rl.states_per_draw, shuffle=True, drop_last=True, collate_fn=collate_fn_state
     )
-    # New in stage 10: DDP-wrap the policy; `unwrap_model` is the seed's get_model_from_ddp().
+    # DDP-wrap the policy; `unwrap_model` is the seed's get_model_from_ddp().
     policy, optimizer, state_loader = accelerator.prepare(policy, optimizer, state_loader)
     unwrapped = accelerator.unwrap_model(policy)
     policy_fn = make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast)
@@ -213,7 +195,7 @@ def main() -> int:
             # Rollouts with smart sampling: keep only groups whose K outcomes differ.
             started = time.perf_counter()
             all_results.clear()
-            # New in stage 11: a video of one rollout every `tracking.video_every` iterations.
+            # A video of one rollout every `tracking.video_every` iterations.
             record_video = (
                 accelerator.is_main_process
                 and config.tracking.video_every > 0
@@ -230,13 +212,13 @@ def main() -> int:
                 config.rl.max_draw_rounds,
             )
             rollout_time = time.perf_counter() - started
-            if record_video:  # New in stage 11
+            if record_video:
                 print(f"video: {save_rollout_video(all_results, output_dir / 'videos', iteration)}")
 
             # Batched training on the kept rollouts' windows, weighted by leave-one-out advantage.
             windows, advantages = windows_with_advantages(kept)
             losses = []
-            # New in stage 10: every rank must run the same number of DDP steps; the rank with the
+            # Every rank must run the same number of DDP steps; the rank with the
             # most windows sets it, the others cycle through theirs; no update if a rank has none.
             counts = accelerator.gather(torch.tensor([len(windows)], device=accelerator.device))
             if int(counts.min()) > 0:
@@ -270,7 +252,7 @@ def main() -> int:
                     losses.append(loss.detach())
             update_time = time.perf_counter() - started - rollout_time  # New in stage 13
 
-            # New in stage 10: statistics summed (loss averaged) over all ranks.
+            # Statistics summed (loss averaged) over all ranks.
             successes, episodes, groups, dropped_success, dropped_failure, env_steps = accelerator.reduce(
                 torch.tensor(
                     [
@@ -303,7 +285,7 @@ def main() -> int:
                 "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
             }
             progress["iterations"].append(record)
-            # New in stage 11: metrics to the trackers and to metrics.jsonl.
+            # Metrics to the trackers and to metrics.jsonl.
             metrics = {
                 f"ript/{key}": value for key, value in record.items() if key != "iteration" and value is not None
             }
@@ -338,13 +320,13 @@ def main() -> int:
     finally:
         envs.close()
     print(f"progress written to {progress_file}")
-    # New in stage 11: a plot of the success rate, and where the logs are.
+    # A plot of the success rate, and where the logs are.
     if accelerator.is_main_process and metrics_file.exists():
         plot_metrics(metrics_file, output_dir / "success.png", ("ript/success_rate",), log_scale=False)
     print(f"logs: {log_file} (one per rank), metrics: {metrics_file}")
     if checkpoint is not None:
         print(f"checkpoint: {checkpoint / 'pretrained_model'}")
-    # New in stage 10: the seed's cleanup_distributed(); an orderly end (gloo aborts at exit on
+    # The seed's cleanup_distributed(); an orderly end (gloo aborts at exit on
     # Python 3.12 without it).
     accelerator.wait_for_everyone()
     policy = optimizer = unwrapped = state_loader = None
