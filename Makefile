@@ -42,9 +42,33 @@ debug: $(TOKENIZER_DIR)/tokenizer.json
 	$(PY) data_prep/soft_arm_to_lerobot.py --raw_dir $(DEBUG_RAW_DIR) --output_dir $(DEBUG_DATASET_DIR)
 	$(PY) scripts/train_soft_arm.py --config configs/debug_config.yaml --overwrite
 
-# Graph tokens vs none on the simulated soft arm (README "Simulated soft arm"): simulate, train, evaluate.
-soft-arm-ablation: $(TOKENIZER_DIR)/tokenizer.json
-	$(PY) scripts/soft_arm_graph_ablation.py --tokenizer $(TOKENIZER_DIR)
+# Graph tokens vs none on the simulated soft arm (README "Graph tokens vs none"): 100 expert
+# demonstrations, the tiny pi0 trained with and without graph tokens for each seed, every checkpoint
+# and the expert evaluated on the same 50 held-out seeds, then the table. Each run is a file target:
+# a finished one is kept, an interrupted training resumes from its last checkpoint.
+ABLATION_DIR := outputs/soft_arm_ablation
+ABLATION_RAW_DIR := artifacts/soft_arm_raw_sim
+ABLATION_DATASET_DIR := artifacts/soft_arm_lerobot_sim
+ABLATION_SEEDS := 0 1 2
+ABLATION_EVAL := --num_episodes 50 --replan_steps 8
+ABLATION_RUNS := $(foreach variant,graph no_graph,$(foreach seed,$(ABLATION_SEEDS),$(ABLATION_DIR)/$(variant)_seed$(seed)/eval/summary.json))
+soft-arm-ablation: $(ABLATION_DIR)/eval_expert/summary.json $(ABLATION_RUNS)
+	$(PY) scripts/soft_arm_ablation_results.py --output_dir $(ABLATION_DIR) --seeds $(ABLATION_SEEDS)
+
+$(ABLATION_DATASET_DIR)/meta/info.json:
+	$(PY) data_prep/simulate_soft_arm.py --output_dir $(ABLATION_RAW_DIR) --episodes 100 --seed 0 --workers 2
+	$(PY) data_prep/soft_arm_to_lerobot.py --raw_dir $(ABLATION_RAW_DIR) --output_dir $(ABLATION_DATASET_DIR)
+
+$(ABLATION_DIR)/eval_expert/summary.json:
+	$(PY) scripts/eval_soft_arm.py --expert $(ABLATION_EVAL) --output_dir $(@D)
+
+# One training run and its evaluation; the stem $* is <variant>_seed<N>.
+$(ABLATION_DIR)/%/eval/summary.json: $(ABLATION_DATASET_DIR)/meta/info.json $(TOKENIZER_DIR)/tokenizer.json
+	$(PY) scripts/train_soft_arm.py --config configs/soft_arm_sim.yaml --resume latest \
+		output_dir=$(ABLATION_DIR)/$* seed=$(lastword $(subst _seed, ,$*)) data.root=$(ABLATION_DATASET_DIR) \
+		model.tokenizer=$(TOKENIZER_DIR) tracking.run_name=$* model.use_graph=$(if $(filter no_graph_%,$*),false,true)
+	$(PY) scripts/eval_soft_arm.py --checkpoint $(ABLATION_DIR)/$*/checkpoints/last/pretrained_model $(ABLATION_EVAL) \
+		--seed $(lastword $(subst _seed, ,$*)) --label "$(subst _seed, seed ,$*)" --output_dir $(@D)
 
 # Does the RIPT loop learn? (README "RIPT on the simulated soft arm"): 20 demonstrations, behaviour
 # cloning to a middling policy, then RL post-training with each objective (configs/ript_soft_arm.yaml)
