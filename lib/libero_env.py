@@ -1,0 +1,125 @@
+"""One LIBERO simulator in its own process: the worker side of `lib.libero.VectorLiberoRollout`,
+with the suite, env and observation helpers it needs.
+
+The worker is started as `python -m lib.libero_env FD BENCHMARK CAMERA_SIZE SEED SETTLE_STEPS` with
+one end of a socket pair as FD, not through `multiprocessing`'s spawn: spawn runs the parent's
+main script again in every child, and a training script's imports (LeRobot, transformers, torch)
+cost more than the simulator itself. This module imports neither torch nor the policy code.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from lib.config import ConfigError
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+
+# Episode step limits per suite (the standard LIBERO evaluation protocol).
+MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
+STATE_DIM, ACTION_DIM = 8, 7
+SETTLE_STEPS = 10  # no-op steps after a reset while objects fall into place (the LIBERO protocol)
+NOOP_ACTION = np.array([0.0] * 6 + [-1.0], dtype=np.float32)
+AGENTVIEW_KEY = "observation.images.agentview"
+WRIST_KEY = "observation.images.wrist"
+STATE_KEY = "observation.state"
+
+
+def get_suite(benchmark_name: str) -> Any:
+    from libero.libero import benchmark
+
+    suites = benchmark.get_benchmark_dict()
+    if benchmark_name not in suites:
+        raise ConfigError(f"unknown LIBERO benchmark {benchmark_name!r}; expected one of {sorted(MAX_STEPS)}")
+    return suites[benchmark_name]()
+
+
+def max_steps_of(benchmark_name: str) -> int:
+    if benchmark_name not in MAX_STEPS:
+        raise ConfigError(f"no standard step limit for {benchmark_name!r}; known: {sorted(MAX_STEPS)}")
+    return MAX_STEPS[benchmark_name]
+
+
+def make_libero_env(benchmark_name: str, task_id: int, camera_size: int = 128, seed: int = 0) -> Any:
+    """An off-screen LIBERO env for one task of a suite."""
+    from libero.libero import get_libero_path
+    from libero.libero.envs import OffScreenRenderEnv
+
+    task = get_suite(benchmark_name).get_task(task_id)
+    bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
+    env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=camera_size, camera_widths=camera_size)
+    env.seed(seed)
+    return env
+
+
+def observation_to_policy(obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """LIBERO observation -> policy features: both cameras upright (LIBERO renders them upside
+    down), state = end-effector position (3), axis-angle (3), gripper joints (2)."""
+    from robosuite.utils.transform_utils import quat2axisangle
+
+    state = np.concatenate([obs["robot0_eef_pos"], quat2axisangle(obs["robot0_eef_quat"]), obs["robot0_gripper_qpos"]])
+    return {
+        AGENTVIEW_KEY: np.ascontiguousarray(obs["agentview_image"][::-1, ::-1]),
+        WRIST_KEY: np.ascontiguousarray(obs["robot0_eye_in_hand_image"][::-1, ::-1]),
+        STATE_KEY: state.astype(np.float32),
+    }
+
+
+def serve(connection: Any, benchmark_name: str, camera_size: int, seed: int, settle_steps: int) -> None:
+    """Worker loop: ("reset", task_id, init_state) -> observation; ("step", actions) -> (observation,
+    success, steps executed, frames); ("close",) ends it. Errors are sent back, not raised."""
+    env, env_task = None, None
+    try:
+        while True:
+            command, *payload = connection.recv()
+            if command == "close":
+                break
+            try:
+                if command == "reset":
+                    task_id, init_state = payload
+                    if env_task != task_id:  # hard reset: the scene of another task
+                        if env is not None:
+                            env.close()
+                        env, env_task = make_libero_env(benchmark_name, task_id, camera_size, seed), task_id
+                    env.reset()
+                    obs = env.set_init_state(init_state)
+                    for _ in range(settle_steps):
+                        obs, _, _, _ = env.step(NOOP_ACTION)
+                    connection.send(("ok", observation_to_policy(obs)))
+                elif command == "step":
+                    actions, record = payload
+                    frames, success, executed = [], False, 0
+                    for action in actions:
+                        obs, _, done, _ = env.step(action)
+                        executed += 1
+                        if record:
+                            frames.append(np.ascontiguousarray(obs["agentview_image"][::-1, ::-1]))
+                        success = bool(env.check_success())
+                        if success or done:
+                            break
+                    connection.send(("ok", (observation_to_policy(obs), success, executed, frames)))
+                else:
+                    connection.send(("error", f"unknown command {command!r}"))
+            except Exception:
+                connection.send(("error", traceback.format_exc()))
+    except (EOFError, KeyboardInterrupt):
+        pass
+    finally:
+        if env is not None:
+            env.close()
+
+
+def main(argv: list[str]) -> None:
+    fd, benchmark_name, camera_size, seed, settle_steps = argv
+    serve(Connection(int(fd)), benchmark_name, int(camera_size), int(seed), int(settle_steps))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
