@@ -21,6 +21,7 @@ from lerobot.policies.pi0.configuration_pi0 import PI0Config
 from lerobot.policies.pi0.modeling_pi0 import PI0Pytorch
 from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
 from torch import Tensor, nn
+from transformers import DynamicCache
 
 from lib.graph_pi0 import PI0GraphConfig, PI0WithGraph, batch_graph
 from lib.pi0 import CheckedLoadPolicy, SizedPI0Config
@@ -41,6 +42,7 @@ class PI0WithCondition(PI0Pytorch):
         self._flags: Tensor | None = None
         self._guidance_weight: float | None = None
         self._flow_noise: tuple[float, float, list[tuple[Tensor, Tensor]]] | None = None
+        self._doubled_cache: tuple[DynamicCache, DynamicCache] | None = None
 
     @contextlib.contextmanager
     def conditioning(self, flags: Tensor | None, guidance_weight: float | None = None) -> Iterator[None]:
@@ -77,9 +79,15 @@ class PI0WithCondition(PI0Pytorch):
         if self._guidance_weight is None:
             velocity = super().denoise_step(state, prefix_pad_masks, past_key_values, x_t, timestep)
         else:
-            # Both branches in one forward: the prefix (and its KV cache) was built on [cond; null].
+            # Both branches in one forward of the suffix, [cond; null]. The flag lives in the suffix,
+            # so the prefix (images and language, the expensive part) and its KV cache were built
+            # once on the batch; here they are repeated for the two halves.
             both = super().denoise_step(
-                state, prefix_pad_masks, past_key_values, torch.cat([x_t, x_t]), torch.cat([timestep, timestep])
+                torch.cat([state, state]),
+                torch.cat([prefix_pad_masks, prefix_pad_masks]),
+                self._doubled_prefix_cache(past_key_values),
+                torch.cat([x_t, x_t]),
+                torch.cat([timestep, timestep]),
             )
             v_cond, v_null = both.chunk(2)
             velocity = v_null + self._guidance_weight * (v_cond - v_null)
@@ -88,6 +96,16 @@ class PI0WithCondition(PI0Pytorch):
         std, dt, record = self._flow_noise
         record.append((x_t, x_t + dt * velocity))
         return velocity + std * torch.randn_like(x_t) / dt
+
+    def _doubled_prefix_cache(self, past_key_values: DynamicCache) -> DynamicCache:
+        """The prefix KV cache repeated along the batch, [cache; cache], built once per sampling
+        call (LeRobot's `denoise_step` clones the cache it is given, so the copy is never mutated)."""
+        if self._doubled_cache is None or self._doubled_cache[0] is not past_key_values:
+            doubled = DynamicCache(
+                tuple((torch.cat([k, k]), torch.cat([v, v]), window) for k, v, window in past_key_values)
+            )
+            self._doubled_cache = (past_key_values, doubled)
+        return self._doubled_cache[1]
 
     @torch.no_grad()
     def sample_actions_guided(
@@ -103,22 +121,27 @@ class PI0WithCondition(PI0Pytorch):
         **model_kwargs: Tensor | None,
     ) -> Tensor:
         """Actions sampled with v = v_null + w (v_cond - v_null); w = 1 is plain conditional.
-        `model_kwargs` (e.g. a subclass's `graph`) are doubled with the other inputs."""
+        The prefix is computed once; `model_kwargs` (suffix inputs, e.g. a subclass's `graph`) are
+        doubled like the suffix."""
         batch_size = state.shape[0]
         if noise is None:
             noise = self.sample_noise((batch_size, self.config.chunk_size, self.config.max_action_dim), state.device)
         flags = torch.tensor([OPTIMAL_FLAG] * batch_size + [NULL_FLAG] * batch_size, device=state.device)
-        doubled = [torch.cat([x, x]) for x in (lang_tokens, lang_masks, state)]
         doubled_kwargs = {k: None if v is None else torch.cat([v, v]) for k, v in model_kwargs.items()}
-        with self.conditioning(flags, guidance_weight):
-            return self.sample_actions(
-                [torch.cat([img, img]) for img in images],
-                [torch.cat([mask, mask]) for mask in img_masks],
-                *doubled,
-                noise=noise,
-                num_steps=num_steps,
-                **doubled_kwargs,
-            )
+        try:
+            with self.conditioning(flags, guidance_weight):
+                return self.sample_actions(
+                    images,
+                    img_masks,
+                    lang_tokens,
+                    lang_masks,
+                    state,
+                    noise=noise,
+                    num_steps=num_steps,
+                    **doubled_kwargs,
+                )
+        finally:
+            self._doubled_cache = None
 
 
 @PreTrainedConfig.register_subclass("pi0_cfg")

@@ -163,6 +163,10 @@ def test_guidance_mixes_the_two_branches(policy):
         unconditional = policy.model.sample_actions(*inputs, noise=noise)
     assert torch.allclose(policy.model.sample_actions_guided(*inputs, 1.0, noise=noise), conditional, atol=1e-5)
     assert torch.allclose(policy.model.sample_actions_guided(*inputs, 0.0, noise=noise), unconditional, atol=1e-5)
+    # w = 2 integrates v_null + 2 (v_cond - v_null) at every step: not the mix of the two chunks,
+    # but it moves past the conditional chunk, away from the unconditional one.
+    guided = policy.model.sample_actions_guided(*inputs, 2.0, noise=noise)
+    assert (guided - unconditional).norm() > (conditional - unconditional).norm()
     assert not torch.allclose(conditional, unconditional, atol=1e-3)
     assert policy.predict_action_chunk(batch, noise=noise).shape == (BATCH, CHUNK, 7)
 
