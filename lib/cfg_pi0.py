@@ -120,12 +120,17 @@ class PI0WithCondition(PI0Pytorch):
         num_steps: int | None = None,
         **model_kwargs: Tensor | None,
     ) -> Tensor:
-        """Actions sampled with v = v_null + w (v_cond - v_null); w = 1 is plain conditional.
-        The prefix is computed once; `model_kwargs` (suffix inputs, e.g. a subclass's `graph`) are
-        doubled like the suffix."""
+        """Actions sampled with v = v_null + w (v_cond - v_null); w = 1 is the conditional branch
+        alone (one suffix pass). The prefix is computed once; `model_kwargs` (suffix inputs, e.g. a
+        subclass's `graph`) are doubled like the suffix."""
         batch_size = state.shape[0]
         if noise is None:
             noise = self.sample_noise((batch_size, self.config.chunk_size, self.config.max_action_dim), state.device)
+        if guidance_weight == 1.0:  # v_null + 1 (v_cond - v_null) is v_cond: the optimal branch alone
+            with self.conditioning(torch.full((batch_size,), OPTIMAL_FLAG, device=state.device)):
+                return self.sample_actions(
+                    images, img_masks, lang_tokens, lang_masks, state, noise=noise, num_steps=num_steps, **model_kwargs
+                )
         flags = torch.tensor([OPTIMAL_FLAG] * batch_size + [NULL_FLAG] * batch_size, device=state.device)
         doubled_kwargs = {k: None if v is None else torch.cat([v, v]) for k, v in model_kwargs.items()}
         try:
