@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install debug soft-arm-ablation ript-soft-arm test test-all lint format clean stage-08 stage-09 stage-10 stage-11 stage-12 stage-13
+.PHONY: install debug bench soft-arm-ablation ript-soft-arm test test-all lint format clean stage-08 stage-09 stage-10 stage-11 stage-12 stage-13
 
 # Python 3.12 is required: try `python3.12`, then pyenv's 3.12 (its shim fails when the global
 # version is another one), then give up with a clear message.
@@ -88,6 +88,14 @@ ript-soft-arm: $(TOKENIZER_DIR)/tokenizer.json
 	$(RIPT_ARM) rl.objective=cfg_rl model.guidance_weight=2 output_dir=$(RIPT_ARM_DIR)/cfg_rl_w2
 	$(RIPT_ARM) rl.objective=advantage_filtered output_dir=$(RIPT_ARM_DIR)/advantage_filtered
 	$(RIPT_ARM) rl.objective=behavior_cloning output_dir=$(RIPT_ARM_DIR)/behavior_cloning
+
+# The project's own speed (scripts/benchmark.py): writes BENCHMARKS.md and BENCHMARKS.json.
+$(DEBUG_DATASET_DIR)/meta/info.json:
+	$(PY) data_prep/make_fake_soft_arm.py --output_dir $(DEBUG_RAW_DIR) --episodes 12 --seed 0
+	$(PY) data_prep/soft_arm_to_lerobot.py --raw_dir $(DEBUG_RAW_DIR) --output_dir $(DEBUG_DATASET_DIR)
+
+bench: $(TOKENIZER_DIR)/tokenizer.json $(DEBUG_DATASET_DIR)/meta/info.json
+	$(PY) scripts/benchmark.py --dataset $(DEBUG_DATASET_DIR) --tokenizer $(TOKENIZER_DIR)
 
 # The stage-by-stage RIPT reproduction (scripts/STAGES.md) on the debug config.
 stage-08: $(TOKENIZER_DIR)/tokenizer.json

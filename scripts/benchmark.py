@@ -1,0 +1,411 @@
+"""How fast is the project itself? Writes `BENCHMARKS.md` and `benchmarks.json` (machine, date,
+versions, every figure). Every figure is a ratio against a reference measured in the same run, so
+the numbers compare across machines; absolute times are given beside them.
+
+    python scripts/benchmark.py            # or: make bench (a few minutes on a CPU)
+
+a. Training-loop overhead: `train_soft_arm.py` (tiny pi0, the debug dataset) against a bare loop on
+   the same model, batch and optimizer (forward, backward, clip, step); the data wait (loading and
+   pre-processing one batch) against the step.
+b. Rollouts: env steps/s of the soft-arm simulators and of LIBERO's worker processes with 1, 2 and
+   4 simulators, against the single-simulator rate x min(simulators, cores); policy calls per
+   control round.
+c. One RIPT iteration on the soft arm split into simulation, policy inference, update and
+   everything else.
+d. Guided sampling (cfg_rl, w = 2) against plain sampling (the optimal branch alone) at one batch.
+e. How cost grows: bare step time against batch size; a 2-rank CPU run of `train_soft_arm.py`
+   against 1 rank at the same global batch.
+
+The GPU section (full-size pi0 in bf16) runs only where a GPU is present; without one,
+`BENCHMARKS.md` says so.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from lerobot.configs import FeatureType, PolicyFeature
+from omegaconf import OmegaConf
+
+from lib.cfg_pi0 import PI0GraphCFGConfig, PI0GraphCFGPolicy
+from lib.errors import UserError, exit_code_of
+from lib.graph_pi0 import PI0GraphConfig, PI0GraphPolicy
+from lib.libero import LiberoInitStateDataset, VectorLiberoRollout
+from lib.pi0 import load_tokenizer, make_optimizer, make_pi0_processors, seeded_noise_and_time
+from lib.ript import StateOutcomeHistory, collect_iteration, iteration_statistics, run_update
+from lib.rollout import make_policy_fn
+from lib.schemas import OptimConfig, SoftArmRIPTConfig
+from lib.soft_arm import (
+    ACTION_DIM,
+    ACTION_KEY,
+    CHUNK_SIZE,
+    GRAPH_KEY,
+    IMAGE_KEY,
+    NODE_FEATURES,
+    NUM_NODES,
+    STATE_KEY,
+    dataset_stats,
+    make_soft_arm_datasets,
+)
+from lib.soft_arm_sim import SoftArmVectorRollout
+
+REPO = Path(__file__).resolve().parents[1]
+CORES = os.cpu_count() or 1
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", type=Path, default=Path("artifacts/soft_arm_lerobot_debug"))
+    parser.add_argument("--tokenizer", type=Path, default=Path("artifacts/tokenizer"))
+    parser.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"), help="the report; JSON beside it")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per training measurement")
+    return parser.parse_args()
+
+
+def timed(function, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of `function()` over `repeats` calls after `warmup` calls."""
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def graph_policy_config(dataset, cls=PI0GraphConfig, **extra) -> PI0GraphConfig:
+    image_size = dataset[0][IMAGE_KEY].shape[-1]
+    return cls(
+        model_size="tiny",
+        device="cpu",
+        chunk_size=CHUNK_SIZE,
+        n_action_steps=CHUNK_SIZE,
+        input_features={
+            IMAGE_KEY: PolicyFeature(type=FeatureType.VISUAL, shape=(3, image_size, image_size)),
+            STATE_KEY: PolicyFeature(type=FeatureType.STATE, shape=(dataset[0][STATE_KEY].shape[0],)),
+            GRAPH_KEY: PolicyFeature(type=FeatureType.STATE, shape=(NUM_NODES, NODE_FEATURES)),
+        },
+        output_features={ACTION_KEY: PolicyFeature(type=FeatureType.ACTION, shape=(ACTION_DIM,))},
+        **extra,
+    )
+
+
+def bare_step_time(policy, batch: dict, optimizer, repeats: int) -> float:
+    """One optimizer step on a pre-processed batch: forward, backward, clip, step."""
+
+    def step() -> None:
+        noise, flow_time = seeded_noise_and_time(policy.model, batch[ACTION_KEY].shape[0], 0, "cpu")
+        loss, _ = policy(batch, noise=noise, time=flow_time)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return timed(step, repeats)
+
+
+def script_samples_per_s(args: argparse.Namespace, output_dir: Path, launcher: list[str], batch_size: int) -> float:
+    """`train_soft_arm.py`'s own samples/s (its metrics, first log window left out as warm-up)."""
+    log_every = 10
+    steps = log_every * (1 + max(1, args.steps // log_every))
+    command = [
+        *launcher,
+        "scripts/train_soft_arm.py",
+        "--config",
+        "configs/debug_config.yaml",
+        "--overwrite",
+        "--output_dir",
+        str(output_dir),
+        f"data.root={args.dataset}",
+        f"model.tokenizer={args.tokenizer}",
+        f"data.batch_size={batch_size}",
+        "data.val_fraction=0",
+        f"train.steps={steps}",
+        f"train.log_every={log_every}",
+        f"train.save_every={steps}",
+        "optim.warmup_steps=1",
+        "tracking.report_to=[]",
+    ]
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median([row["train/samples_per_s"] for row in rows if "train/samples_per_s" in row][1:])
+
+
+def training_figures(args: argparse.Namespace, work: Path) -> dict:
+    train_dataset, _ = make_soft_arm_datasets(args.dataset, 0.0, 0)
+    tokenizer = load_tokenizer(args.tokenizer)
+    torch.manual_seed(0)
+    policy = PI0GraphPolicy(graph_policy_config(train_dataset))
+    preprocessor, _ = make_pi0_processors(policy.config, tokenizer, dataset_stats(train_dataset))
+    optimizer = make_optimizer(policy, OptimConfig())
+    policy.train()
+    loader = torch.utils.data.DataLoader(train_dataset, batch_size=args.batch_size, shuffle=True, drop_last=True)
+    loader_iter = iter(loader)
+    batch = preprocessor(next(loader_iter))
+
+    step_s = bare_step_time(policy, batch, optimizer, repeats=args.steps)
+    data_wait_s = timed(lambda: preprocessor(next(loader_iter)), repeats=min(args.steps, len(loader) - 3))
+    python = [sys.executable]
+    script_rate = script_samples_per_s(args, work / "one_rank", python, args.batch_size)
+    bare_rate = args.batch_size / step_s
+
+    # e. Step time against batch size (bare loop), and 2 ranks against 1 at the same global batch.
+    by_batch = {}
+    for batch_size in (1, 2, 4, 8, 16, 32, 64):
+        rows = [train_dataset[i % len(train_dataset)] for i in range(batch_size)]
+        grown = preprocessor(torch.utils.data.default_collate(rows))
+        by_batch[batch_size] = bare_step_time(policy, grown, optimizer, repeats=3)
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file"]
+    two_rank_rate = script_samples_per_s(
+        args, work / "two_ranks", [*launch, "accelerate_configs/cpu_2proc.yaml"], args.batch_size // 2
+    )
+    return {
+        "batch_size": args.batch_size,
+        "bare_step_s": step_s,
+        "bare_samples_per_s": bare_rate,
+        "script_samples_per_s": script_rate,
+        "loop_overhead": bare_rate / script_rate - 1,
+        "data_wait_s": data_wait_s,
+        "data_wait_fraction": data_wait_s / (args.batch_size / script_rate),
+        "step_s_by_batch": by_batch,
+        "step_s_per_sample_by_batch": {b: t / b for b, t in by_batch.items()},
+        "two_rank_samples_per_s": two_rank_rate,
+        "two_rank_speedup": two_rank_rate / script_rate,
+    }
+
+
+def rollout_figures() -> dict:
+    """Env steps/s with a constant policy (the simulators' own speed), per simulator count."""
+    figures: dict = {"soft_arm": {}, "libero": {}}
+    calls = []
+
+    def soft_arm_policy(observations):
+        calls.append(len(observations))
+        return np.zeros((len(observations), CHUNK_SIZE, ACTION_DIM), np.float32)
+
+    for num_envs in (1, 2, 4):
+        envs = SoftArmVectorRollout(num_envs=num_envs, replan_steps=8, max_steps=40, image_size=224)
+        calls.clear()
+        started = time.perf_counter()
+        episodes = envs.run([{"seed": 30_000_000 + i} for i in range(2 * num_envs)], soft_arm_policy)
+        elapsed = time.perf_counter() - started
+        steps = sum(e.length for e in episodes)
+        figures["soft_arm"][num_envs] = {"env_steps_per_s": steps / elapsed, "policy_calls": len(calls)}
+
+    def libero_policy(observations):
+        calls.append(len(observations))
+        return np.tile(np.array([0.0] * 6 + [-1.0], np.float32), (len(observations), 5, 1))
+
+    states = LiberoInitStateDataset("libero_spatial", None, [0, 1])
+    for num_envs in (1, 2, 4):
+        requests = [
+            {k: states[i % len(states)][k] for k in ("task_id", "init_state", "instruction")}
+            for i in range(num_envs)
+        ]
+        with VectorLiberoRollout("libero_spatial", num_envs, 64, max_steps=10, replan_steps=5) as envs:
+            envs.run(requests[:num_envs], libero_policy)  # start-up and the first scenes, not timed
+            calls.clear()
+            started = time.perf_counter()
+            results = envs.run(requests, libero_policy)
+            elapsed = time.perf_counter() - started
+        steps = sum(r.length for r in results)
+        figures["libero"][num_envs] = {"env_steps_per_s": steps / elapsed, "policy_calls": len(calls)}
+    for backend in ("soft_arm", "libero"):
+        single = figures[backend][1]["env_steps_per_s"]
+        for num_envs, row in figures[backend].items():
+            row["of_bound"] = row["env_steps_per_s"] / (single * min(num_envs, CORES))
+    return figures
+
+
+def ript_iteration_figures(args: argparse.Namespace) -> dict:
+    """One RIPT iteration of ript_soft_arm.py's loop (the engine), timed by part. A fresh tiny
+    policy never succeeds, so dynamic sampling keeps no group; the update then runs on every
+    rollout window with alternating advantages (timing, not learning)."""
+    from accelerate import Accelerator
+
+    train_dataset, _ = make_soft_arm_datasets(args.dataset, 0.0, 0)
+    tokenizer = load_tokenizer(args.tokenizer)
+    config = OmegaConf.merge(
+        OmegaConf.structured(SoftArmRIPTConfig),
+        {"rl": {"objective": "cfg_rl", "states_per_draw": 2, "rollouts_per_state": 4, "max_draw_rounds": 1}},
+    )
+    torch.manual_seed(0)
+    policy = PI0GraphCFGPolicy(graph_policy_config(train_dataset, PI0GraphCFGConfig, guidance_weight=2.0))
+    preprocessor, postprocessor = make_pi0_processors(policy.config, tokenizer, dataset_stats(train_dataset))
+    accelerator = Accelerator(cpu=True)
+    optimizer = make_optimizer(policy, config.optim)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    inner_policy_fn = make_policy_fn(accelerator.unwrap_model(policy), preprocessor, postprocessor)
+    inference = [0.0]
+
+    def policy_fn(observations):
+        started = time.perf_counter()
+        output = inner_policy_fn(observations)
+        inference[0] += time.perf_counter() - started
+        return output
+
+    envs = SoftArmVectorRollout(num_envs=8, replan_steps=8, max_steps=40, image_size=224)
+    seeds = iter(range(40_000_000, 40_001_000))
+    history = StateOutcomeHistory()
+    started = time.perf_counter()
+    rollouts = collect_iteration(
+        config.rl,
+        lambda: [{"seed": next(seeds)} for _ in range(config.rl.states_per_draw)],
+        envs,
+        policy_fn,
+        history,
+        key_of=lambda state: state["seed"],
+    )
+    rollout_s = time.perf_counter() - started
+    windows = [window for episode in rollouts.episodes for window in episode.windows]
+    advantages = [(-1.0) ** i for i in range(len(windows))]
+    update_started = time.perf_counter()
+    losses = run_update(accelerator, policy, optimizer, preprocessor, windows, advantages, config.rl, 1.0, 0, 1)
+    update_s = time.perf_counter() - update_started
+    iteration_statistics(accelerator, rollouts, advantages)
+    total_s = time.perf_counter() - started
+    simulation_s = rollout_s - inference[0]
+    return {
+        "episodes": len(rollouts.episodes),
+        "windows": len(windows),
+        "update_steps": len(losses),
+        "total_s": total_s,
+        "simulation": simulation_s / total_s,
+        "policy_inference": inference[0] / total_s,
+        "update": update_s / total_s,
+        "everything_else": (total_s - simulation_s - inference[0] - update_s) / total_s,
+    }
+
+
+def guided_sampling_figures(args: argparse.Namespace) -> dict:
+    train_dataset, _ = make_soft_arm_datasets(args.dataset, 0.0, 0)
+    tokenizer = load_tokenizer(args.tokenizer)
+    torch.manual_seed(0)
+    policy = PI0GraphCFGPolicy(graph_policy_config(train_dataset, PI0GraphCFGConfig))
+    preprocessor, _ = make_pi0_processors(policy.config, tokenizer, dataset_stats(train_dataset))
+    rows = [train_dataset[i % len(train_dataset)] for i in range(16)]
+    batch = preprocessor(torch.utils.data.default_collate(rows))
+    policy.eval()
+
+    def sample(weight: float):
+        policy.config.guidance_weight = weight
+        return lambda: policy.predict_action_chunk(batch)
+
+    plain_s, guided_s = timed(sample(1.0), repeats=5), timed(sample(2.0), repeats=5)
+    return {"batch_size": 16, "plain_s": plain_s, "guided_s": guided_s, "guided_over_plain": guided_s / plain_s}
+
+
+def versions() -> dict:
+    import accelerate
+    import lerobot
+    import mujoco
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "accelerate": accelerate.__version__,
+        "lerobot": lerobot.__version__,
+        "transformers": transformers.__version__,
+        "mujoco": mujoco.__version__,
+    }
+
+
+def write_report(results: dict, path: Path) -> None:
+    a, b, c, d = results["training"], results["rollouts"], results["ript_iteration"], results["guided_sampling"]
+    mark = {True: "met", False: "**missed**"}
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Written by `make bench` (`scripts/benchmark.py`) on {results['date']}: {results['machine']}. "
+        + ", ".join(f"{k} {v}" for k, v in results["versions"].items())
+        + ". Every figure is a ratio against a reference measured in the same run.",
+        "",
+        "| figure | measured | target | |",
+        "|---|---|---|---|",
+        f"| a. `train_soft_arm.py` step overhead over a bare loop (tiny, batch {a['batch_size']}) "
+        f"| {a['loop_overhead']:+.1%} ({a['script_samples_per_s']:.1f} vs {a['bare_samples_per_s']:.1f} samples/s) "
+        f"| ≤ 3 % | {mark[a['loop_overhead'] <= 0.03]} |",
+        f"| a. data wait per step (load + pre-process a batch, in the loop's process) "
+        f"| {a['data_wait_fraction']:.1%} of a step | ≤ 2 % | {mark[a['data_wait_fraction'] <= 0.02]} |",
+    ]
+    for backend, label in (("soft_arm", "soft-arm simulators"), ("libero", "LIBERO workers")):
+        for num_envs, row in b[backend].items():
+            lines.append(
+                f"| b. {label}: {num_envs} | {row['env_steps_per_s']:.0f} env steps/s, {row['of_bound']:.0%} of "
+                f"the bound, {row['policy_calls']} policy calls | ≥ 90 % up to {CORES} cores "
+                f"| {mark[row['of_bound'] >= 0.9] if num_envs <= CORES else 'past the cores'} |"
+            )
+    lines += [
+        f"| c. RIPT iteration ({c['episodes']} episodes, {c['update_steps']} update steps, {c['total_s']:.0f} s): "
+        f"everything else | {c['everything_else']:.1%} (simulation {c['simulation']:.0%}, inference "
+        f"{c['policy_inference']:.0%}, update {c['update']:.0%}) | ≤ 5 % | {mark[c['everything_else'] <= 0.05]} |",
+        f"| d. guided sampling (w = 2) over plain, batch {d['batch_size']} | {d['guided_over_plain']:.2f} x "
+        f"| ≤ 1.25 x | {mark[d['guided_over_plain'] <= 1.25]} |",
+        f"| e. 2 CPU ranks over 1 at the same global batch | {a['two_rank_speedup']:.2f} x the samples/s | - | |",
+        "",
+        "e. Bare step time against batch size (tiny pi0, 224 px):",
+        "",
+        "| batch | step (ms) | per sample (ms) |",
+        "|---|---|---|",
+        *[
+            f"| {batch} | {seconds * 1e3:.0f} | {a['step_s_per_sample_by_batch'][batch] * 1e3:.1f} |"
+            for batch, seconds in a["step_s_by_batch"].items()
+        ],
+        "",
+        "## GPU",
+        "",
+        results["gpu"],
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def main() -> int:
+    args = parse_args()
+    for path, what in ((args.dataset / "meta" / "info.json", "dataset"), (args.tokenizer, "tokenizer")):
+        if not path.exists():
+            raise UserError(f"{what} {path} does not exist: `make bench` builds the debug dataset and tokenizer")
+    results = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {CORES} cores, {platform.processor() or platform.system()}, "
+        f"torch threads {torch.get_num_threads()}",
+        "versions": versions(),
+    }
+    with tempfile.TemporaryDirectory() as work:
+        sections = (
+            ("training", lambda: training_figures(args, Path(work))),
+            ("rollouts", rollout_figures),
+            ("ript_iteration", lambda: ript_iteration_figures(args)),
+            ("guided_sampling", lambda: guided_sampling_figures(args)),
+        )
+        for name, measure in sections:
+            started = time.perf_counter()
+            print(f"{name} ...", flush=True)
+            results[name] = measure()
+            print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
+    results["gpu"] = (
+        "No GPU on this machine: the full-size bf16 figures were not measured."
+        if not torch.cuda.is_available()
+        else f"GPU present ({torch.cuda.get_device_name()}); the full-size section is not implemented yet."
+    )
+    write_report(results, args.output)
+    args.output.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str))
+    print(args.output.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(exit_code_of(main))
