@@ -88,6 +88,7 @@ ript-soft-arm: $(TOKENIZER_DIR)/tokenizer.json
 	$(RIPT_ARM) rl.objective=cfg_rl model.guidance_weight=2 output_dir=$(RIPT_ARM_DIR)/cfg_rl_w2
 	$(RIPT_ARM) rl.objective=advantage_filtered output_dir=$(RIPT_ARM_DIR)/advantage_filtered
 	$(RIPT_ARM) rl.objective=behavior_cloning output_dir=$(RIPT_ARM_DIR)/behavior_cloning
+	$(PY) scripts/ript_soft_arm_results.py --runs_dir $(RIPT_ARM_DIR)
 
 # The project's own speed (scripts/benchmark.py): writes BENCHMARKS.md and BENCHMARKS.json.
 $(DEBUG_DATASET_DIR)/meta/info.json:

@@ -1,0 +1,91 @@
+"""The objectives side by side (README "RIPT on the simulated soft arm"): the last step of
+`make ript-soft-arm`, after `scripts/ript_soft_arm.py` has run each objective.
+
+    python scripts/ript_soft_arm_results.py --runs_dir outputs/ript_soft_arm
+
+Reads every `<runs_dir>/<arm>/seed<N>/summary.json` (the finished RL seeds of each arm; an arm
+with none is left out) and writes `<runs_dir>/comparison.md` (success before/after per seed, mean
+± std, episodes and CPU minutes) and `<runs_dir>/comparison.png` (held-out success against the RL
+iteration: each arm's mean over its seeds, the seeds thin).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from lib.errors import UserError, exit_code_of
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs_dir", type=Path, default=Path("outputs/ript_soft_arm"))
+    return parser.parse_args()
+
+
+def finished_arms(runs_dir: Path) -> dict[str, list[dict]]:
+    arms = {}
+    for arm_dir in sorted(path for path in runs_dir.iterdir() if path.is_dir()):
+        runs = [json.loads(path.read_text()) for path in sorted(arm_dir.glob("seed*/summary.json"))]
+        if runs:
+            arms[arm_dir.name] = runs
+    if not arms:
+        raise UserError(f"{runs_dir} holds no finished RL seed (<arm>/seed<N>/summary.json): run make ript-soft-arm")
+    return arms
+
+
+def plot(arms: dict[str, list[dict]], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for index, (arm, runs) in enumerate(arms.items()):
+        color = f"C{index}"
+        iterations = sorted({int(k) for run in runs for k in run["curve"]})
+        for run in runs:
+            points = sorted((int(k), v) for k, v in run["curve"].items())
+            axis.plot(*zip(*points, strict=True), color=color, alpha=0.25, linewidth=1)
+        means = [np.mean([run["curve"][str(i)] for run in runs if str(i) in run["curve"]]) for i in iterations]
+        axis.plot(iterations, means, color=color, marker="o", linewidth=2, label=f"{arm} ({len(runs)} seeds)")
+    axis.set_xlabel("RL iteration")
+    axis.set_ylabel("held-out success rate (100 seeds)")
+    axis.set_ylim(0, 1)
+    axis.set_title("RIPT on the soft arm: every objective from the same BC start")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(png, dpi=100)
+    plt.close(figure)
+
+
+def main() -> int:
+    args = parse_args()
+    arms = finished_arms(args.runs_dir)
+    lines = [
+        "| arm | seeds | success before | after | gain (mean) | per seed (before → after) | episodes / seed "
+        "| CPU min / seed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, runs in arms.items():
+        before = [run["success_before"] for run in runs]
+        after = [run["success_after"] for run in runs]
+        per_seed = ", ".join(f"{b:.0%} → {a:.0%}" for b, a in zip(before, after, strict=True))
+        lines.append(
+            f"| {arm} | {len(runs)} | {np.mean(before):.1%} ± {np.std(before):.1%} "
+            f"| {np.mean(after):.1%} ± {np.std(after):.1%} | {100 * (np.mean(after) - np.mean(before)):+.1f} pts "
+            f"| {per_seed} | {np.mean([run['episodes_used'] for run in runs]):.0f} "
+            f"| {np.mean([run['cpu_minutes'] for run in runs]):.0f} |"
+        )
+    (args.runs_dir / "comparison.md").write_text("\n".join(lines) + "\n")
+    plot(arms, args.runs_dir / "comparison.png")
+    print("\n".join(lines))
+    print(f"plot: {args.runs_dir / 'comparison.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(exit_code_of(main))
