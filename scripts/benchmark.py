@@ -211,8 +211,7 @@ def rollout_figures() -> dict:
     states = LiberoInitStateDataset("libero_spatial", None, [0, 1])
     for num_envs in (1, 2, 4):
         requests = [
-            {k: states[i % len(states)][k] for k in ("task_id", "init_state", "instruction")}
-            for i in range(num_envs)
+            {k: states[i % len(states)][k] for k in ("task_id", "init_state", "instruction")} for i in range(num_envs)
         ]
         with VectorLiberoRollout("libero_spatial", num_envs, 64, max_steps=10, replan_steps=5) as envs:
             envs.run(requests[:num_envs], libero_policy)  # start-up and the first scenes, not timed

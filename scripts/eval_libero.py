@@ -24,12 +24,13 @@ from lib.checkpoint import check_writable_dir
 from lib.errors import exit_code_of
 from lib.libero import LiberoInitStateDataset, VectorLiberoRollout, max_steps_of
 from lib.pi0 import load_policy_fn
+from lib.schemas import LIBERO_BENCHMARKS
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="a pretrained_model directory")
-    parser.add_argument("--benchmark", default="libero_spatial")
+    parser.add_argument("--benchmark", default="libero_spatial", choices=LIBERO_BENCHMARKS)
     parser.add_argument("--task_names", nargs="*", default=None, help="default: every task of the suite")
     parser.add_argument("--num_init_states", type=int, default=50, help="init states per task (protocol: 50)")
     parser.add_argument("--num_envs", type=int, default=8)

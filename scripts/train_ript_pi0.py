@@ -89,6 +89,8 @@ def main() -> int:
     # A dry run (one iteration, nothing saved) writes only its log.
     resume = args.resume or config.resume
     checkpoint = None if args.dry_run else check_output_dir(config.output_dir, resume, args.overwrite)
+    # The init states, and so `env.task_names`, are checked before anything is written too.
+    dataset = LiberoInitStateDataset(config.env.benchmark, config.env.task_names)
     # The seed's setup_distributed(). `cpu=` because a launcher config with
     # `use_cpu: true` starts processes that never connect on a machine without a GPU (docs/dependencies.md).
     accelerator = Accelerator(
@@ -129,7 +131,6 @@ def main() -> int:
     optimizer = make_optimizer(policy, config.optim)
     # Init states as a PyTorch dataset, batched by a DataLoader that
     # accelerate shards across ranks.
-    dataset = LiberoInitStateDataset(config.env.benchmark, config.env.task_names)
     state_loader = torch.utils.data.DataLoader(
         dataset, batch_size=config.rl.states_per_draw, shuffle=True, drop_last=True, collate_fn=collate_fn_state
     )

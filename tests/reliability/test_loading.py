@@ -210,6 +210,22 @@ def test_scripts_exit_2_with_one_line(graph_checkpoint, tmp_path, train_args):
     assert f"error: output_dir {run_dir} already holds a run" in result.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]
 
+    # A task name the suite does not have: named before the output_dir is created.
+    fresh_dir = tmp_path / "ript_fresh"
+    result = run(
+        [
+            PYTHON,
+            "scripts/train_ript_pi0.py",
+            "--config",
+            "configs/minimal_test.yaml",
+            f"output_dir={fresh_dir}",
+            "env.task_names=[no_such_task]",
+        ],
+        check=False,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "libero_spatial has no task named ['no_such_task']" in result.stderr and not fresh_dir.exists()
+
 
 def test_output_dir_rules(tmp_path, capsys):
     """A run never lands on top of another: refused unless resumed or overwritten; `--resume latest`
