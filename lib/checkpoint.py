@@ -74,6 +74,26 @@ def save_checkpoint(
     return final
 
 
+def write_weights_once(accelerator: Accelerator) -> None:
+    """`save_state` leaves the model out of `training_state/`: its weights are already in
+    `pretrained_model/model.safetensors` beside it (at full size a second copy is ~14 GB per
+    checkpoint), and `load_state` loads them from there, checked (`lib.pi0.load_weights_into`).
+    Call once after `prepare`. Under FSDP and DeepSpeed accelerate saves the model its own way
+    and the hooks see no model."""
+    from lib.pi0 import WEIGHTS_FILE, load_weights_into
+
+    def leave_out_weights(models: list, weights: list, output_dir: str) -> None:
+        weights.clear()
+
+    def load_weights_from_pretrained_model(models: list, input_dir: str) -> None:
+        for model in models:
+            load_weights_into(accelerator.unwrap_model(model), Path(input_dir).parent / MODEL_DIR / WEIGHTS_FILE)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(leave_out_weights)
+    accelerator.register_load_state_pre_hook(load_weights_from_pretrained_model)
+
+
 # Fault-injection tests (tests/reliability): the save of this step stops half-written, before the
 # rename, and waits there to be killed. Unset in every real run.
 HOLD_SAVE_ENV = "PI0_FAULT_HOLD_SAVE_AT_STEP"

@@ -216,27 +216,44 @@ def load_pretrained_policy(
     size = getattr(config, "model_size", None) or saved.get("model_size", "full")
     with model_size_context(size):
         policy = policy_cls(config)
+    load_weights_into(policy, weights_file, state_dict, new_parts_by_type.get(saved_type, ()))
+    policy.to(config.device)
+    policy.eval()
+    return policy
+
+
+def load_weights_into(
+    policy: PI0Policy,
+    weights_file: Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    new_parts: tuple[str, ...] = (),
+) -> None:
+    """Load a saved policy's weights (`state_dict`, read from `weights_file` when None) into
+    `policy`, checked: shapes, and every key filled except those starting with `new_parts` and
+    tied weights; else a `CheckpointError` naming `weights_file`."""
+    if state_dict is None:
+        try:
+            state_dict = load_safetensors(weights_file)
+        except Exception as error:  # safetensors raises its own error type for a damaged file
+            raise CheckpointError(f"{weights_file} is truncated or corrupt ({str(error).splitlines()[0]})") from error
     state_dict = policy._fix_pytorch_state_dict_keys(state_dict, policy.config)  # LeRobot's openpi key renames
     state_dict = {key if key.startswith("model.") else f"model.{key}": value for key, value in state_dict.items()}
+    name = type(policy).__name__
     try:
         missing, unexpected = policy.load_state_dict(state_dict, strict=False)
     except RuntimeError as error:  # shape mismatches: another size or action dimension
         mismatches = [line.strip() for line in str(error).splitlines()[1:] if "size mismatch" in line]
         raise CheckpointError(
-            f"{weights_file} does not fit a {size} {policy_cls.__name__} with this config "
+            f"{weights_file} does not fit a {getattr(policy.config, 'model_size', 'full')} {name} with this config "
             f"(another model size or action dimension?): {'; '.join(mismatches[:3])}"
         ) from error
-    new_parts = new_parts_by_type.get(saved_type, ())
     tied = _tied_to_loaded(policy, state_dict)
     missing = [key for key in missing if not key.startswith(new_parts) and key not in tied]
     if missing or unexpected:
         raise CheckpointError(
-            f"{weights_file} does not match {policy_cls.__name__}: "
+            f"{weights_file} does not match {name}: "
             f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}"
         )
-    policy.to(config.device)
-    policy.eval()
-    return policy
 
 
 def _tied_to_loaded(module: torch.nn.Module, loaded: dict[str, torch.Tensor]) -> set[str]:

@@ -33,7 +33,7 @@ from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
 
 from lib.cfg_pi0 import exploration_noise
-from lib.checkpoint import GracefulStop, check_output_dir, save_policy_checkpoint, start_output_dir
+from lib.checkpoint import GracefulStop, check_output_dir, save_policy_checkpoint, start_output_dir, write_weights_once
 from lib.config import add_run_arguments, load_config, run_overrides, to_flat_dict
 from lib.errors import exit_code_of
 from lib.libero import (
@@ -136,6 +136,7 @@ def main() -> int:
     )
     # DDP-wrap the policy; `unwrap_model` is the seed's get_model_from_ddp().
     policy, optimizer, state_loader = accelerator.prepare(policy, optimizer, state_loader)
+    write_weights_once(accelerator)  # the weights live in pretrained_model/ only
     unwrapped = accelerator.unwrap_model(policy)
     policy_fn = make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast)
     history = StateOutcomeHistory(skip_after=config.rl.skip_after, skip_for=config.rl.skip_for)

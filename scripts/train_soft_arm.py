@@ -28,7 +28,7 @@ from lerobot.configs import FeatureType, PolicyFeature
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from lib.checkpoint import GracefulStop, check_output_dir, save_policy_checkpoint, start_output_dir
+from lib.checkpoint import GracefulStop, check_output_dir, save_policy_checkpoint, start_output_dir, write_weights_once
 from lib.config import add_run_arguments, load_config, run_overrides, to_flat_dict
 from lib.errors import UserError, exit_code_of
 from lib.graph_pi0 import PI0GraphConfig, PI0GraphPolicy
@@ -193,6 +193,7 @@ def main() -> int:
         cosine_with_warmup(config.optim.warmup_steps, config.train.steps, config.optim.decay_lr / config.optim.lr),
     )
     policy, optimizer, train_loader, val_loader = accelerator.prepare(policy, optimizer, train_loader, val_loader)
+    write_weights_once(accelerator)  # the weights live in pretrained_model/ only
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(scheduler, progress)
 

@@ -98,6 +98,10 @@ def test_resume_continues_to_the_same_loss(train_args, tmp_path):
     final = "checkpoints/step_00000006/pretrained_model/model.safetensors"
     a, b = load_file(uninterrupted / final), load_file(resumed / final)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # The weights are written once per checkpoint, in pretrained_model/; the training state
+    # (optimizer, RNG, scheduler, progress) does not repeat them, and resuming loaded them from there.
+    state = uninterrupted / "checkpoints/step_00000003/training_state"
+    assert (state / "optimizer.bin").is_file() and not list(state.glob("model*.safetensors"))
 
 
 def test_sigterm_saves_and_exits_zero(train_args, tmp_path):
