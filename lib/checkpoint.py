@@ -220,9 +220,13 @@ class GracefulStop:
         self.received = signum
         signal.signal(signum, signal.SIG_DFL)
 
-    def should_stop(self, accelerator: Accelerator) -> bool:
-        """True on every rank once any rank got a signal (ranks must stop at the same step)."""
+    def should_stop(self, accelerator: Accelerator, step: int = 0, every: int = 1) -> bool:
+        """True on every rank once any rank got a signal (ranks must stop at the same step). With
+        several ranks this is a collective and a host sync: asked only when `step % every == 0`
+        (the same step on every rank), so a hot loop can check every `every` steps."""
         if accelerator.num_processes == 1:
             return self.received is not None
+        if step % every:
+            return False
         flag = torch.tensor([float(self.received is not None)], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)

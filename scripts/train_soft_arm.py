@@ -323,7 +323,9 @@ def main() -> int:
                     append_metrics(metrics_file, step, {"val/loss": val_loss})
                 logger.info("step %d val loss %.4f", step, val_loss)
 
-            stopped = stop.should_stop(accelerator)
+            # With several ranks the stop check is a host sync: every log_every steps, when the loss
+            # and grad norm are read too, so the hot loop does not wait on the host in between.
+            stopped = stop.should_stop(accelerator, step, every=config.train.log_every)
             if not args.dry_run and (step % config.train.save_every == 0 or step == total_steps or stopped):
                 checkpoint = save(step)
             if stopped:
