@@ -192,6 +192,7 @@ class VectorLiberoRollout:
 
     `policy_fn(observations)` gets a list of policy-feature dicts (plus `task`) and returns action
     chunks (n, chunk, 7); each env executes `replan_steps` of its chunk before the next call.
+    `render_gpu_device_id`: the GPU the simulators render on (each rank its own; -1: EGL's default).
     """
 
     def __init__(
@@ -205,6 +206,7 @@ class VectorLiberoRollout:
         worker_timeout_s: float = 600.0,
         max_retries: int = 2,
         settle_steps: int = SETTLE_STEPS,
+        render_gpu_device_id: int = -1,
     ) -> None:
         self.benchmark_name = benchmark_name
         self.camera_size = camera_size
@@ -214,6 +216,7 @@ class VectorLiberoRollout:
         self.worker_timeout_s = worker_timeout_s
         self.max_retries = max_retries
         self.settle_steps = settle_steps
+        self.render_gpu_device_id = render_gpu_device_id
         self.worker_restarts = 0
         self._workers: list[tuple[subprocess.Popen, Connection] | None] = [None] * num_envs
         self._tasks: list[int | None] = [None] * num_envs
@@ -224,7 +227,14 @@ class VectorLiberoRollout:
         """A fresh interpreter running lib/libero_env.py (never a fork of a process holding torch or
         EGL), talking over a private socket pair; it ends on "close" or when this process is gone."""
         parent, child = socket.socketpair()
-        arguments = [child.fileno(), self.benchmark_name, self.camera_size, self.seed + index, self.settle_steps]
+        arguments = [
+            child.fileno(),
+            self.benchmark_name,
+            self.camera_size,
+            self.seed + index,
+            self.settle_steps,
+            self.render_gpu_device_id,
+        ]
         process = subprocess.Popen(
             [sys.executable, "-m", "lib.libero_env", *map(str, arguments)], pass_fds=(child.fileno(),)
         )

@@ -1,7 +1,7 @@
 """One LIBERO simulator in its own process: the worker side of `lib.libero.VectorLiberoRollout`,
 with the suite, env and observation helpers it needs.
 
-The worker is started as `python -m lib.libero_env FD BENCHMARK CAMERA_SIZE SEED SETTLE_STEPS` with
+The worker is started as `python -m lib.libero_env FD BENCHMARK CAMERA_SIZE SEED SETTLE_STEPS GPU` with
 one end of a socket pair as FD, not through `multiprocessing`'s spawn: spawn runs the parent's
 main script again in every child, and a training script's imports (LeRobot, transformers, torch)
 cost more than the simulator itself. This module imports neither torch nor the policy code.
@@ -47,14 +47,22 @@ def max_steps_of(benchmark_name: str) -> int:
     return MAX_STEPS[benchmark_name]
 
 
-def make_libero_env(benchmark_name: str, task_id: int, camera_size: int = 128, seed: int = 0) -> Any:
-    """An off-screen LIBERO env for one task of a suite."""
+def make_libero_env(
+    benchmark_name: str, task_id: int, camera_size: int = 128, seed: int = 0, render_gpu_device_id: int = -1
+) -> Any:
+    """An off-screen LIBERO env for one task of a suite, rendering on GPU `render_gpu_device_id`
+    (-1: the default EGL device)."""
     from libero.libero import get_libero_path
     from libero.libero.envs import OffScreenRenderEnv
 
     task = get_suite(benchmark_name).get_task(task_id)
     bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
-    env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=camera_size, camera_widths=camera_size)
+    env = OffScreenRenderEnv(
+        bddl_file_name=bddl,
+        camera_heights=camera_size,
+        camera_widths=camera_size,
+        render_gpu_device_id=render_gpu_device_id,
+    )
     env.seed(seed)
     return env
 
@@ -72,7 +80,9 @@ def observation_to_policy(obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def serve(connection: Any, benchmark_name: str, camera_size: int, seed: int, settle_steps: int) -> None:
+def serve(
+    connection: Any, benchmark_name: str, camera_size: int, seed: int, settle_steps: int, render_gpu_device_id: int
+) -> None:
     """Worker loop: ("reset", task_id, init_state) -> observation; ("step", actions) -> (observation,
     success, steps executed, frames); ("close",) ends it. Errors are sent back, not raised."""
     env, env_task = None, None
@@ -87,7 +97,10 @@ def serve(connection: Any, benchmark_name: str, camera_size: int, seed: int, set
                     if env_task != task_id:  # hard reset: the scene of another task
                         if env is not None:
                             env.close()
-                        env, env_task = make_libero_env(benchmark_name, task_id, camera_size, seed), task_id
+                        env, env_task = (
+                            make_libero_env(benchmark_name, task_id, camera_size, seed, render_gpu_device_id),
+                            task_id,
+                        )
                     env.reset()
                     obs = env.set_init_state(init_state)
                     for _ in range(settle_steps):
@@ -117,8 +130,10 @@ def serve(connection: Any, benchmark_name: str, camera_size: int, seed: int, set
 
 
 def main(argv: list[str]) -> None:
-    fd, benchmark_name, camera_size, seed, settle_steps = argv
-    serve(Connection(int(fd)), benchmark_name, int(camera_size), int(seed), int(settle_steps))
+    fd, benchmark_name, camera_size, seed, settle_steps, render_gpu_device_id = argv
+    serve(
+        Connection(int(fd)), benchmark_name, int(camera_size), int(seed), int(settle_steps), int(render_gpu_device_id)
+    )
 
 
 if __name__ == "__main__":
