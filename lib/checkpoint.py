@@ -94,6 +94,32 @@ def write_weights_once(accelerator: Accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_weights_from_pretrained_model)
 
 
+JSON_STATE_FILE = "state.json"
+
+
+def checkpoint_as_json(accelerator: Accelerator, **objects: Any) -> None:
+    """`accelerator.register_for_checkpointing` for objects whose state dict is plain data (step
+    counters, the scheduler, the per-state outcome history), written to `training_state/state.json`
+    by the main process: accelerate loads registered objects with unrestricted pickle
+    (torch's loader with `weights_only` off), JSON runs no code. Every rank loads them on `load_state`."""
+
+    def save(models: list, weights: list, output_dir: str) -> None:
+        if accelerator.is_main_process:
+            state = {name: obj.state_dict() for name, obj in objects.items()}
+            (Path(output_dir) / JSON_STATE_FILE).write_text(json.dumps(state))
+
+    def load(models: list, input_dir: str) -> None:
+        path = Path(input_dir) / JSON_STATE_FILE
+        if not path.is_file():
+            raise UserError(f"{input_dir} has no {JSON_STATE_FILE}: not a checkpoint of this version of the script")
+        state = json.loads(path.read_text())
+        for name, obj in objects.items():
+            obj.load_state_dict(state[name])
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
 # Fault-injection tests (tests/reliability): the save of this step stops half-written, before the
 # rename, and waits there to be killed. Unset in every real run.
 HOLD_SAVE_ENV = "PI0_FAULT_HOLD_SAVE_AT_STEP"

@@ -88,8 +88,8 @@ class StateOutcomeHistory:
 
 
 class RIPTProgress:
-    """Iterations done and init-state batches drawn (the sampler position): checkpointed through
-    `accelerator.register_for_checkpointing`, so a resumed run draws the next batch in order."""
+    """Iterations done and init-state batches drawn (the sampler position): saved with the training
+    state (`lib.checkpoint.checkpoint_as_json`), so a resumed run draws the next batch in order."""
 
     def __init__(self) -> None:
         self.iteration = 0

@@ -28,7 +28,7 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataPara
 from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
 
-from lib.checkpoint import GracefulStop, check_output_dir, save_policy_checkpoint, start_output_dir
+from lib.checkpoint import GracefulStop, check_output_dir, checkpoint_as_json, save_policy_checkpoint, start_output_dir
 from lib.config import load_config, to_flat_dict
 from lib.errors import exit_code_of
 from lib.libero import (
@@ -145,7 +145,7 @@ def main() -> int:
 
     # New in stage 13: what a checkpoint restores besides weights, optimizer and RNG.
     progress_state = RIPTProgress()
-    accelerator.register_for_checkpointing(progress_state, history)
+    checkpoint_as_json(accelerator, progress=progress_state, history=history)  # training_state/state.json
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint / "training_state"))
         print(f"resumed from {checkpoint} at iteration {progress_state.iteration}")

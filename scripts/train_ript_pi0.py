@@ -33,7 +33,14 @@ from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
 
 from lib.cfg_pi0 import exploration_noise
-from lib.checkpoint import GracefulStop, check_output_dir, save_policy_checkpoint, start_output_dir, write_weights_once
+from lib.checkpoint import (
+    GracefulStop,
+    check_output_dir,
+    checkpoint_as_json,
+    save_policy_checkpoint,
+    start_output_dir,
+    write_weights_once,
+)
 from lib.config import add_run_arguments, load_config, run_overrides, to_flat_dict
 from lib.errors import exit_code_of
 from lib.libero import (
@@ -149,7 +156,7 @@ def main() -> int:
 
     # What a checkpoint restores besides weights, optimizer and RNG.
     progress_state = RIPTProgress()
-    accelerator.register_for_checkpointing(progress_state, history)
+    checkpoint_as_json(accelerator, progress=progress_state, history=history)  # training_state/state.json
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint / "training_state"))
         print(f"resumed from {checkpoint} at iteration {progress_state.iteration}")

@@ -28,7 +28,14 @@ from lerobot.configs import FeatureType, PolicyFeature
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from lib.checkpoint import GracefulStop, check_output_dir, save_policy_checkpoint, start_output_dir, write_weights_once
+from lib.checkpoint import (
+    GracefulStop,
+    check_output_dir,
+    checkpoint_as_json,
+    save_policy_checkpoint,
+    start_output_dir,
+    write_weights_once,
+)
 from lib.config import add_run_arguments, load_config, run_overrides, to_flat_dict
 from lib.errors import UserError, exit_code_of
 from lib.graph_pi0 import PI0GraphConfig, PI0GraphPolicy
@@ -77,7 +84,7 @@ def cosine_with_warmup(warmup_steps: int, total_steps: int, final_ratio: float):
 
 
 class TrainingProgress:
-    """Optimizer steps taken; saved in `training_state` through `register_for_checkpointing`."""
+    """Optimizer steps taken; saved in `training_state/state.json` (`checkpoint_as_json`)."""
 
     def __init__(self) -> None:
         self.step = 0
@@ -195,7 +202,7 @@ def main() -> int:
     policy, optimizer, train_loader, val_loader = accelerator.prepare(policy, optimizer, train_loader, val_loader)
     write_weights_once(accelerator)  # the weights live in pretrained_model/ only
     progress = TrainingProgress()
-    accelerator.register_for_checkpointing(scheduler, progress)
+    checkpoint_as_json(accelerator, scheduler=scheduler, progress=progress)  # in training_state/state.json
 
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint / "training_state"))
