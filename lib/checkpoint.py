@@ -55,10 +55,21 @@ def save_checkpoint(
             shutil.rmtree(tmp)  # leftover of an interrupted save of this same step
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / STATE_DIR))
-    if accelerator.is_main_process:
-        save_model(tmp / MODEL_DIR)
-        _hold_for_fault_injection(tmp, step)
+    try:
+        accelerator.save_state(str(tmp / STATE_DIR))
+        if accelerator.is_main_process:
+            save_model(tmp / MODEL_DIR)
+            _hold_for_fault_injection(tmp, step)
+    # A full disk, a file-size limit, lost permissions: the earlier checkpoints stand. torch.save's
+    # zip writer reports a failed write as a RuntimeError ("iostream error"), the rest as OSError.
+    except (OSError, RuntimeError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = checkpoint_dirs(output_dir)
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise UserError(
+            f"could not write the checkpoint of step {step} in {root} ({reason}); "
+            + (f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was saved")
+        ) from error
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -52,3 +53,24 @@ def test_kill_9_while_a_checkpoint_is_written(train_args, tmp_path):
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     # the killed run's rows after step 2 were dropped on resume: each step is logged once
     assert [row["step"] for row in rows if "train/loss" in row] == [1, 2, 3, 4]
+
+    # The disk runs out at the next save (here: a 200 kB file-size limit, which makes the weights'
+    # write fail with EFBIG like ENOSPC would): one line, exit 2, step 4 still the last checkpoint,
+    # no half-written directory left.
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    full = subprocess.run(
+        [*command, "train.steps=6", "--resume", "latest"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit_file_size,
+    )
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert "could not write the checkpoint of step 6" in full.stderr
+    assert f"the last good checkpoint is {checkpoints / 'step_00000004'}" in full.stderr
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last", "step_00000002", "step_00000004"]
+    assert (checkpoints / "last").resolve().name == "step_00000004"
