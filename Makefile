@@ -122,7 +122,7 @@ stage-13: $(TOKENIZER_DIR)/tokenizer.json
 		--config configs/debug_train_pi0.yaml
 
 test:
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" --durations=15 tests
 
 test-all:
 	$(PY) -m pytest -q tests
