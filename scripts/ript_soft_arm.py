@@ -148,40 +148,15 @@ def run_seed(config, seed: int, source: Path, dry_run: bool = False) -> dict | N
 
     draws = pool_draws()
     history = StateOutcomeHistory(skip_after=config.rl.skip_after, skip_for=config.rl.skip_for)
-    if dry_run:
-        with exploration_noise(unwrapped, config.rl):
-            rollouts = collect_iteration(
-                config.rl, lambda: next(draws), envs, policy_fn, history, key_of=lambda state: state["seed"]
-            )
-        windows, advantages = windows_with_advantages(rollouts.kept)
-        losses = run_update(
-            accelerator,
-            policy,
-            optimizer,
-            preprocessor,
-            windows,
-            advantages,
-            config.rl,
-            config.optim.grad_clip_norm,
-            seed,
-            1,
-        )
-        print(f"dry run ok: one iteration, {len(rollouts.episodes)} episodes, {len(losses)} updates")
-        return None
-    output_dir.mkdir(parents=True, exist_ok=True)
-    metrics_file = output_dir / "metrics.jsonl"
-    metrics_file.unlink(missing_ok=True)
-    curve = {0: held_out_success(envs, policy_fn, held_out, f"seed {seed} iteration 0")}
-    append_metrics(metrics_file, 0, {"eval/success_rate": curve[0]})
-    print(f"seed {seed}: success {curve[0]:.1%} on {len(held_out)} held-out seeds before RL")
-    episodes_used = 0
-    for iteration in tqdm(range(1, config.iterations + 1), desc=f"seed {seed} iterations"):
-        iteration_started = time.perf_counter()
+
+    def rl_iteration(iteration: int) -> tuple:
+        """The engine's two calls: rollouts with dynamic sampling, then the update; and their times."""
+        started = time.perf_counter()
         with exploration_noise(unwrapped, config.rl):  # Flow-Noise sampling for flow_noise
             rollouts = collect_iteration(
                 config.rl, lambda: next(draws), envs, policy_fn, history, key_of=lambda state: state["seed"]
             )
-        rollout_time = time.perf_counter() - iteration_started
+        rollout_time = time.perf_counter() - started
         windows, advantages = windows_with_advantages(rollouts.kept)
         losses = run_update(
             accelerator,
@@ -195,6 +170,21 @@ def run_seed(config, seed: int, source: Path, dry_run: bool = False) -> dict | N
             seed,
             iteration,
         )
+        return rollouts, advantages, losses, rollout_time, time.perf_counter() - started - rollout_time
+
+    if dry_run:
+        rollouts, _, losses, _, _ = rl_iteration(1)
+        print(f"dry run ok: one iteration, {len(rollouts.episodes)} episodes, {len(losses)} updates")
+        return None
+    output_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file = output_dir / "metrics.jsonl"
+    metrics_file.unlink(missing_ok=True)
+    curve = {0: held_out_success(envs, policy_fn, held_out, f"seed {seed} iteration 0")}
+    append_metrics(metrics_file, 0, {"eval/success_rate": curve[0]})
+    print(f"seed {seed}: success {curve[0]:.1%} on {len(held_out)} held-out seeds before RL")
+    episodes_used = 0
+    for iteration in tqdm(range(1, config.iterations + 1), desc=f"seed {seed} iterations"):
+        rollouts, advantages, losses, rollout_time, update_time = rl_iteration(iteration)
         statistics = iteration_statistics(accelerator, rollouts, advantages)
         episodes_used += statistics["episodes"]
         metrics = {
@@ -202,7 +192,7 @@ def run_seed(config, seed: int, source: Path, dry_run: bool = False) -> dict | N
             "update/steps": len(losses),
             "update/loss": torch.stack(losses).mean().item() if losses else float("nan"),
             "time/rollout_s": rollout_time,
-            "time/update_s": time.perf_counter() - iteration_started - rollout_time,
+            "time/update_s": update_time,
         }
         if iteration % config.eval_every == 0 or iteration == config.iterations:
             curve[iteration] = held_out_success(envs, policy_fn, held_out, f"seed {seed} iteration {iteration}")
