@@ -29,7 +29,7 @@ from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
 
 from lib.checkpoint import GracefulStop, check_output_dir, checkpoint_as_json, save_policy_checkpoint, start_output_dir
-from lib.config import load_config, to_flat_dict
+from lib.config import load_config, run_overrides, to_flat_dict
 from lib.errors import exit_code_of
 from lib.libero import (
     LiberoInitStateDataset,
@@ -71,7 +71,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--config", "--config_path", dest="config", type=Path, default=Path("configs/debug_train_pi0.yaml")
     )
-    # stage 13: continue a run, or replace the run that output_dir holds
+    # stage 13: where the run writes, continue it, or replace the run that output_dir holds
+    parser.add_argument("--output_dir", help="where the run writes (overrides the config's output_dir)")
     parser.add_argument("--resume", metavar="CHECKPOINT", help="'latest' (newest of output_dir) or a checkpoint dir")
     parser.add_argument("--overwrite", action="store_true", help="replace the run that output_dir already holds")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.iterations=2")
@@ -81,7 +82,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     # Load and validate the YAML config (a bad one: one line, exit 2).
-    config = load_config_from_yaml(args.config, args.overrides)
+    config = load_config_from_yaml(args.config, run_overrides(args))
     # New in stage 13: refuse an output_dir that holds another run unless it is resumed or
     # overwritten, and find the checkpoint to resume, before anything is written.
     checkpoint = check_output_dir(config.output_dir, args.resume or config.resume, args.overwrite)

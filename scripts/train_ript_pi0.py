@@ -9,8 +9,8 @@ iterations the policy is evaluated on fixed init states. Checkpoints hold weight
 optimizer, RNG, sampler position and per-state outcome history; `--resume latest` continues
 exactly; SIGTERM/SIGINT finish the iteration, save and exit 0. Each rank logs to
 `output_dir/train_rank{R}.log`; metrics go to the trackers, `metrics.jsonl` and `success.png`.
-It is stage 13 (scripts/13_train_production_ready.py) plus evaluation and the advantage
-statistics; a parity test checks that the two agree.
+It is stage 13 (scripts/13_train_production_ready.py) plus evaluation, the advantage statistics
+and `--dry_run`; a parity test checks that the two agree.
 
     python scripts/train_ript_pi0.py --config configs/debug_train_pi0.yaml
     accelerate launch --config_file accelerate_configs/8gpu.yaml scripts/train_ript_pi0.py \

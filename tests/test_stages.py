@@ -139,8 +139,9 @@ def test_stage_13_two_processes_sigint_and_resume(tokenizer_dir, tmp_path):
         "scripts/13_train_production_ready.py",
         "--config_path",
         "configs/minimal_test.yaml",
+        "--output_dir",
+        str(tmp_path),
         f"model.tokenizer={tokenizer_dir}",
-        f"output_dir={tmp_path}",
         "train.iterations=3",
     ]
     launcher = subprocess.Popen(launch, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
