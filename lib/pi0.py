@@ -138,12 +138,19 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
-def resolve_pretrained(source: str | Path) -> Path:
+def resolve_pretrained(source: str | Path, hub_kwargs: dict[str, Any] | None = None) -> Path:
     """The local directory of a pretrained source: an existing directory, or a hub id fetched into
-    (or found in) the Hugging Face cache. Something that can only be a local path (it starts with
-    '/', '.' or '~', has more than one '/', or its first folder exists here) must exist."""
+    (or found in) the Hugging Face cache (`hub_kwargs`: `snapshot_download`'s revision, cache_dir,
+    token, force_download, local_files_only). Something that can only be a local path (it starts
+    with '/', '.' or '~', has more than one '/', or its first folder exists here) must exist."""
+    import huggingface_hub.constants
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
     from huggingface_hub.utils import validate_repo_id
 
     source = str(source)
@@ -158,12 +165,16 @@ def resolve_pretrained(source: str | Path) -> Path:
             looks_local = True
     if looks_local:
         raise CheckpointError(f"pretrained path {source} does not exist (expected a checkpoint directory)")
+    hub_kwargs = dict(hub_kwargs or {})
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        # Offline, a commit-hash revision would still list the repository online and fail.
+        hub_kwargs["local_files_only"] = True
     try:
-        return Path(snapshot_download(repo_id=source))
-    except LocalEntryNotFoundError as error:
+        return Path(snapshot_download(repo_id=source, **hub_kwargs))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
         raise CheckpointError(
             f"hub id {source!r} is not in the Hugging Face cache and the hub cannot be reached "
-            f"({'HF_HUB_OFFLINE=1' if os.environ.get('HF_HUB_OFFLINE') == '1' else 'no network'}). "
+            f"({'HF_HUB_OFFLINE=1' if huggingface_hub.constants.HF_HUB_OFFLINE else 'no network'}). "
             f"Fetch it once on a machine with network (`hf download {source}`, then copy ~/.cache/huggingface "
             "here, or `hf download --local-dir DIR` and pass DIR) and run with HF_HUB_OFFLINE=1"
         ) from error
@@ -183,7 +194,10 @@ def saved_config(directory: Path) -> dict[str, Any]:
 
 
 def load_pretrained_policy(
-    source: str | Path, policy_cls: type[PI0Policy] = PI0Policy, config: PI0Config | None = None
+    source: str | Path,
+    policy_cls: type[PI0Policy] = PI0Policy,
+    config: PI0Config | None = None,
+    hub_kwargs: dict[str, Any] | None = None,
 ) -> PI0Policy:
     """A policy of `policy_cls` with the weights of `source` (local path or hub id), checked.
 
@@ -192,9 +206,10 @@ def load_pretrained_policy(
     checkpoint of another policy type, weights of another shape (model size, graph width), and
     missing or unexpected keys. Only the parts `policy_cls` adds to the saved policy type
     (`policy_cls.new_parts[saved type]`, e.g. the graph encoder over plain pi0) may be missing.
-    `config` (an instance of `policy_cls.config_class`) replaces the saved config, as in LeRobot.
+    `config` (an instance of `policy_cls.config_class`) replaces the saved config, as in LeRobot;
+    `hub_kwargs` go to the hub download (`resolve_pretrained`).
     """
-    directory = resolve_pretrained(source)
+    directory = resolve_pretrained(source, hub_kwargs)
     saved = saved_config(directory)
     saved_type = saved.get("type")
     new_parts_by_type = getattr(policy_cls, "new_parts", {})
@@ -279,9 +294,32 @@ class CheckedLoadPolicy(PI0Policy):
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_name_or_path: str | Path, *, config: PI0Config | None = None, **ignored: Any
+        cls,
+        pretrained_name_or_path: str | Path,
+        *,
+        config: PI0Config | None = None,
+        force_download: bool = False,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        revision: str | None = None,
+        strict: bool = True,
+        **factory_kwargs: Any,
     ) -> PI0Policy:
-        return load_pretrained_policy(pretrained_name_or_path, cls, config)
+        """LeRobot's signature. The hub arguments reach the download; loading is always strict
+        (`strict=False` is refused rather than ignored); `factory_kwargs` are what LeRobot's
+        `make_policy` also passes (`dataset_stats`, `dataset_meta`), which pi0 does not use: its
+        normalization lives in the saved processors."""
+        if not strict:
+            raise CheckpointError(f"{cls.__name__}.from_pretrained loads strictly; strict=False is not supported")
+        hub_kwargs = {
+            "force_download": force_download,
+            "token": token,
+            "cache_dir": cache_dir,
+            "local_files_only": local_files_only,
+            "revision": revision,
+        }
+        return load_pretrained_policy(pretrained_name_or_path, cls, config, hub_kwargs)
 
 
 def make_pi0_policy(

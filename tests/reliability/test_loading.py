@@ -158,6 +158,28 @@ def test_missing_local_path_is_named():
         resolve_pretrained("./pi0_base")
 
 
+def test_a_hub_id_loads_from_the_cache_with_the_hub_arguments(graph_checkpoint, tmp_path):
+    """A hub id resolves through the Hugging Face cache offline; LeRobot's hub arguments of
+    `from_pretrained` (cache_dir, revision) reach the download instead of being dropped."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-graph-pi0"  # the cache's documented layout
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in graph_checkpoint.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+    expected = PI0GraphPolicy.from_pretrained(graph_checkpoint).state_dict()
+    for revision in (None, commit):
+        policy = PI0GraphPolicy.from_pretrained("someone/tiny-graph-pi0", cache_dir=tmp_path / "hub", revision=revision)
+        assert all(torch.equal(expected[key], value) for key, value in policy.state_dict().items())
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
+        PI0GraphPolicy.from_pretrained("someone/tiny-graph-pi0", cache_dir=tmp_path / "hub", revision="v2")
+    with pytest.raises(CheckpointError, match="strict=False is not supported"):
+        PI0GraphPolicy.from_pretrained(graph_checkpoint, strict=False)
+
+
 def test_ript_policy_from_a_checkpoint_without_processors_is_refused(tmp_path, tokenizer_dir):
     """Its normalization statistics are unknown: never replaced by identity normalization."""
     model = OmegaConf.structured(ModelConfig(pretrained="tiny", tokenizer=str(tokenizer_dir), chunk_size=8))

@@ -1,0 +1,81 @@
+"""LeRobot's own tools open this project's checkpoints: the policy plugin
+`plugins/lerobot_policy_pi0_graph` (installed by `make install`) is found by LeRobot's plugin
+discovery, and LeRobot's factory then loads `pi0_graph` and `pi0_cfg` checkpoints."""
+
+import pytest
+import torch
+from conftest import PYTHON, run
+from lerobot.configs import FeatureType, PolicyFeature
+from safetensors.torch import load_file, save_file
+from test_graph_pi0 import CHUNK, make_batch, make_config
+
+from lib.cfg_pi0 import PI0CFGConfig, PI0CFGPolicy
+from lib.graph_pi0 import GRAPH_KEY, PI0GraphPolicy
+from lib.pi0 import make_pi0_policy
+
+# A process as LeRobot's scripts run it: no import of this repository's `lib` by hand; LeRobot's
+# discovery imports the installed plugin, its registry gives the config type and its factory the class.
+LEROBOT_SIDE = """
+import sys
+from safetensors.torch import load_file, save_file
+from lerobot.configs.policies import PreTrainedConfig
+from lerobot.policies.factory import get_policy_class
+from lerobot.utils.import_utils import register_third_party_plugins
+
+assert "lib" not in sys.modules
+register_third_party_plugins()
+for checkpoint, inputs_file, actions_file in zip(*[iter(sys.argv[1:])] * 3):
+    config = PreTrainedConfig.from_pretrained(checkpoint)
+    policy = get_policy_class(config.type).from_pretrained(checkpoint, config=config)
+    inputs = load_file(inputs_file)
+    noise = inputs.pop("noise")
+    actions = policy.predict_action_chunk(inputs, noise=noise)
+    save_file({"actions": actions.contiguous()}, actions_file)
+    print(config.type, type(policy).__module__, type(policy).__name__)
+"""
+
+
+def cfg_config() -> PI0CFGConfig:
+    graph = make_config()
+    features = {key: feature for key, feature in graph.input_features.items() if key != GRAPH_KEY}
+    return PI0CFGConfig(
+        model_size="tiny",
+        chunk_size=graph.chunk_size,
+        n_action_steps=graph.chunk_size,
+        device="cpu",
+        guidance_weight=2.0,
+        input_features=features,
+        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(10,))},
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A graph checkpoint and a CFG checkpoint whose flag embedding is not zero (so guidance acts)."""
+    root = tmp_path_factory.mktemp("plugin_checkpoints")
+    torch.manual_seed(0)
+    make_pi0_policy("tiny", make_config(), PI0GraphPolicy).save_pretrained(root / "pi0_graph")
+    cfg = make_pi0_policy("tiny", cfg_config(), PI0CFGPolicy)
+    torch.nn.init.normal_(cfg.model.condition_embedding.weight, std=0.5)
+    cfg.save_pretrained(root / "pi0_cfg")
+    return root
+
+
+def test_lerobot_discovery_and_factory_load_both_checkpoint_kinds(checkpoints, tmp_path):
+    ours = {"pi0_graph": PI0GraphPolicy, "pi0_cfg": PI0CFGPolicy}
+    arguments, expected = [], {}
+    for kind, policy_cls in ours.items():
+        inputs = make_batch()
+        inputs.pop("action")
+        if kind == "pi0_cfg":
+            inputs.pop(GRAPH_KEY)
+        noise = torch.randn(inputs["observation.state"].shape[0], CHUNK, 32, generator=torch.Generator().manual_seed(5))
+        save_file({**inputs, "noise": noise}, tmp_path / f"{kind}_inputs.safetensors")
+        expected[kind] = policy_cls.from_pretrained(checkpoints / kind).predict_action_chunk(inputs, noise=noise)
+        arguments += [str(checkpoints / kind), str(tmp_path / f"{kind}_inputs.safetensors"), str(tmp_path / kind)]
+
+    result = run([PYTHON, "-c", LEROBOT_SIDE, *arguments])
+    assert "pi0_graph lib.graph_pi0 PI0GraphPolicy" in result.stdout
+    assert "pi0_cfg lib.cfg_pi0 PI0CFGPolicy" in result.stdout
+    for kind in ours:
+        torch.testing.assert_close(load_file(tmp_path / kind)["actions"], expected[kind], rtol=1e-6, atol=1e-6)
