@@ -35,7 +35,7 @@ for checkpoint, inputs_file, actions_file in zip(*[iter(sys.argv[1:])] * 3):
 """
 
 
-def cfg_config() -> PI0CFGConfig:
+def cfg_config(guidance_weight: float = 2.0) -> PI0CFGConfig:
     graph = make_config()
     features = {key: feature for key, feature in graph.input_features.items() if key != GRAPH_KEY}
     return PI0CFGConfig(
@@ -43,7 +43,7 @@ def cfg_config() -> PI0CFGConfig:
         chunk_size=graph.chunk_size,
         n_action_steps=graph.chunk_size,
         device="cpu",
-        guidance_weight=2.0,
+        guidance_weight=guidance_weight,
         input_features=features,
         output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(10,))},
     )
