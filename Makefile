@@ -121,11 +121,16 @@ stage-13: $(TOKENIZER_DIR)/tokenizer.json
 	$(ACCELERATE) launch --config_file accelerate_configs/cpu_2proc.yaml scripts/13_train_production_ready.py \
 		--config configs/debug_train_pi0.yaml
 
+# Two pytest-xdist workers: most tests wait on one process at a time (imports, a simulator), so two
+# fill CI's 2 cores; two-rank launches share one worker (tests/conftest.py, TWO_RANK_LAUNCH).
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
 test:
-	$(PY) -m pytest -q -m "not slow" --durations=15 tests
+	$(PYTEST) -m "not slow" --durations=15 tests
 
 test-all:
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 lint:
 	$(VENV)/bin/ruff check .

@@ -12,6 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
+# `make test` runs the suite on 2 pytest-xdist workers (`--dist loadgroup`). Two-rank launches
+# rendezvous on the launch config's fixed port, so they all go to one worker, one at a time.
+TWO_RANK_LAUNCH = pytest.mark.xdist_group("two_rank_launch")
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

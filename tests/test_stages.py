@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import ACCELERATE, PYTHON, REPO, run
+from conftest import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, run
 from safetensors.torch import load_file
 
 
@@ -60,6 +60,7 @@ def stage_10_command(launcher: list[str], tokenizer_dir, output_dir) -> list[str
     ]
 
 
+@TWO_RANK_LAUNCH
 def test_stage_10_two_processes_with_accelerate(tokenizer_dir, tmp_path):
     result = run(
         stage_10_command(
@@ -72,6 +73,7 @@ def test_stage_10_two_processes_with_accelerate(tokenizer_dir, tmp_path):
     assert rows[0]["episodes"] == 4  # 2 ranks x 1 init state x K=2, summed across ranks
 
 
+@TWO_RANK_LAUNCH
 @pytest.mark.slow
 def test_stage_10_two_processes_with_torchrun(tokenizer_dir, tmp_path):
     torchrun = str(Path(PYTHON).with_name("torchrun"))
@@ -80,6 +82,7 @@ def test_stage_10_two_processes_with_torchrun(tokenizer_dir, tmp_path):
     assert iterations_in(tmp_path / "progress.json")[0]["episodes"] == 4
 
 
+@TWO_RANK_LAUNCH
 def test_stage_11_logs_per_rank_and_trackers(tokenizer_dir, tmp_path):
     result = run(
         [
@@ -107,6 +110,7 @@ def test_stage_11_logs_per_rank_and_trackers(tokenizer_dir, tmp_path):
     assert list((tmp_path / "wandb").glob("offline-run-*")) and (tmp_path / "wandb_run_id.txt").is_file()
 
 
+@TWO_RANK_LAUNCH
 def test_stage_12_dataset_sharded_by_accelerate(tokenizer_dir, tmp_path):
     result = run(
         [
@@ -126,6 +130,7 @@ def test_stage_12_dataset_sharded_by_accelerate(tokenizer_dir, tmp_path):
     assert iterations_in(tmp_path / "progress.json")[0]["episodes"] == 4
 
 
+@TWO_RANK_LAUNCH
 def test_stage_13_two_processes_sigint_and_resume(tokenizer_dir, tmp_path):
     """SIGINT to both ranks of an `accelerate launch`: they finish the iteration, save one
     checkpoint (with both ranks' RNG states) and exit 0, and so does the launcher; `--resume` under

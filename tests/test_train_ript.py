@@ -7,7 +7,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import ACCELERATE, PYTHON, REPO, run
+from conftest import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, run
 
 from lib.cfg_pi0 import PI0CFGPolicy
 from lib.pi0 import load_pi0_processors, load_tokenizer
@@ -24,6 +24,7 @@ def iterations_logged(output_dir) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@TWO_RANK_LAUNCH
 def test_two_process_launch(args, tmp_path):
     run([ACCELERATE, "launch", "--config_file", "accelerate_configs/cpu_2proc.yaml", SCRIPT, *args])
     logs = sorted(p.name for p in tmp_path.glob("train_rank*.log"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ACCELERATE, PYTHON, REPO, run
+from conftest import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, run
 from safetensors.torch import load_file
 
 from lib.graph_pi0 import PI0GraphPolicy
@@ -32,6 +32,7 @@ def ranks_seen(output_dir: Path) -> set[str]:
     return seen
 
 
+@TWO_RANK_LAUNCH
 def test_two_process_launch_checkpoint_loads(train_args, tmp_path):
     output_dir = tmp_path / "run"
     result = run(
@@ -143,6 +144,7 @@ LAUNCH_CONFIGS = {
 IN_MAKE_TEST = {"cpu_2proc.yaml", "8gpu.yaml"}
 
 
+@TWO_RANK_LAUNCH
 @pytest.mark.parametrize(
     "launch_config",
     [name if name in IN_MAKE_TEST else pytest.param(name, marks=pytest.mark.slow) for name in sorted(LAUNCH_CONFIGS)],
