@@ -250,15 +250,22 @@ class VectorLiberoRollout:
         self.worker_restarts += 1
         self._start_worker(index)
 
-    def _call(self, index: int, message: tuple) -> Any:
-        """Send and wait for the answer; raise `RuntimeError` if the worker died, hung or failed."""
+    def _send(self, index: int, message: tuple) -> None:
+        """Hand a worker its next request without waiting; `RuntimeError` if it is gone."""
         process, connection = self._workers[index]
         try:
             connection.send(message)
+        except (BrokenPipeError, ConnectionResetError, OSError) as error:
+            raise RuntimeError(f"env worker {index} died ({error!r}, exit code {process.poll()})") from error
+
+    def _receive(self, index: int) -> Any:
+        """A worker's answer to its request; `RuntimeError` if it died, hung or failed."""
+        process, connection = self._workers[index]
+        try:
             if not connection.poll(self.worker_timeout_s):
                 raise RuntimeError(f"env worker {index} gave no answer in {self.worker_timeout_s:.0f} s")
             status, payload = connection.recv()
-        except (EOFError, BrokenPipeError, ConnectionResetError, OSError) as error:
+        except (EOFError, ConnectionResetError, OSError) as error:
             raise RuntimeError(f"env worker {index} died ({error!r}, exit code {process.poll()})") from error
         if status != "ok":
             raise RuntimeError(f"env worker {index} failed:\n{payload}")
@@ -271,43 +278,66 @@ class VectorLiberoRollout:
         record_frames: bool = False,
         progress: Callable[[int], None] | None = None,
     ) -> list[EpisodeResult]:
+        """Every request's episode, in order. Each round sends all workers their request first and
+        then reads the answers, so the simulators step (and reset) in parallel."""
         results = [EpisodeResult(request=request) for request in requests]
         pending = deque(range(len(requests)))
         active: dict[int, tuple[int, dict[str, Any]]] = {}  # worker -> (episode, last observation)
 
-        def start_next(worker: int) -> None:
-            while pending:
-                episode = pending.popleft()
-                request = requests[episode]
-                try:
-                    observation = self._call(
-                        worker, ("reset", int(request["task_id"]), np.asarray(request["init_state"]))
-                    )
-                except RuntimeError:
-                    self._fail(worker, episode, results, pending)
-                    continue
-                results[episode].windows.clear()
-                results[episode].frames.clear()
-                results[episode].length = 0
-                active[worker] = (episode, {**observation, "task": request["instruction"]})
-                return
+        def start_episodes(idle: list[int]) -> None:
+            """Reset each idle worker (in order) to the next pending episode."""
+            while idle and pending:
+                assigned = []
+                for worker in idle:
+                    if not pending:
+                        break
+                    episode = pending.popleft()
+                    request = requests[episode]
+                    try:
+                        self._send(worker, ("reset", int(request["task_id"]), np.asarray(request["init_state"])))
+                        assigned.append((worker, episode))
+                    except RuntimeError:
+                        self._fail(worker, episode, results, pending)
+                        assigned.append((worker, None))
+                idle = []
+                for worker, episode in assigned:
+                    if episode is None:  # its send failed: the restarted worker takes the next episode
+                        idle.append(worker)
+                        continue
+                    try:
+                        observation = self._receive(worker)
+                    except RuntimeError:
+                        self._fail(worker, episode, results, pending)
+                        idle.append(worker)
+                        continue
+                    results[episode].windows.clear()
+                    results[episode].frames.clear()
+                    results[episode].length = 0
+                    active[worker] = (episode, {**observation, "task": requests[episode]["instruction"]})
 
-        for worker in range(len(self._workers)):
-            start_next(worker)
+        start_episodes(list(range(len(self._workers))))
         while active:
             workers = sorted(active)
             chunks, extras = split_policy_output(policy_fn([active[w][1] for w in workers]))
+            stepping, idle = [], []
             for worker, chunk, extra in zip(workers, chunks, extras, strict=True):
                 episode, observation = active.pop(worker)
                 result = results[episode]
                 steps = min(self.replan_steps, self.max_steps - result.length, len(chunk))
-                actions = np.clip(chunk[:steps], -1.0, 1.0)
+                record = bool(result.request.get("record", record_frames))
                 try:
-                    record = bool(result.request.get("record", record_frames))
-                    next_observation, success, executed, frames = self._call(worker, ("step", actions, record))
+                    self._send(worker, ("step", np.clip(chunk[:steps], -1.0, 1.0), record))
+                    stepping.append((worker, episode, observation, chunk, extra))
                 except RuntimeError:
                     self._fail(worker, episode, results, pending)
-                    start_next(worker)
+                    idle.append(worker)
+            for worker, episode, observation, chunk, extra in stepping:
+                result = results[episode]
+                try:
+                    next_observation, success, executed, frames = self._receive(worker)
+                except RuntimeError:
+                    self._fail(worker, episode, results, pending)
+                    idle.append(worker)
                     continue
                 result.windows.append(Window(observation, chunk, executed, extra))
                 result.frames.extend(frames)
@@ -316,9 +346,10 @@ class VectorLiberoRollout:
                     result.success = success
                     if progress is not None:
                         progress(1)
-                    start_next(worker)
+                    idle.append(worker)
                 else:
                     active[worker] = (episode, {**next_observation, "task": observation["task"]})
+            start_episodes(sorted(idle))
         return results
 
     def _fail(self, worker: int, episode: int, results: list[EpisodeResult], pending: deque) -> None:
