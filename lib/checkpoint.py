@@ -244,6 +244,54 @@ def step_of(checkpoint: Path) -> int:
     return int(match.group(1))
 
 
+# Fault-injection tests (tests/reliability): the loss is made NaN at these optimizer steps
+# (comma-separated). Unset in every real run.
+NONFINITE_LOSS_ENV = "PI0_FAULT_NONFINITE_LOSS_AT_STEPS"
+
+
+class NonFiniteError(UserError):
+    """Too many optimizer steps in a row had a non-finite gradient."""
+
+
+class NonFiniteGuard:
+    """Optimizer steps whose gradient norm is not finite (a NaN or inf loss, an overflow) are
+    skipped, so no NaN ever reaches the weights or a checkpoint; `max_in_a_row` skipped steps in a
+    row stop the run with a `NonFiniteError` (the checkpoints already written stay as they are).
+
+    The decision reads one scalar per optimizer step. It uses the norm of the gradients after
+    they are reduced across ranks, so every rank decides the same."""
+
+    def __init__(self, max_in_a_row: int) -> None:
+        self.max_in_a_row = max_in_a_row
+        self.in_a_row = 0
+        self.skipped = 0  # since the last `pop_skipped`
+        self._poisoned_steps = {int(step) for step in os.environ.get(NONFINITE_LOSS_ENV, "").split(",") if step}
+
+    def inject(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        """`loss`, or NaN at the steps a fault-injection test names."""
+        return loss * float("nan") if step in self._poisoned_steps else loss
+
+    def is_finite(self, grad_norm: torch.Tensor, step: int) -> bool:
+        """Whether optimizer step `step` may apply its gradient."""
+        if bool(torch.isfinite(grad_norm)):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.skipped += 1
+        if self.in_a_row >= self.max_in_a_row:
+            raise NonFiniteError(
+                f"{self.in_a_row} optimizer steps in a row, up to step {step}, had a non-finite loss or gradient "
+                f"(train.max_nonfinite_steps={self.max_in_a_row}); each was skipped, so the weights and the "
+                "checkpoints already written never saw them. Resume from the last checkpoint with a lower "
+                "optim.lr, or check the data"
+            )
+        return False
+
+    def pop_skipped(self) -> int:
+        skipped, self.skipped = self.skipped, 0
+        return skipped
+
+
 class GracefulStop:
     """SIGTERM/SIGINT ask the loop to finish its step, save and exit 0; a second signal of the
     same kind gets the default action (the process ends at once)."""

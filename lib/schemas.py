@@ -285,6 +285,7 @@ class ScheduledOptimConfig(OptimConfig):
 class SoftArmLoopConfig(CheckpointingConfig):
     steps: int = 30_000  # optimizer steps
     gradient_accumulation_steps: int = 1
+    max_nonfinite_steps: int = 10  # skipped steps (non-finite gradient) in a row before the run stops
     log_every: int = 10
     val_every: int = 500
     val_batches: int = 20
@@ -323,7 +324,7 @@ def validate_soft_arm_train_config(config: Any) -> None:
         ">= 1",
         config.train.gradient_accumulation_steps,
     )
-    for key in ("log_every", "val_every", "val_batches"):
+    for key in ("log_every", "val_every", "val_batches", "max_nonfinite_steps"):
         check(config.train[key] > 0, f"train.{key}", "> 0", config.train[key])
     validate_source(config.model)
     validate_optim(config.optim)

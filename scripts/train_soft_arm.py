@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from lib.checkpoint import (
     GracefulStop,
+    NonFiniteGuard,
     check_output_dir,
     checkpoint_as_json,
     save_policy_checkpoint,
@@ -259,6 +260,7 @@ def main() -> int:
             OmegaConf.save(config, output_dir / "config.yaml")
     metrics_file = output_dir / "metrics.jsonl"
     stop = GracefulStop()
+    nonfinite = NonFiniteGuard(config.train.max_nonfinite_steps)
     accumulation = config.train.gradient_accumulation_steps
     batches_per_epoch = len(train_loader)
     step = progress.step
@@ -279,11 +281,14 @@ def main() -> int:
         for batch in epoch_loader:
             with accelerator.accumulate(policy):
                 seed = (config.seed * 1_000_003 + micro_step) * 1009 + accelerator.process_index
-                loss = flow_loss(batch, noise_seed=seed)
+                loss = nonfinite.inject(flow_loss(batch, noise_seed=seed), step + 1)
                 accelerator.backward(loss)
+                apply_update = True
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(policy.parameters(), config.optim.grad_clip_norm)
-                optimizer.step()
+                    apply_update = nonfinite.is_finite(grad_norm, step + 1)  # a NaN step is skipped, not applied
+                if apply_update:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             micro_step += 1
             running_loss += loss.detach().float()
@@ -306,6 +311,7 @@ def main() -> int:
                     "train/grad_norm": float(grad_norm),
                     "train/samples_per_s": samples / elapsed,
                     "train/epoch": epoch,
+                    "train/nonfinite_skipped": nonfinite.pop_skipped(),
                 }
                 accelerator.log(metrics, step=step)
                 if accelerator.is_main_process:

@@ -7,9 +7,11 @@ import signal
 import subprocess
 import time
 
+import torch
 from conftest import PYTHON, REPO, run
+from safetensors.torch import load_file
 
-from lib.checkpoint import HOLD_SAVE_ENV
+from lib.checkpoint import HOLD_SAVE_ENV, NONFINITE_LOSS_ENV
 
 
 def test_kill_9_while_a_checkpoint_is_written(train_args, tmp_path):
@@ -74,3 +76,43 @@ def test_kill_9_while_a_checkpoint_is_written(train_args, tmp_path):
     assert f"the last good checkpoint is {checkpoints / 'step_00000004'}" in full.stderr
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last", "step_00000002", "step_00000004"]
     assert (checkpoints / "last").resolve().name == "step_00000004"
+
+
+def test_nonfinite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(train_args, tmp_path):
+    """A NaN loss at steps 2, 4 and 5: each step is skipped (its weights equal the step before),
+    counted in the metrics, and never reaches a checkpoint; the second in a row stops the run
+    (train.max_nonfinite_steps=2) with one line, exit 2, the checkpoints kept."""
+    output_dir = tmp_path / "run"
+    result = run(
+        [
+            PYTHON,
+            "scripts/train_soft_arm.py",
+            *train_args,
+            f"output_dir={output_dir}",
+            "data.num_workers=0",
+            "train.steps=6",
+            "train.save_every=1",
+            "train.keep_last=6",
+            "train.log_every=1",
+            "train.val_every=6",
+            "train.max_nonfinite_steps=2",
+        ],
+        env={**os.environ, NONFINITE_LOSS_ENV: "2,4,5"},
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "error: 2 optimizer steps in a row, up to step 5, had a non-finite loss" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    checkpoints = output_dir / "checkpoints"
+    weights = {
+        step: load_file(checkpoints / f"step_{step:08d}" / "pretrained_model" / "model.safetensors")
+        for step in (1, 2, 3, 4)
+    }
+    assert not (checkpoints / "step_00000005").exists() and (checkpoints / "last").resolve().name == "step_00000004"
+    assert all(torch.isfinite(tensor).all() for saved in weights.values() for tensor in saved.values())
+    for skipped, before in ((2, 1), (4, 3)):
+        assert all(torch.equal(weights[skipped][key], weights[before][key]) for key in weights[before])
+    assert any(not torch.equal(weights[3][key], weights[2][key]) for key in weights[2])  # step 3 did update
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["train/nonfinite_skipped"] for row in rows if "train/loss" in row] == [0, 1, 0, 1]
