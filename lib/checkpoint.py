@@ -261,8 +261,9 @@ class NonFiniteGuard:
     The decision reads one scalar per optimizer step. It uses the norm of the gradients after
     they are reduced across ranks, so every rank decides the same."""
 
-    def __init__(self, max_in_a_row: int) -> None:
+    def __init__(self, max_in_a_row: int, config_key: str = "train.max_nonfinite_steps") -> None:
         self.max_in_a_row = max_in_a_row
+        self.config_key = config_key
         self.in_a_row = 0
         self.skipped = 0  # since the last `pop_skipped`
         self._poisoned_steps = {int(step) for step in os.environ.get(NONFINITE_LOSS_ENV, "").split(",") if step}
@@ -281,7 +282,7 @@ class NonFiniteGuard:
         if self.in_a_row >= self.max_in_a_row:
             raise NonFiniteError(
                 f"{self.in_a_row} optimizer steps in a row, up to step {step}, had a non-finite loss or gradient "
-                f"(train.max_nonfinite_steps={self.max_in_a_row}); each was skipped, so the weights and the "
+                f"({self.config_key}={self.max_in_a_row}); each was skipped, so the weights and the "
                 "checkpoints already written never saw them. Resume from the last checkpoint with a lower "
                 "optim.lr, or check the data"
             )

@@ -24,6 +24,7 @@ import torch
 from lerobot.utils.constants import ACTION
 from torch import Tensor
 
+from lib.checkpoint import NonFiniteGuard
 from lib.pi0 import seeded_noise_and_time
 from lib.rollout import PolicyFn, Window, observations_to_batch
 
@@ -288,9 +289,11 @@ def run_update(
     grad_clip_norm: float,
     seed: int,
     iteration: int,
+    nonfinite: NonFiniteGuard | None = None,
 ) -> list[Tensor]:
     """The policy update of one iteration: `rl.update_epochs` passes of `rl.minibatch_size`
     windows with the `rl.objective` loss; returns the losses (detached, not synchronised).
+    With `nonfinite`, a step whose gradient is not finite is skipped (and counted there).
 
     `policy` is the (prepared) policy whose `forward(batch, advantages, noise, time, objective,
     alpha, std, clip_epsilon)` gives the loss (lib/cfg_pi0.py); what the sampling recorded in the
@@ -325,9 +328,12 @@ def run_update(
                 std=rl.flow_noise_std,
                 clip_epsilon=rl.clip_epsilon,
             )
+        if nonfinite is not None:
+            loss = nonfinite.inject(loss, step + 1)
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(policy.parameters(), grad_clip_norm)
-        optimizer.step()
+        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), grad_clip_norm)
+        if nonfinite is None or nonfinite.is_finite(grad_norm, step + 1):
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
     return losses

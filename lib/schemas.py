@@ -136,6 +136,7 @@ class RLConfig:
     clip_epsilon: float = 0.2  # flow_noise: PPO's ratio clip
     update_epochs: int = 4
     minibatch_size: int = 16
+    max_nonfinite_steps: int = 10  # update steps with a non-finite gradient are skipped; this many in a row stop
 
 
 @dataclass
@@ -167,7 +168,14 @@ def validate_rl(rl: Any) -> None:
     """Ranges of the `rl` section (shared by the LIBERO and soft-arm configs)."""
     check(rl.rollouts_per_state >= 2, "rl.rollouts_per_state", ">= 2 (leave-one-out)", rl.rollouts_per_state)
     check(rl.objective in OBJECTIVES, "rl.objective", f"one of {list(OBJECTIVES)}", rl.objective)
-    for key in ("states_per_draw", "target_groups", "max_draw_rounds", "update_epochs", "minibatch_size"):
+    for key in (
+        "states_per_draw",
+        "target_groups",
+        "max_draw_rounds",
+        "update_epochs",
+        "minibatch_size",
+        "max_nonfinite_steps",
+    ):
         check(rl[key] > 0, f"rl.{key}", "> 0", rl[key])
     check(rl.skip_after > 0, "rl.skip_after", "> 0", rl.skip_after)
     check(rl.skip_for >= 0, "rl.skip_for", ">= 0", rl.skip_for)

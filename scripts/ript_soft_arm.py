@@ -41,7 +41,7 @@ from lerobot.configs import PreTrainedConfig
 from tqdm.auto import tqdm
 
 from lib.cfg_pi0 import PI0GraphCFGConfig, PI0GraphCFGPolicy, exploration_noise
-from lib.checkpoint import check_writable_dir
+from lib.checkpoint import NonFiniteGuard, check_writable_dir
 from lib.config import add_run_arguments, load_config, run_overrides
 from lib.errors import UserError, exit_code_of
 from lib.graph_pi0 import PI0GraphConfig
@@ -148,6 +148,7 @@ def run_seed(config, seed: int, source: Path, dry_run: bool = False) -> dict | N
 
     draws = pool_draws()
     history = StateOutcomeHistory(skip_after=config.rl.skip_after, skip_for=config.rl.skip_for)
+    nonfinite = NonFiniteGuard(config.rl.max_nonfinite_steps, "rl.max_nonfinite_steps")
 
     def rl_iteration(iteration: int) -> tuple:
         """The engine's two calls: rollouts with dynamic sampling, then the update; and their times."""
@@ -169,6 +170,7 @@ def run_seed(config, seed: int, source: Path, dry_run: bool = False) -> dict | N
             config.optim.grad_clip_norm,
             seed,
             iteration,
+            nonfinite,
         )
         return rollouts, advantages, losses, rollout_time, time.perf_counter() - started - rollout_time
 
@@ -190,6 +192,7 @@ def run_seed(config, seed: int, source: Path, dry_run: bool = False) -> dict | N
         metrics = {
             **{f"rollout/{key}": value for key, value in statistics.items()},
             "update/steps": len(losses),
+            "update/nonfinite_skipped": nonfinite.pop_skipped(),
             "update/loss": torch.stack(losses).mean().item() if losses else float("nan"),
             "time/rollout_s": rollout_time,
             "time/update_s": update_time,

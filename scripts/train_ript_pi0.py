@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from lib.cfg_pi0 import exploration_noise
 from lib.checkpoint import (
     GracefulStop,
+    NonFiniteGuard,
     check_output_dir,
     checkpoint_as_json,
     save_policy_checkpoint,
@@ -201,6 +202,7 @@ def main() -> int:
         render_gpu_device_id=torch.cuda.current_device() if torch.cuda.is_available() else -1,
     )
     stop = GracefulStop()  # SIGTERM/SIGINT -> save and exit 0
+    nonfinite = NonFiniteGuard(config.rl.max_nonfinite_steps, "rl.max_nonfinite_steps")
     process = psutil.Process()
     last_iteration = progress_state.iteration + 1 if args.dry_run else config.train.iterations
     try:
@@ -241,6 +243,7 @@ def main() -> int:
                 config.optim.grad_clip_norm,
                 config.seed,
                 iteration,
+                nonfinite,
             )
             update_time = time.perf_counter() - started - rollout_time
 
@@ -250,6 +253,7 @@ def main() -> int:
                 "iteration": iteration,
                 **{key: statistics[key] for key in ITERATION_KEYS},
                 "update_steps": len(losses),
+                "nonfinite_skipped": nonfinite.pop_skipped(),  # update steps skipped (non-finite gradient)
                 "loss": accelerator.reduce(torch.stack(losses).mean(), "mean").item() if losses else None,
                 "rollout_time_s": rollout_time,
                 # Performance and memory monitoring.

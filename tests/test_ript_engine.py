@@ -9,6 +9,7 @@ import torch
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 
+from lib.checkpoint import NONFINITE_LOSS_ENV, NonFiniteError, NonFiniteGuard
 from lib.libero import AGENTVIEW_KEY, STATE_KEY, WRIST_KEY, make_ript_policy
 from lib.ript import run_update
 from lib.rollout import Window
@@ -37,7 +38,7 @@ def windows(count: int) -> list[Window]:
     return [Window(observation(), rng.uniform(-1, 1, (CHUNK, 7)).astype(np.float32), executed=4) for _ in range(count)]
 
 
-def update(policy_and_preprocessor, advantages, objective, seed=0):
+def update(policy_and_preprocessor, advantages, objective, seed=0, nonfinite=None):
     """A copy of the policy after one iteration's update; and the losses."""
     policy, preprocessor = policy_and_preprocessor
     policy = copy.deepcopy(policy)
@@ -45,7 +46,17 @@ def update(policy_and_preprocessor, advantages, objective, seed=0):
     accelerator = Accelerator(cpu=True)
     rl = OmegaConf.structured(RLConfig(objective=objective, update_epochs=2, minibatch_size=4))
     losses = run_update(
-        accelerator, policy, optimizer, preprocessor, windows(len(advantages)), advantages, rl, 1.0, seed, iteration=3
+        accelerator,
+        policy,
+        optimizer,
+        preprocessor,
+        windows(len(advantages)),
+        advantages,
+        rl,
+        1.0,
+        seed,
+        iteration=3,
+        nonfinite=nonfinite,
     )
     return policy, losses
 
@@ -79,3 +90,21 @@ def test_no_positive_window_leaves_the_weights(policy_and_preprocessor):
 def test_no_window_no_update(policy_and_preprocessor):
     policy, losses = update(policy_and_preprocessor, [], "cfg_rl")
     assert losses == []
+
+
+def test_nonfinite_update_steps_are_skipped_then_stop(policy_and_preprocessor, monkeypatch):
+    """A NaN loss at every update step: no step reaches the weights, each is counted; with a limit
+    of 2 in a row the update stops with the config key named."""
+    monkeypatch.setenv(NONFINITE_LOSS_ENV, "1,2,3,4")
+    before = policy_and_preprocessor[0].state_dict()
+    guard = NonFiniteGuard(10, "rl.max_nonfinite_steps")
+    policy, losses = update(policy_and_preprocessor, [0.5, -0.5, 0.5, -0.5], "cfg_rl", nonfinite=guard)
+    assert len(losses) == 2 and guard.pop_skipped() == 2
+    assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    with pytest.raises(NonFiniteError, match=r"rl\.max_nonfinite_steps=2"):
+        update(
+            policy_and_preprocessor,
+            [0.5, -0.5, 0.5, -0.5],
+            "cfg_rl",
+            nonfinite=NonFiniteGuard(2, "rl.max_nonfinite_steps"),
+        )
