@@ -46,6 +46,8 @@ def load_config[T](schema: type[T], path: str | Path | None = None, overrides: l
             config = OmegaConf.merge(config, file_config)
         except OmegaConfBaseException as error:
             raise _describe(error, str(path)) from error
+        except (TypeError, ValueError) as error:  # OmegaConf's own, e.g. a mapping where a list belongs
+            raise ConfigError(f"{path}: does not fit the config's structure ({error})") from error
     for override in overrides or []:
         if "=" not in override:
             raise ConfigError(f"command line: override '{override}' must look like key=value")
@@ -53,6 +55,9 @@ def load_config[T](schema: type[T], path: str | Path | None = None, overrides: l
             config = OmegaConf.merge(config, OmegaConf.from_dotlist([override]))
         except OmegaConfBaseException as error:
             raise _describe(error, "command line") from error
+        except (TypeError, ValueError) as error:  # OmegaConf's own, e.g. a mapping where a list belongs
+            key = override.split("=", 1)[0]
+            raise ConfigError(f"command line: bad value for '{key}': {error}") from error
     OmegaConf.set_readonly(config, True)
     return config
 
