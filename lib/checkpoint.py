@@ -249,6 +249,16 @@ def step_of(checkpoint: Path) -> int:
 NONFINITE_LOSS_ENV = "PI0_FAULT_NONFINITE_LOSS_AT_STEPS"
 
 
+# Fault-injection tests: "RANK:STEP" makes that rank raise at that optimizer step. Unset in every
+# real run.
+RAISE_AT_ENV = "PI0_FAULT_RAISE_AT"
+
+
+def raise_if_injected(rank: int, step: int) -> None:
+    if os.environ.get(RAISE_AT_ENV) == f"{rank}:{step}":
+        raise RuntimeError(f"fault injected on rank {rank} at step {step}")
+
+
 class NonFiniteError(UserError):
     """Too many optimizer steps in a row had a non-finite gradient."""
 

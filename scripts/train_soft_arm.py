@@ -33,6 +33,7 @@ from lib.checkpoint import (
     NonFiniteGuard,
     check_output_dir,
     checkpoint_as_json,
+    raise_if_injected,
     save_policy_checkpoint,
     start_output_dir,
     write_weights_once,
@@ -279,6 +280,7 @@ def main() -> int:
         epoch_loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         epoch_loader.set_epoch(epoch)
         for batch in epoch_loader:
+            raise_if_injected(accelerator.process_index, step + 1)
             with accelerator.accumulate(policy):
                 seed = (config.seed * 1_000_003 + micro_step) * 1009 + accelerator.process_index
                 loss = nonfinite.inject(flow_loss(batch, noise_seed=seed), step + 1)

@@ -7,11 +7,12 @@ import signal
 import subprocess
 import time
 
+import psutil
 import torch
-from conftest import PYTHON, REPO, run
+from conftest import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, run
 from safetensors.torch import load_file
 
-from lib.checkpoint import HOLD_SAVE_ENV, NONFINITE_LOSS_ENV
+from lib.checkpoint import HOLD_SAVE_ENV, NONFINITE_LOSS_ENV, RAISE_AT_ENV
 
 
 def test_kill_9_while_a_checkpoint_is_written(train_args, tmp_path):
@@ -116,3 +117,39 @@ def test_nonfinite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(train_ar
     assert any(not torch.equal(weights[3][key], weights[2][key]) for key in weights[2])  # step 3 did update
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["train/nonfinite_skipped"] for row in rows if "train/loss" in row] == [0, 1, 0, 1]
+
+
+@TWO_RANK_LAUNCH
+def test_one_rank_raising_ends_every_rank_and_keeps_the_checkpoint(train_args, tmp_path):
+    """Rank 1 raises at step 4 of a 2-rank launch: rank 0 does not hang in the next collective
+    (gloo reports the closed peer, the launcher stops the rest), the launch exits non-zero well
+    within the subprocess timeout, no process of the run is left, and step 2's checkpoint is intact."""
+    output_dir = tmp_path / "run"
+    result = run(
+        [
+            ACCELERATE,
+            "launch",
+            "--config_file",
+            "accelerate_configs/cpu_2proc.yaml",
+            "scripts/train_soft_arm.py",
+            *train_args,
+            f"output_dir={output_dir}",
+            "data.num_workers=0",
+            "train.steps=8",
+            "train.save_every=2",
+            "train.log_every=1",
+            "train.val_every=8",
+        ],
+        env={**os.environ, RAISE_AT_ENV: "1:4"},
+        check=False,
+        timeout=240,  # a hang fails the test
+    )
+    assert result.returncode != 0
+    assert "fault injected on rank 1 at step 4" in result.stdout + result.stderr
+    left = [p for p in psutil.process_iter(["cmdline"]) if str(output_dir) in " ".join(p.info["cmdline"] or [])]
+    assert not left
+    checkpoints = output_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last", "step_00000002"]
+    assert (checkpoints / "last" / "pretrained_model" / "model.safetensors").is_file()
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3]
