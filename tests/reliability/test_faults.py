@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -153,3 +154,51 @@ def test_one_rank_raising_ends_every_rank_and_keeps_the_checkpoint(train_args, t
     assert (checkpoints / "last" / "pretrained_model" / "model.safetensors").is_file()
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3]
+
+
+@TWO_RANK_LAUNCH
+def test_sigterm_to_the_launcher_reaches_the_ranks_which_save(train_args, tmp_path):
+    """SIGTERM to `accelerate launch` itself (what a cluster scheduler sends): torch's elastic agent
+    forwards it to both ranks, which finish the step, save one checkpoint and exit 0; the launcher
+    then reports the signal and exits non-zero (its own behaviour, README "Faults and what happens")."""
+    output_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [
+            ACCELERATE,
+            "launch",
+            "--config_file",
+            "accelerate_configs/cpu_2proc.yaml",
+            "scripts/train_soft_arm.py",
+            *train_args,
+            f"output_dir={output_dir}",
+            "data.num_workers=0",
+            "train.steps=500",
+            "train.save_every=500",
+            "train.log_every=1",
+            "train.val_every=500",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics = output_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while launcher.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.5)
+    launcher.send_signal(signal.SIGTERM)
+    output, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0 and "got signal: 15" in output
+    stopped = [
+        re.search(
+            r"signal 15 received: stopped at step (\d+) after saving", (output_dir / f"train_rank{r}.log").read_text()
+        )
+        for r in (0, 1)
+    ]
+    assert all(stopped), output[-3000:]
+    step = int(stopped[0].group(1))
+    assert int(stopped[1].group(1)) == step < 500
+    assert (output_dir / "checkpoints" / "last").resolve().name == f"step_{step:08d}"
+    assert (output_dir / "checkpoints" / "last" / "pretrained_model" / "model.safetensors").is_file()
