@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from lib.errors import UserError, exit_code_of
 from lib.soft_arm import (
     ACTION_DIM,
     ACTION_KEY,
@@ -77,7 +78,7 @@ def main() -> int:
 
     raw_paths = list_raw_episodes(args.raw_dir)
     if not raw_paths:
-        raise SystemExit(f"error: no episode_*.npz files in {args.raw_dir}")
+        raise UserError(f"no episode_*.npz files in {args.raw_dir}")
     repo_id = f"local/{args.output_dir.name}"
     sources_file = args.output_dir / SOURCES_FILE
     report_file = args.output_dir / REPORT_FILE
@@ -85,8 +86,8 @@ def main() -> int:
     dataset, sources, skipped = None, [], {}
     if args.output_dir.exists():
         if not sources_file.is_file():
-            raise SystemExit(
-                f"error: {args.output_dir} exists but was not written by this converter ({SOURCES_FILE} "
+            raise UserError(
+                f"{args.output_dir} exists but was not written by this converter ({SOURCES_FILE} "
                 "missing); choose another --output_dir (existing output is never deleted)"
             )
         saved = LeRobotDatasetMetadata(repo_id=repo_id, root=args.output_dir).total_episodes
@@ -141,14 +142,12 @@ def main() -> int:
     print(f"dataset {args.output_dir}: {len(sources)} episodes, {len(skipped)} bad episodes skipped")
     bad_fraction = len(skipped) / len(raw_paths)
     if bad_fraction > args.max_bad_fraction:
-        print(
-            f"error: {bad_fraction:.0%} of the raw episodes are bad (limit --max_bad_fraction "
-            f"{args.max_bad_fraction:.0%}); see {report_file}",
-            file=sys.stderr,
+        raise UserError(
+            f"{bad_fraction:.0%} of the raw episodes are bad (limit --max_bad_fraction "
+            f"{args.max_bad_fraction:.0%}); see {report_file}"
         )
-        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code_of(main))

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
+from lib.errors import UserError
+
 NUM_NODES = 10
 NODE_FEATURES = 19
 ACTION_DIM = 10
@@ -123,7 +125,7 @@ def save_raw_episode(path: str | Path, episode: RawEpisode) -> None:
 def list_raw_episodes(raw_dir: str | Path) -> list[Path]:
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
-        raise FileNotFoundError(f"raw soft-arm episode folder {raw_dir} does not exist")
+        raise UserError(f"raw soft-arm episode folder {raw_dir} does not exist")
     return sorted(p for p in raw_dir.glob("episode_*.npz") if not p.name.endswith(".tmp.npz"))
 
 
@@ -185,14 +187,14 @@ def make_soft_arm_datasets(
 
     root = Path(root)
     if not (root / "meta" / "info.json").is_file():
-        raise FileNotFoundError(
+        raise UserError(
             f"{root} is not a LeRobotDataset (no meta/info.json); convert raw episodes with "
             "data_prep/soft_arm_to_lerobot.py"
         )
     meta = LeRobotDatasetMetadata(repo_id=f"local/{root.name}", root=root)
     for key in (IMAGE_KEY, STATE_KEY, GRAPH_KEY, ACTION_KEY):
         if key not in meta.features:
-            raise ValueError(f"{root}: feature '{key}' missing, expected a soft-arm dataset")
+            raise UserError(f"{root}: feature '{key}' missing, expected a soft-arm dataset")
     train_episodes, val_episodes = split_episodes(meta.total_episodes, val_fraction, seed)
     resize = v2.Resize((image_size, image_size), antialias=True)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import PYTHON, run
 
+from lib.errors import UserError
 from lib.soft_arm import (
     GRAPH_KEY,
     IMAGE_KEY,
@@ -40,6 +41,22 @@ def test_load_raw_episode_names_file_and_problem(raw_dir, tmp_path):
         load_raw_episode(wrong)
     with pytest.raises(EpisodeError, match="missing.npz: cannot be read"):
         load_raw_episode(tmp_path / "missing.npz")
+
+    def variant(name: str, **changed: np.ndarray):
+        path = tmp_path / f"episode_{name}.npz"
+        arrays = {"images": good.images, "actions": good.actions, "graph": good.graph}
+        np.savez(path, **{**arrays, **changed}, instruction=np.array("x"), fps=np.array(10))
+        return path
+
+    with pytest.raises(
+        EpisodeError, match=r"episode_gray.npz: 'images' has shape \(24, 64, 64\), expected \(T, \*, \*, 3\)"
+    ):
+        load_raw_episode(variant("gray", images=good.images[..., 0]))
+    for key in ("actions", "graph"):
+        poisoned = getattr(good, key).copy()
+        poisoned[3, 2] = np.nan
+        with pytest.raises(EpisodeError, match=f"episode_nan_{key}.npz: '{key}' contains NaN or inf"):
+            load_raw_episode(variant(f"nan_{key}", **{key: poisoned}))
 
 
 def test_conversion_skips_and_counts_bad_episodes_and_resumes(raw_dir, tmp_path):
@@ -87,7 +104,7 @@ def test_conversion_skips_and_counts_bad_episodes_and_resumes(raw_dir, tmp_path)
         ],
         check=False,
     )
-    assert result.returncode == 1 and "max_bad_fraction" in result.stderr
+    assert result.returncode == 2 and "max_bad_fraction" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_conversion_refuses_foreign_output(raw_dir, tmp_path):
@@ -98,7 +115,7 @@ def test_conversion_refuses_foreign_output(raw_dir, tmp_path):
         [PYTHON, "data_prep/soft_arm_to_lerobot.py", "--raw_dir", str(raw_dir), "--output_dir", str(foreign)],
         check=False,
     )
-    assert result.returncode != 0 and "not written by this converter" in result.stderr
+    assert result.returncode == 2 and "not written by this converter" in result.stderr
     assert (foreign / "precious.txt").read_text() == "keep me"
 
 
@@ -140,5 +157,6 @@ def test_split_is_by_episode_and_deterministic():
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="soft_arm_to_lerobot.py"):
+    """A UserError: the scripts print it as one line and exit 2."""
+    with pytest.raises(UserError, match="soft_arm_to_lerobot.py"):
         make_soft_arm_datasets(tmp_path / "nowhere")
