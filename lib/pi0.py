@@ -428,19 +428,32 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
         ) from error
 
 
+def hub_tokenizer_id(tokenizer: Any) -> str | None:
+    """The hub id a tokenizer was loaded from, or None for a local one."""
+    source = str(getattr(tokenizer, "name_or_path", "") or "")
+    return source if source and not Path(source).expanduser().exists() else None
+
+
 def make_pi0_processors(
     config: PI0Config, tokenizer: Any, dataset_stats: dict[str, dict[str, torch.Tensor]] | None = None
 ) -> tuple[PolicyProcessorPipeline, PolicyProcessorPipeline]:
     """LeRobot's pi0 pre/post-processing pipelines with a tokenizer object instead of the
     hard-coded hub tokenizer (`make_pi0_pre_post_processors` minus the relative-action steps,
-    which are off for pi0 by default)."""
+    which are off for pi0 by default). A tokenizer loaded from a hub id is given to the step by
+    that id, which LeRobot saves with the pipeline, so its own `make_pre_post_processors` rebuilds
+    it from a checkpoint; a local tokenizer (a path, not portable) is handed in as the object."""
     steps = make_default_policy_processor_steps(config, dataset_stats)
+    tokenizer_name = hub_tokenizer_id(tokenizer)
     input_steps = [
         steps.rename_observations,
         steps.add_batch_dim,
         Pi0NewLineProcessor(),
         TokenizerProcessorStep(
-            tokenizer=tokenizer, max_length=config.tokenizer_max_length, padding_side="right", padding="max_length"
+            tokenizer=None if tokenizer_name else tokenizer,
+            tokenizer_name=tokenizer_name,
+            max_length=config.tokenizer_max_length,
+            padding_side="right",
+            padding="max_length",
         ),
         steps.to_device,
         steps.normalize,
@@ -460,7 +473,10 @@ def load_pi0_processors(
                 f"{path} has no {name}.json: the normalization statistics and processing steps of its policy are "
                 "unknown (a checkpoint saved by this project or LeRobot >= 0.4 has them)"
             )
-    overrides: dict[str, Any] = {"tokenizer_processor": {"tokenizer": tokenizer}}
+    saved_steps = json.loads((Path(path) / f"{POLICY_PREPROCESSOR_DEFAULT_NAME}.json").read_text())["steps"]
+    named = any(step.get("config", {}).get("tokenizer_name") for step in saved_steps)
+    # A pipeline that names its hub tokenizer loads it by that name (and keeps the name when saved again).
+    overrides: dict[str, Any] = {} if named else {"tokenizer_processor": {"tokenizer": tokenizer}}
     if device is not None:
         overrides["device_processor"] = {"device": device}
     preprocessor = PolicyProcessorPipeline.from_pretrained(

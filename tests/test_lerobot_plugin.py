@@ -2,10 +2,13 @@
 `plugins/lerobot_policy_pi0_graph` (installed by `make install`) is found by LeRobot's plugin
 discovery, and LeRobot's factory then loads `pi0_graph` and `pi0_cfg` checkpoints."""
 
+import json
+import os
+
 import pytest
 import torch
 from conftest import PYTHON, run
-from lerobot.configs import FeatureType, PolicyFeature
+from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature
 from safetensors.torch import load_file, save_file
 from test_graph_pi0 import CHUNK, make_batch, make_config
 
@@ -79,3 +82,62 @@ def test_lerobot_discovery_and_factory_load_both_checkpoint_kinds(checkpoints, t
     assert "pi0_cfg lib.cfg_pi0 PI0CFGPolicy" in result.stdout
     for kind in ours:
         torch.testing.assert_close(load_file(tmp_path / kind)["actions"], expected[kind], rtol=1e-6, atol=1e-6)
+
+
+# A run whose tokenizer comes from a hub id (here from a hand-built Hugging Face cache holding the
+# project's tiny tokenizer): our processors are saved with the checkpoint; LeRobot's own factory
+# rebuilds them from it with no tokenizer handed in, and processes a batch exactly as ours do.
+HUB_TOKENIZER_RUN = """
+import sys
+import torch
+from lerobot.configs import NormalizationMode
+from lerobot.configs.policies import PreTrainedConfig
+from lerobot.policies.factory import make_pre_post_processors
+from safetensors.torch import load_file
+from lib.cfg_pi0 import PI0CFGConfig
+from lib.pi0 import load_pi0_processors, load_tokenizer, make_pi0_processors
+
+checkpoint, inputs_file = sys.argv[1:]
+tokenizer = load_tokenizer("someone/tiny-tokenizer")
+config = PreTrainedConfig.from_pretrained(checkpoint)
+ours, ours_post = make_pi0_processors(config, tokenizer)
+ours.save_pretrained(checkpoint)
+ours_post.save_pretrained(checkpoint)
+theirs, _ = make_pre_post_processors(PreTrainedConfig.from_pretrained(checkpoint), pretrained_path=checkpoint)
+reloaded, _ = load_pi0_processors(checkpoint, tokenizer)
+inputs = {**load_file(inputs_file), "task": ["pick up the red ball", "touch the blue ball"]}
+expected = ours(dict(inputs))
+for pipeline in (theirs, reloaded):
+    batch = pipeline(dict(inputs))
+    for key in ("observation.language.tokens", "observation.language.attention_mask", "observation.state"):
+        assert torch.equal(batch[key], expected[key]), key
+print("tokenizer_name", [s.tokenizer_name for s in theirs.steps if hasattr(s, "tokenizer_name")])
+"""
+
+
+def test_lerobots_processor_factory_rebuilds_a_hub_tokenizer(tokenizer_dir, tmp_path):
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "hub" / "models--someone--tiny-tokenizer"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in tokenizer_dir.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (snapshot / "config.json").write_text("{}")  # transformers' AutoTokenizer reads a hub repo's config first
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+    config = cfg_config()
+    config.normalization_mapping = {kind: NormalizationMode.IDENTITY for kind in ("VISUAL", "STATE", "ACTION")}
+    config.save_pretrained(tmp_path / "checkpoint")
+    inputs = make_batch()
+    for key in (GRAPH_KEY, "action", "observation.language.tokens", "observation.language.attention_mask"):
+        inputs.pop(key)
+    save_file(inputs, tmp_path / "inputs.safetensors")
+    result = run(
+        [PYTHON, "-c", HUB_TOKENIZER_RUN, str(tmp_path / "checkpoint"), str(tmp_path / "inputs.safetensors")],
+        env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"},
+    )
+    assert "tokenizer_name ['someone/tiny-tokenizer']" in result.stdout
+    saved = json.loads((tmp_path / "checkpoint" / "policy_preprocessor.json").read_text())
+    step = next(s for s in saved["steps"] if s["registry_name"] == "tokenizer_processor")
+    assert step["config"]["tokenizer_name"] == "someone/tiny-tokenizer"
