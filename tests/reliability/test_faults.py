@@ -120,6 +120,24 @@ def test_nonfinite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(train_ar
     assert [row["train/nonfinite_skipped"] for row in rows if "train/loss" in row] == [0, 1, 0, 1]
 
 
+def two_rank_training(train_args: list[str], output_dir, steps: int, save_every: int) -> list[str]:
+    """A 2-rank `accelerate launch` of train_soft_arm.py that logs every step."""
+    return [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        "accelerate_configs/cpu_2proc.yaml",
+        "scripts/train_soft_arm.py",
+        *train_args,
+        f"output_dir={output_dir}",
+        "data.num_workers=0",
+        f"train.steps={steps}",
+        f"train.save_every={save_every}",
+        "train.log_every=1",
+        f"train.val_every={steps}",
+    ]
+
+
 @TWO_RANK_LAUNCH
 def test_one_rank_raising_ends_every_rank_and_keeps_the_checkpoint(train_args, tmp_path):
     """Rank 1 raises at step 4 of a 2-rank launch: rank 0 does not hang in the next collective
@@ -127,20 +145,7 @@ def test_one_rank_raising_ends_every_rank_and_keeps_the_checkpoint(train_args, t
     within the subprocess timeout, no process of the run is left, and step 2's checkpoint is intact."""
     output_dir = tmp_path / "run"
     result = run(
-        [
-            ACCELERATE,
-            "launch",
-            "--config_file",
-            "accelerate_configs/cpu_2proc.yaml",
-            "scripts/train_soft_arm.py",
-            *train_args,
-            f"output_dir={output_dir}",
-            "data.num_workers=0",
-            "train.steps=8",
-            "train.save_every=2",
-            "train.log_every=1",
-            "train.val_every=8",
-        ],
+        two_rank_training(train_args, output_dir, steps=8, save_every=2),
         env={**os.environ, RAISE_AT_ENV: "1:4"},
         check=False,
         timeout=240,  # a hang fails the test
@@ -163,20 +168,7 @@ def test_sigterm_to_the_launcher_reaches_the_ranks_which_save(train_args, tmp_pa
     then reports the signal and exits non-zero (its own behaviour, README "Faults and what happens")."""
     output_dir = tmp_path / "run"
     launcher = subprocess.Popen(
-        [
-            ACCELERATE,
-            "launch",
-            "--config_file",
-            "accelerate_configs/cpu_2proc.yaml",
-            "scripts/train_soft_arm.py",
-            *train_args,
-            f"output_dir={output_dir}",
-            "data.num_workers=0",
-            "train.steps=500",
-            "train.save_every=500",
-            "train.log_every=1",
-            "train.val_every=500",
-        ],
+        two_rank_training(train_args, output_dir, steps=500, save_every=500),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
