@@ -193,6 +193,8 @@ class VectorLiberoRollout:
     `policy_fn(observations)` gets a list of policy-feature dicts (plus `task`) and returns action
     chunks (n, chunk, 7); each env executes `replan_steps` of its chunk before the next call.
     `render_gpu_device_id`: the GPU the simulators render on (each rank its own; -1: EGL's default).
+    An episode depends only on its request, `seed` and the policy, not on which simulator runs it
+    or what that simulator ran before (`lib.libero_env.scene_seed`).
     """
 
     def __init__(
@@ -231,7 +233,7 @@ class VectorLiberoRollout:
             child.fileno(),
             self.benchmark_name,
             self.camera_size,
-            self.seed + index,
+            self.seed,  # each reset reseeds the env from the init state (libero_env.scene_seed)
             self.settle_steps,
             self.render_gpu_device_id,
         ]

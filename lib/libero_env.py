@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import zlib
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -80,6 +81,11 @@ def observation_to_policy(obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
+def scene_seed(seed: int, init_state: np.ndarray) -> int:
+    """The env seed of an episode: a function of the simulators' seed and the init state."""
+    return (seed * 1_000_003 + zlib.crc32(np.ascontiguousarray(init_state).tobytes())) % 2**32
+
+
 def serve(
     connection: Any, benchmark_name: str, camera_size: int, seed: int, settle_steps: int, render_gpu_device_id: int
 ) -> None:
@@ -101,6 +107,11 @@ def serve(
                             make_libero_env(benchmark_name, task_id, camera_size, seed, render_gpu_device_id),
                             task_id,
                         )
+                    # Fixtures (cabinets, stoves) are placed by the env's RNG at reset and are not
+                    # part of the init state: reseed from the init state, so an episode depends on
+                    # its request alone, not on the episodes this simulator ran before (a resumed
+                    # run repeats it), and the K rollouts of one state share one scene.
+                    env.seed(scene_seed(seed, init_state))
                     env.reset()
                     obs = env.set_init_state(init_state)
                     for _ in range(settle_steps):

@@ -90,17 +90,36 @@ class StateOutcomeHistory:
 
 class RIPTProgress:
     """Iterations done and init-state batches drawn (the sampler position): saved with the training
-    state (`lib.checkpoint.checkpoint_as_json`), so a resumed run draws the next batch in order."""
+    state (`lib.checkpoint.checkpoint_as_json`), so a resumed run draws the next batch in order.
 
-    def __init__(self) -> None:
+    Dynamic sampling makes ranks draw different numbers of batches, so the checkpoint keeps every
+    rank's count: call `gather_draws` on every rank before saving (the main process writes)."""
+
+    def __init__(self, rank: int = 0, world: int = 1) -> None:
+        self.rank, self.world = rank, world
         self.iteration = 0
-        self.draws = 0
+        self.draws = 0  # this rank's
+        self.draws_by_rank = [0] * world
 
-    def state_dict(self) -> dict[str, int]:
-        return {"iteration": self.iteration, "draws": self.draws}
+    def gather_draws(self, gather_object: Callable[[list[int]], list[int]]) -> None:
+        """Collect every rank's draw count (`accelerate.utils.gather_object`; a collective)."""
+        self.draws_by_rank = gather_object([self.draws])
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.iteration, self.draws = state["iteration"], state["draws"]
+    def state_dict(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "draws_by_rank": self.draws_by_rank}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.iteration, self.draws_by_rank = state["iteration"], state["draws_by_rank"]
+        if len(self.draws_by_rank) == self.world:
+            self.draws = self.draws_by_rank[self.rank]
+        else:
+            # Another number of processes shards the init states differently: no exact position
+            # exists, so every rank goes on from the furthest one (no state is drawn twice early).
+            self.draws = max(self.draws_by_rank)
+            print(
+                f"resuming a {len(self.draws_by_rank)}-process run on {self.world} processes: "
+                f"the init-state order continues from draw {self.draws}, not bit-exactly"
+            )
 
 
 @dataclass

@@ -134,7 +134,14 @@ def main() -> int:
     # accelerate shards across ranks.
     dataset = LiberoInitStateDataset(config.env.benchmark, config.env.task_names)
     state_loader = torch.utils.data.DataLoader(
-        dataset, batch_size=config.rl.states_per_draw, shuffle=True, drop_last=True, collate_fn=collate_fn_state
+        dataset,
+        batch_size=config.rl.states_per_draw,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate_fn_state,
+        # New in stage 13: its own generator. A loader started without one draws a seed from the
+        # global RNG, so the policy's sampling noise would depend on whether a resume restarted it.
+        generator=torch.Generator().manual_seed(config.seed),
     )
     # DDP-wrap the policy; `unwrap_model` is the seed's get_model_from_ddp().
     policy, optimizer, state_loader = accelerator.prepare(policy, optimizer, state_loader)
@@ -145,15 +152,18 @@ def main() -> int:
     print(f"{len(dataset)} init states, {len(state_loader)} batches per epoch and rank; {parameters} parameters")
 
     # New in stage 13: what a checkpoint restores besides weights, optimizer and RNG.
-    progress_state = RIPTProgress()
+    progress_state = RIPTProgress(rank, world)  # per-rank sampler positions
     checkpoint_as_json(accelerator, progress=progress_state, history=history)  # training_state/state.json
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint / "training_state"))
-        print(f"resumed from {checkpoint} at iteration {progress_state.iteration}")
+        position = f"iteration {progress_state.iteration}, init-state draw {progress_state.draws}"
+        print(f"resumed from {checkpoint} at {position}")
 
     def save(iteration: int) -> Path:
-        """New in stage 13: an atomic checkpoint; every rank's outcome history goes into it."""
+        """New in stage 13: an atomic checkpoint; every rank's outcome history and sampler position
+        go into it."""
         history.merge(gather_object([history.state_dict()]))
+        progress_state.gather_draws(gather_object)  # ranks draw different numbers of batches
         path = save_policy_checkpoint(
             accelerator, output_dir, iteration, policy, [preprocessor, postprocessor, tokenizer], config.train.keep_last
         )

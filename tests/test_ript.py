@@ -1,5 +1,7 @@
 """RIPT pieces on hand-made groups, and the RL objectives on the real tiny pi0."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,13 @@ from lerobot.configs import FeatureType, PolicyFeature
 
 from lib.cfg_pi0 import NULL_FLAG, OPTIMAL_FLAG, PI0CFGConfig, PI0CFGPolicy
 from lib.pi0 import seeded_noise_and_time
-from lib.ript import StateOutcomeHistory, collect_informative_groups, is_informative, leave_one_out_advantages
+from lib.ript import (
+    RIPTProgress,
+    StateOutcomeHistory,
+    collect_informative_groups,
+    is_informative,
+    leave_one_out_advantages,
+)
 
 
 def test_leave_one_out_advantages_exact():
@@ -216,3 +224,23 @@ def test_history_merge_takes_in_other_ranks_records():
     theirs.record((0, 9), torch.ones(2))
     mine.merge([theirs.state_dict()])
     assert set(mine.skips_left) == {(0, 1), (0, 9)}
+
+
+def test_sampler_positions_are_kept_per_rank():
+    """Dynamic sampling makes ranks draw different numbers of batches: each resumes at its own."""
+    ranks = [RIPTProgress(rank, 2) for rank in range(2)]
+    for rank, draws in zip(ranks, (5, 8), strict=True):
+        rank.iteration, rank.draws = 3, draws
+    counts = [rank.draws for rank in ranks]  # what gather_object returns on every rank
+    for rank in ranks:
+        rank.gather_draws(lambda mine: counts)
+    state = json.loads(json.dumps(ranks[0].state_dict()))  # the main process writes state.json
+    assert state == {"iteration": 3, "draws_by_rank": [5, 8]}
+    resumed = [RIPTProgress(rank, 2) for rank in range(2)]
+    for rank in resumed:
+        rank.load_state_dict(state)
+    assert [(r.iteration, r.draws) for r in resumed] == [(3, 5), (3, 8)]
+    # Resumed on another number of processes: every rank continues from the furthest position.
+    single = RIPTProgress(0, 1)
+    single.load_state_dict(state)
+    assert single.draws == 8

@@ -7,7 +7,9 @@ import subprocess
 import time
 
 import pytest
+import torch
 from conftest import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, run
+from safetensors.torch import load_file
 
 from lib.cfg_pi0 import PI0CFGPolicy
 from lib.pi0 import load_pi0_processors, load_tokenizer
@@ -24,9 +26,19 @@ def iterations_logged(output_dir) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+# What a re-run measures differently (wall time, memory); everything else must repeat exactly.
+MEASURED = {"ript/rollout_time_s", "ript/update_time_s", "ript/env_steps_per_s", "ript/rss_gib", "ript/gpu_peak_gib"}
+
+
 @TWO_RANK_LAUNCH
-def test_two_process_launch(args, tmp_path):
-    run([ACCELERATE, "launch", "--config_file", "accelerate_configs/cpu_2proc.yaml", SCRIPT, *args])
+def test_two_process_launch_and_bit_exact_resume(args, tmp_path):
+    """2 ranks, 2 iterations; then resumed from iteration 1's checkpoint in the same output_dir:
+    iteration 2 repeats exactly, each rank at its own sampler position, and metrics.jsonl holds each
+    iteration once. At this size no rollout succeeds and nothing is updated, so what must repeat is
+    what the restored RNG and sampler decide: the init states drawn (in the outcome history), the
+    actions taken (the video's frames), the statistics and the weights."""
+    launch = [ACCELERATE, "launch", "--config_file", "accelerate_configs/cpu_2proc.yaml", SCRIPT, *args]
+    run(launch)
     logs = sorted(p.name for p in tmp_path.glob("train_rank*.log"))
     assert logs == ["train_rank0.log", "train_rank1.log"]
     for log in logs:
@@ -34,6 +46,27 @@ def test_two_process_launch(args, tmp_path):
     rows = iterations_logged(tmp_path)
     assert [row["step"] for row in rows] == [1, 2]
     assert all(row["ript/episodes"] == 4 for row in rows)  # 2 ranks x K=2, gathered
+    step_1, step_2 = (tmp_path / "checkpoints" / f"step_0000000{i}" for i in (1, 2))
+    state = json.loads((step_1 / "training_state" / "state.json").read_text())["progress"]
+    assert state == {"iteration": 1, "draws_by_rank": [1, 1]}  # one draw per rank and iteration
+    weights = load_file(step_2 / "pretrained_model" / "model.safetensors")
+    saved_state = (step_2 / "training_state" / "state.json").read_text()
+    video = (tmp_path / "videos" / "iteration_00002_failure.mp4").read_bytes()
+
+    run([*launch, "--resume", str(step_1)])
+    for rank in (0, 1):
+        log = (tmp_path / f"train_rank{rank}.log").read_text()
+        assert f"resumed from {step_1} at iteration 1, init-state draw 1" in log
+    again = iterations_logged(tmp_path)
+    assert [row["step"] for row in again] == [1, 2]  # iteration 2's first row was dropped
+    assert again[0] == rows[0]
+    assert {k: v for k, v in again[1].items() if k not in MEASURED} == {
+        k: v for k, v in rows[1].items() if k not in MEASURED
+    }
+    assert (step_2 / "training_state" / "state.json").read_text() == saved_state
+    assert (tmp_path / "videos" / "iteration_00002_failure.mp4").read_bytes() == video
+    resumed = load_file(step_2 / "pretrained_model" / "model.safetensors")
+    assert resumed.keys() == weights.keys() and all(torch.equal(resumed[k], weights[k]) for k in weights)
 
 
 def test_stop_resume_and_what_a_run_writes(args, tmp_path):
