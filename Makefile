@@ -31,7 +31,7 @@ install:
 		echo "creating $(VENV) with $(PYTHON312)"; rm -rf $(VENV); $(PYTHON312) -m venv $(VENV); fi
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps --editable . --editable plugins/lerobot_policy_pi0_graph
+	$(PY) -m pip install --quiet --no-deps --editable . --editable plugins/lerobot_policy_pi0_graph --editable plugins/lerobot_env_soft_arm
 	$(PY) -m pip check
 
 $(TOKENIZER_DIR)/tokenizer.json:

@@ -132,6 +132,9 @@ def main() -> int:
                 "success": e.success,
                 "length": e.length,
                 "final_distance_m": e.final_distance,
+                # minus the tip-to-ball distance summed over the steps: the return of the same
+                # episode under the Gymnasium env (lib/soft_arm_env.py), whose reward that is
+                "return": -float(np.sum(e.distances)),
             }
             for e in episodes
         ],

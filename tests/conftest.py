@@ -79,3 +79,18 @@ def train_args(tokenizer_dir, dataset_dir) -> list[str]:
         "train.val_batches=2",
         "tracking.report_to=[]",
     ]
+
+
+def fake_hub_tokenizer(tokenizer_dir: Path, hub_cache: Path, repo_id: str = "someone/tiny-tokenizer") -> Path:
+    """A Hugging Face hub cache (use as HF_HUB_CACHE) holding the local tokenizer as `repo_id`, so
+    code that loads a tokenizer by hub id runs offline."""
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in tokenizer_dir.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (snapshot / "config.json").write_text("{}")  # transformers' AutoTokenizer reads a hub repo's config first
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return hub_cache

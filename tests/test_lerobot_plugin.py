@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import PYTHON, run
+from conftest import PYTHON, fake_hub_tokenizer, run
 from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature
 from safetensors.torch import load_file, save_file
 from test_graph_pi0 import CHUNK, make_batch, make_config
@@ -116,15 +116,7 @@ print("tokenizer_name", [s.tokenizer_name for s in theirs.steps if hasattr(s, "t
 
 
 def test_lerobots_processor_factory_rebuilds_a_hub_tokenizer(tokenizer_dir, tmp_path):
-    commit = "89abcdef0123456789abcdef0123456789abcdef"
-    repo = tmp_path / "hub" / "models--someone--tiny-tokenizer"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for file in tokenizer_dir.iterdir():
-        (snapshot / file.name).write_bytes(file.read_bytes())
-    (snapshot / "config.json").write_text("{}")  # transformers' AutoTokenizer reads a hub repo's config first
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    fake_hub_tokenizer(tokenizer_dir, tmp_path / "hub")
 
     config = cfg_config()
     config.normalization_mapping = {kind: NormalizationMode.IDENTITY for kind in ("VISUAL", "STATE", "ACTION")}
