@@ -88,17 +88,24 @@ def save_checkpoint(
 def write_weights_once(accelerator: Accelerator) -> None:
     """`save_state` leaves the model out of `training_state/`: its weights are already in
     `pretrained_model/model.safetensors` beside it (at full size a second copy is ~14 GB per
-    checkpoint), and `load_state` loads them from there, checked (`lib.pi0.load_weights_into`).
+    checkpoint), and `load_state` loads them from there, checked (`lib.pi0.load_weights_into`); a
+    LoRA model's adapters from `pretrained_model/adapter/` (`lib.lora.load_adapter_into`).
     Call once after `prepare`. Under FSDP and DeepSpeed accelerate saves the model its own way
     and the hooks see no model."""
+    from lib.lora import ADAPTER_DIR, is_lora_model, load_adapter_into
     from lib.pi0 import WEIGHTS_FILE, load_weights_into
 
     def leave_out_weights(models: list, weights: list, output_dir: str) -> None:
         weights.clear()
 
     def load_weights_from_pretrained_model(models: list, input_dir: str) -> None:
+        pretrained_model = Path(input_dir).parent / MODEL_DIR
         for model in models:
-            load_weights_into(accelerator.unwrap_model(model), Path(input_dir).parent / MODEL_DIR / WEIGHTS_FILE)
+            unwrapped = accelerator.unwrap_model(model)
+            if is_lora_model(unwrapped):  # the base is rebuilt from model.pretrained; the adapters load
+                load_adapter_into(unwrapped, pretrained_model / ADAPTER_DIR)
+            else:
+                load_weights_into(unwrapped, pretrained_model / WEIGHTS_FILE)
         models.clear()
 
     accelerator.register_save_state_pre_hook(leave_out_weights)
@@ -147,12 +154,21 @@ def save_policy_checkpoint(
 ) -> Path:
     """`save_checkpoint` of a (prepared) LeRobot policy: its weights are gathered on every rank (a
     collective under FSDP) and written as safetensors by `save_pretrained`, beside each of
-    `extras` (processors, tokenizer: anything with `save_pretrained(directory)`)."""
-    state_dict = accelerator.get_state_dict(model, unwrap=True)
+    `extras` (processors, tokenizer: anything with `save_pretrained(directory)`). A LoRA model
+    (`lib.lora`) is written merged into a full policy, with its adapters in `adapter/` beside."""
+    from lib.lora import ADAPTER_DIR, is_lora_model, merged_state_dict
+
     unwrapped = accelerator.unwrap_model(model)
+    lora = unwrapped if is_lora_model(unwrapped) else None
+    if lora is not None:
+        state_dict, unwrapped = merged_state_dict(lora), lora.get_base_model()
+    else:
+        state_dict = accelerator.get_state_dict(model, unwrap=True)
 
     def save_model(directory: Path) -> None:
         unwrapped.save_pretrained(directory, state_dict=state_dict)
+        if lora is not None:
+            lora.save_pretrained(directory / ADAPTER_DIR)
         for extra in extras:
             extra.save_pretrained(directory)
 

@@ -269,6 +269,9 @@ class SoftArmModelConfig(PolicySourceConfig):
     gradient_checkpointing: bool = False
     freeze_vision_encoder: bool = False
     train_expert_only: bool = False
+    # > 0: LoRA adapters of this rank (peft, LeRobot's pi0 targets) train, the pretrained weights
+    # stay frozen; the graph encoder trains fully (lib/lora.py). 0: full fine-tuning.
+    lora_rank: int = 0
 
 
 @dataclass
@@ -335,6 +338,20 @@ def validate_soft_arm_train_config(config: Any) -> None:
     for key in ("log_every", "val_every", "val_batches", "max_nonfinite_steps"):
         check(config.train[key] > 0, f"train.{key}", "> 0", config.train[key])
     validate_source(config.model)
+    check(config.model.lora_rank >= 0, "model.lora_rank", ">= 0", config.model.lora_rank)
+    if config.model.lora_rank:
+        check(
+            not (config.model.train_expert_only or config.model.freeze_vision_encoder),
+            "model.lora_rank",
+            "0 with model.train_expert_only or model.freeze_vision_encoder (LoRA freezes every pretrained weight)",
+            config.model.lora_rank,
+        )
+        check(
+            config.model.pretrained not in ("tiny", "full"),
+            "model.lora_rank",
+            "0 when model.pretrained is a fresh size (adapters fine-tune pretrained weights)",
+            config.model.lora_rank,
+        )
     validate_optim(config.optim)
     check(config.optim.warmup_steps >= 0, "optim.warmup_steps", ">= 0", config.optim.warmup_steps)
     check(

@@ -41,6 +41,7 @@ from lib.checkpoint import (
 from lib.config import add_run_arguments, load_config, run_overrides, to_flat_dict
 from lib.errors import UserError, exit_code_of
 from lib.graph_pi0 import PI0GraphConfig, PI0GraphPolicy
+from lib.lora import add_lora_adapters, base_policy
 from lib.pi0 import (
     MODEL_SIZES,
     count_parameters,
@@ -186,11 +187,14 @@ def main() -> int:
     policy = make_pi0_policy(source, policy_config, PI0GraphPolicy)
     tokenizer = load_tokenizer(config.model.tokenizer)
     preprocessor, postprocessor = make_pi0_processors(policy.config, tokenizer, dataset_stats(train_dataset))
+    if config.model.lora_rank:  # LoRA: adapters train, the pretrained weights stay frozen
+        policy = add_lora_adapters(policy, config.model.lora_rank)
     logger.info(
-        "policy: %s pi0 with graph=%s, %.2f M parameters",
+        "policy: %s pi0 with graph=%s, %.2f M parameters, %.2f M trained",
         policy_config.model_size,
         config.model.use_graph,
         count_parameters(policy) / 1e6,
+        sum(p.numel() for p in policy.parameters() if p.requires_grad) / 1e6,
     )
 
     # ------------------------------------------------------------------------------------------
@@ -219,9 +223,8 @@ def main() -> int:
 
     def flow_loss(batch: dict, noise_seed: int) -> torch.Tensor:
         batch = preprocessor(batch)
-        noise, flow_time = seeded_noise_and_time(
-            accelerator.unwrap_model(policy).model, batch[ACTION_KEY].shape[0], noise_seed, accelerator.device
-        )
+        network = base_policy(accelerator.unwrap_model(policy)).model
+        noise, flow_time = seeded_noise_and_time(network, batch[ACTION_KEY].shape[0], noise_seed, accelerator.device)
         loss, _ = policy(batch, noise=noise, time=flow_time)
         return loss
 

@@ -63,3 +63,17 @@ def test_train_script_rejects_unknown_key_and_bad_value():
 @pytest.mark.parametrize("name", ["debug_config.yaml", "soft_arm_config.yaml", "soft_arm_sim.yaml"])
 def test_shipped_configs_load(name):
     validate_soft_arm_train_config(load_config(SoftArmTrainConfig, f"configs/{name}"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.lora_rank=-1"], "'model.lora_rank' must be >= 0"),
+        (["model.lora_rank=8", "model.train_expert_only=true"], "LoRA freezes every pretrained weight"),
+        (["model.lora_rank=8", "model.pretrained=tiny"], "adapters fine-tune pretrained weights"),
+    ],
+)
+def test_lora_rank_combinations_are_checked(overrides, message):
+    config = load_config(SoftArmTrainConfig, "configs/soft_arm_sim.yaml", overrides)
+    with pytest.raises(ConfigError, match=message):
+        validate_soft_arm_train_config(config)

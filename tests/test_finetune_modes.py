@@ -53,3 +53,51 @@ def test_only_the_trained_part_gets_gradients_and_the_mode_survives_save_load(mo
     torch.testing.assert_close(
         loaded.predict_action_chunk(batch, noise=noise), policy.predict_action_chunk(batch, noise=noise)
     )
+
+
+def lora_actions(policy, seed: int = 1) -> torch.Tensor:
+    noise = torch.randn(2, CHUNK, 32, generator=torch.Generator().manual_seed(seed + 1))
+    return policy.predict_action_chunk(make_batch(seed=seed), noise=noise)
+
+
+def test_lora_trains_adapters_only_and_saves_merged_and_as_adapter(tmp_path):
+    """`model.lora_rank`: only the adapters (on LeRobot's default pi0 targets) and the graph encoder
+    get gradients; a checkpoint is a full policy with the adapters merged (any loader opens it) plus
+    the adapters alone, which peft merges onto the base to the same policy and a resume loads back."""
+    from accelerate import Accelerator
+    from peft import PeftModel
+
+    from lib.checkpoint import save_policy_checkpoint
+    from lib.lora import ADAPTER_DIR, add_lora_adapters, load_adapter_into
+    from lib.pi0 import CheckpointError
+
+    torch.manual_seed(0)
+    make_pi0_policy("tiny", make_config(), PI0GraphPolicy).save_pretrained(tmp_path / "base")
+    lora = add_lora_adapters(PI0GraphPolicy.from_pretrained(tmp_path / "base"), rank=4)
+    lora.train()
+    optimizer = make_optimizer(lora, OptimConfig(lr=1e-2))
+    for _ in range(2):  # the second step moves the adapters' A matrices too (B starts at zero)
+        optimizer.zero_grad()
+        lora(make_batch())[0].backward()
+        optimizer.step()
+    trained = {name for name, p in lora.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert all(".lora_" in name or ".graph_encoder.modules_to_save." in name for name in trained)
+    assert any(".gemma_expert." in name and ".lora_B." in name for name in trained)
+    assert any(".graph_encoder." in name for name in trained)
+    assert not any(p.requires_grad for name, p in lora.named_parameters() if ".base_layer." in name)
+    lora.eval()
+    expected = lora_actions(lora)
+
+    checkpoint = save_policy_checkpoint(Accelerator(cpu=True), tmp_path / "run", 1, lora, extras=[])
+    merged = PI0GraphPolicy.from_pretrained(checkpoint / "pretrained_model")  # a plain graph checkpoint
+    torch.testing.assert_close(lora_actions(merged), expected, rtol=1e-5, atol=1e-5)
+    adapter = checkpoint / "pretrained_model" / ADAPTER_DIR
+    by_peft = PeftModel.from_pretrained(PI0GraphPolicy.from_pretrained(tmp_path / "base"), adapter).merge_and_unload()
+    torch.testing.assert_close(lora_actions(by_peft), expected, rtol=1e-5, atol=1e-5)
+
+    resumed = add_lora_adapters(PI0GraphPolicy.from_pretrained(tmp_path / "base"), rank=4)
+    load_adapter_into(resumed, adapter)
+    saved = dict(lora.named_parameters())
+    assert all(torch.equal(p, saved[name]) for name, p in resumed.named_parameters())  # a resume is exact
+    with pytest.raises(CheckpointError, match="does not match this LoRA model"):
+        load_adapter_into(add_lora_adapters(PI0GraphPolicy.from_pretrained(tmp_path / "base"), rank=8), adapter)

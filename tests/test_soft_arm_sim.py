@@ -126,10 +126,9 @@ def test_simulated_episodes_are_deterministic_resumable_and_convert(tmp_path):
     assert item[GRAPH_KEY].shape == (NUM_SEGMENTS, NODE_FEATURES) and item["action"].shape == (16, 10)
 
 
-def test_eval_and_ript_soft_arm_on_a_tiny_checkpoint(tmp_path, tokenizer_dir):
-    raw, dataset = tmp_path / "raw", tmp_path / "dataset"
-    run([PYTHON, "data_prep/simulate_soft_arm.py", "--output_dir", str(raw), "--episodes", "3", "--image_size", "64"])
-    run([PYTHON, "data_prep/soft_arm_to_lerobot.py", "--raw_dir", str(raw), "--output_dir", str(dataset)])
+def test_eval_and_ript_soft_arm_on_a_tiny_checkpoint(tmp_path, tokenizer_dir, dataset_dir):
+    # A 2-step policy on the session's small dataset: plumbing, not learning (the simulated
+    # episodes' own conversion is tested above).
     train_dir = tmp_path / "train"
     run(
         [
@@ -139,7 +138,7 @@ def test_eval_and_ript_soft_arm_on_a_tiny_checkpoint(tmp_path, tokenizer_dir):
             "configs/soft_arm_sim.yaml",
             f"output_dir={train_dir}",
             f"model.tokenizer={tokenizer_dir}",
-            f"data.root={dataset}",
+            f"data.root={dataset_dir}",
             "data.batch_size=4",
             "data.val_fraction=0",
             "data.num_workers=0",

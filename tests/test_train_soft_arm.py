@@ -72,7 +72,7 @@ def test_two_process_launch_checkpoint_loads(train_args, tmp_path):
     assert action.shape == (1, 10) and torch.isfinite(action).all()
 
 
-def test_resume_continues_to_the_same_loss(train_args, tmp_path):
+def test_resume_continues_to_the_same_loss_full_and_lora(train_args, tmp_path):
     common = [
         *train_args,
         "train.steps=6",
@@ -103,6 +103,28 @@ def test_resume_continues_to_the_same_loss(train_args, tmp_path):
     # (optimizer, RNG, scheduler, progress) does not repeat them, and resuming loaded them from there.
     state = uninterrupted / "checkpoints/step_00000003/training_state"
     assert (state / "optimizer.bin").is_file() and not list(state.glob("model*.safetensors"))
+
+    # LoRA (model.lora_rank) from that run's step-3 policy: only the adapters and the graph encoder
+    # train; a resume from its step 2 (the base rebuilt, the adapters loaded back) is exact too, and
+    # each checkpoint is a full policy (adapters merged) with the adapters beside it.
+    lora = [*common, "train.steps=4", "train.save_every=2", "model.lora_rank=4"]
+    lora += [f"model.pretrained={uninterrupted / 'checkpoints/step_00000003/pretrained_model'}"]
+    result = run([PYTHON, SCRIPT, *lora, f"output_dir={tmp_path / 'lora'}"])
+    assert re.search(r"parameters, 0\.0\d M trained", result.stdout), result.stdout
+    resumed = tmp_path / "lora_resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    step_2 = tmp_path / "lora/checkpoints/step_00000002"
+    subprocess.run(["cp", "-r", str(step_2), str(resumed / "checkpoints")], check=True)
+    run([PYTHON, SCRIPT, *lora, f"output_dir={resumed}", "--resume", "latest"])
+    expected = {row["step"]: row["train/loss"] for row in metrics(tmp_path / "lora") if "train/loss" in row}
+    got = {row["step"]: row["train/loss"] for row in metrics(resumed) if "train/loss" in row}
+    assert sorted(got) == [3, 4] and all(got[step] == expected[step] for step in (3, 4)), (got, expected)
+    final = "checkpoints/step_00000004/pretrained_model"
+    for name in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = load_file(tmp_path / "lora" / final / name), load_file(resumed / final / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    merged = PI0GraphPolicy.from_pretrained(resumed / final)  # a plain graph checkpoint
+    assert not any(".lora_" in name for name, _ in merged.named_parameters())
 
 
 def test_sigterm_saves_and_exits_zero(train_args, tmp_path):
