@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install debug bench soft-arm-ablation ript-soft-arm test test-all lint format clean stage-08 stage-09 stage-10 stage-11 stage-12 stage-13
+.PHONY: install debug bench soak soft-arm-ablation ript-soft-arm test test-all lint format clean stage-08 stage-09 stage-10 stage-11 stage-12 stage-13
 
 # Python 3.12 is required: try `python3.12`, then pyenv's 3.12 (its shim fails when the global
 # version is another one), then give up with a clear message.
@@ -97,6 +97,11 @@ $(DEBUG_DATASET_DIR)/meta/info.json:
 
 bench: $(TOKENIZER_DIR)/tokenizer.json $(DEBUG_DATASET_DIR)/meta/info.json
 	$(PY) scripts/benchmark.py --dataset $(DEBUG_DATASET_DIR) --tokenizer $(TOKENIZER_DIR)
+
+# Leak check (README "Faults and what happens"): 30 minutes of tiny training and RIPT side by side,
+# memory, file descriptors and child processes sampled each minute; soak.json, soak.png, the slopes.
+soak: $(TOKENIZER_DIR)/tokenizer.json $(DEBUG_DATASET_DIR)/meta/info.json
+	$(PY) scripts/soak.py --minutes 30 --dataset $(DEBUG_DATASET_DIR) --tokenizer $(TOKENIZER_DIR)
 
 # The stage-by-stage RIPT reproduction (scripts/STAGES.md) on the debug config.
 stage-08: $(TOKENIZER_DIR)/tokenizer.json

@@ -1,0 +1,23 @@
+"""`make soak` (scripts/soak.py) at one minute: both long runs sampled, stopped with SIGTERM, clean."""
+
+import json
+
+import pytest
+from conftest import PYTHON, run
+
+SERIES = {"rss_mib", "children_rss_mib", "open_fds", "children", "zombies"}
+
+
+@pytest.mark.slow
+def test_soak_samples_both_runs_and_stops_them_cleanly(tokenizer_dir, dataset_dir, tmp_path):
+    arguments = ["--minutes", "1", "--sample_every", "10", "--warmup_minutes", "0"]
+    arguments += ["--dataset", str(dataset_dir), "--tokenizer", str(tokenizer_dir), "--output_dir", str(tmp_path)]
+    run([PYTHON, "scripts/soak.py", *arguments])
+    result = json.loads((tmp_path / "soak.json").read_text())
+    assert set(result["runs"]) == {"train_soft_arm", "train_ript_pi0"}
+    for soaked in result["runs"].values():
+        assert soaked["exit_code"] == 0 and len(soaked["samples"]) >= 5  # SIGTERM: saved, exit 0
+        assert set(soaked["slopes_per_hour"]) == SERIES
+        assert all(sample["zombies"] == 0 and sample["open_fds"] > 0 for sample in soaked["samples"])
+    assert result["runs"]["train_ript_pi0"]["samples"][-1]["children"] >= 1  # its LIBERO simulator
+    assert (tmp_path / "soak.png").stat().st_size > 0
