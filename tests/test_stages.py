@@ -130,6 +130,21 @@ def test_stage_12_dataset_sharded_by_accelerate(tokenizer_dir, tmp_path):
     assert iterations_in(tmp_path / "progress.json")[0]["episodes"] == 4
 
 
+def test_stage_13_checkpoints_and_resumes(tokenizer_dir, tmp_path):
+    """One process, in `make test`: a checkpoint with the training state each iteration, and
+    `--resume latest` continues from it (the 2-rank signal run below is `slow`; train_ript_pi0.py's
+    2-rank resume is tested exactly in test_train_ript.py)."""
+    args = ["--config_path", "configs/minimal_test.yaml", "--output_dir", str(tmp_path)]
+    args.append(f"model.tokenizer={tokenizer_dir}")
+    run([PYTHON, "scripts/13_train_production_ready.py", *args, "train.iterations=1"])
+    state = json.loads((tmp_path / "checkpoints/step_00000001/training_state/state.json").read_text())
+    assert state["progress"] == {"iteration": 1, "draws_by_rank": [1]}
+    result = run([PYTHON, "scripts/13_train_production_ready.py", *args, "train.iterations=2", "--resume", "latest"])
+    assert "at iteration 1, init-state draw 1" in result.stdout and "iteration 2/2" in result.stdout
+    assert [row["iteration"] for row in iterations_in(tmp_path / "progress.json")] == [1, 2]
+
+
+@pytest.mark.slow
 @TWO_RANK_LAUNCH
 def test_stage_13_two_processes_sigint_and_resume(tokenizer_dir, tmp_path):
     """SIGINT to both ranks of an `accelerate launch`: they finish the iteration, save one
