@@ -272,6 +272,9 @@ class SoftArmModelConfig(PolicySourceConfig):
     # > 0: LoRA adapters of this rank (peft, LeRobot's pi0 targets) train, the pretrained weights
     # stay frozen; the graph encoder trains fully (lib/lora.py). 0: full fine-tuning.
     lora_rank: int = 0
+    # torch.compile of pi0's forward and sampling (LeRobot's compile_model); the first steps compile.
+    compile: bool = False
+    compile_mode: str = "default"  # or "reduce-overhead", "max-autotune" (LeRobot's default), ...
 
 
 @dataclass
@@ -339,6 +342,8 @@ def validate_soft_arm_train_config(config: Any) -> None:
         check(config.train[key] > 0, f"train.{key}", "> 0", config.train[key])
     validate_source(config.model)
     check(config.model.lora_rank >= 0, "model.lora_rank", ">= 0", config.model.lora_rank)
+    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    check(config.model.compile_mode in modes, "model.compile_mode", f"one of {modes}", config.model.compile_mode)
     if config.model.lora_rank:
         check(
             not (config.model.train_expert_only or config.model.freeze_vision_encoder),

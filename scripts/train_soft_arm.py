@@ -174,6 +174,8 @@ def main() -> int:
         gradient_checkpointing=config.model.gradient_checkpointing,
         freeze_vision_encoder=config.model.freeze_vision_encoder,
         train_expert_only=config.model.train_expert_only,
+        compile_model=config.model.compile,
+        compile_mode=config.model.compile_mode,
         device=accelerator.device.type,  # LeRobot takes "cuda"; accelerate has set the current GPU
         input_features={
             IMAGE_KEY: PolicyFeature(type=FeatureType.VISUAL, shape=image_shape),

@@ -71,9 +71,10 @@ def test_shipped_configs_load(name):
         (["model.lora_rank=-1"], "'model.lora_rank' must be >= 0"),
         (["model.lora_rank=8", "model.train_expert_only=true"], "LoRA freezes every pretrained weight"),
         (["model.lora_rank=8", "model.pretrained=tiny"], "adapters fine-tune pretrained weights"),
+        (["model.compile_mode=fast"], "'model.compile_mode' must be one of"),
     ],
 )
-def test_lora_rank_combinations_are_checked(overrides, message):
+def test_model_mode_combinations_are_checked(overrides, message):
     config = load_config(SoftArmTrainConfig, "configs/soft_arm_sim.yaml", overrides)
     with pytest.raises(ConfigError, match=message):
         validate_soft_arm_train_config(config)

@@ -213,3 +213,15 @@ def test_gradient_accumulation_and_checkpointing_run(train_args, tmp_path):
     assert [row["step"] for row in rows] == [1, 2]
     assert [row["train/lr"] for row in rows] == [pytest.approx(5e-4), pytest.approx(1e-3)]
     assert all(torch.isfinite(torch.tensor(row["train/loss"])) for row in rows)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_saves_and_loads(train_args, tmp_path):
+    """`model.compile` (LeRobot's `compile_model`, torch.compile of pi0's forward and sampling): on a
+    CPU this only shows that a compiled run trains, saves and loads."""
+    overrides = ["train.steps=2", "train.log_every=1", "model.compile=true"]
+    run([PYTHON, SCRIPT, *train_args, f"output_dir={tmp_path}", *overrides])
+    rows = [row for row in metrics(tmp_path) if "train/loss" in row]
+    assert [row["step"] for row in rows] == [1, 2] and all(torch.isfinite(torch.tensor(r["train/loss"])) for r in rows)
+    policy = PI0GraphPolicy.from_pretrained(tmp_path / "checkpoints" / "last" / "pretrained_model")
+    assert policy.config.compile_model and policy.config.compile_mode == "default"
