@@ -77,15 +77,23 @@ class StateOutcomeHistory:
             self.solved_streak.update(other.solved_streak)
             self.skips_left.update(other.skips_left)
 
+    # Plain data for JSON: a tuple key (LIBERO's (task, init index)) is written as a list and read
+    # back as a tuple; a scalar key (the soft arm's seed) stays as it is.
     def state_dict(self) -> dict[str, Any]:
+        def as_json(k: Hashable) -> Any:
+            return list(k) if isinstance(k, tuple) else k
+
         return {
-            "solved_streak": [[list(k), v] for k, v in self.solved_streak.items()],
-            "skips_left": [[list(k), v] for k, v in self.skips_left.items()],
+            "solved_streak": [[as_json(k), v] for k, v in self.solved_streak.items()],
+            "skips_left": [[as_json(k), v] for k, v in self.skips_left.items()],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.solved_streak = {tuple(k): v for k, v in state["solved_streak"]}
-        self.skips_left = {tuple(k): v for k, v in state["skips_left"]}
+        def key(k: Any) -> Hashable:
+            return tuple(k) if isinstance(k, list) else k
+
+        self.solved_streak = {key(k): v for k, v in state["solved_streak"]}
+        self.skips_left = {key(k): v for k, v in state["skips_left"]}
 
 
 class RIPTProgress:

@@ -236,6 +236,8 @@ class SoftArmRIPTConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one RL run each
     iterations: int = 15
     eval_every: int = 5  # held-out success every N iterations (and at 0 and the end)
+    save_every: int = 5  # a checkpoint of the seed's run every N iterations (and at the end)
+    keep_last: int = 2  # checkpoints kept per seed
     model: SoftArmRLModelConfig = field(default_factory=SoftArmRLModelConfig)
     env: SoftArmRLEnvConfig = field(default_factory=SoftArmRLEnvConfig)
     rl: RLConfig = field(default_factory=RLConfig)
@@ -249,6 +251,8 @@ def validate_soft_arm_ript_config(config: Any) -> None:
     check(len(config.seeds) > 0, "seeds", "a non-empty list", list(config.seeds))
     check(config.iterations > 0, "iterations", "> 0", config.iterations)
     check(config.eval_every > 0, "eval_every", "> 0", config.eval_every)
+    check(config.save_every > 0, "save_every", "> 0", config.save_every)
+    check(config.keep_last >= 1, "keep_last", ">= 1", config.keep_last)
     for key in ("num_envs", "replan_steps", "max_steps", "image_size", "eval_episodes"):
         check(config.env[key] > 0, f"env.{key}", "> 0", config.env[key])
     check(

@@ -19,10 +19,16 @@ Success is measured in closed loop on the held-out seeds of eval_soft_arm.py at 
 every `eval_every` iterations, for every RL seed. Writes, under `output_dir`, `results.md`,
 `summary.json` and `success.png` (held-out success per iteration, every seed), and per seed
 `seed<N>/summary.json`, `metrics.jsonl` and `pretrained_model/` (the RL-trained policy:
-`PI0GraphCFGPolicy.from_pretrained`). An output_dir that holds seed runs is refused unless
-`--resume latest` (finished seeds are kept; an unfinished one runs again from its start) or
-`--overwrite`; `--dry_run` runs one iteration of the first seed and writes nothing.
-One process (the simulators and the update share it).
+`PI0GraphCFGPolicy.from_pretrained`).
+
+Each seed's run is checkpointed every `save_every` iterations and at its end
+(`seed<N>/checkpoints/step_<iteration>`: policy, optimizer, RNG, sampler position, outcome
+history). An output_dir that holds seed runs is refused unless `--resume latest` or `--overwrite`.
+`--resume latest` keeps the finished seeds and continues an unfinished one from its newest
+checkpoint, exactly as if it had not stopped; with a larger `iterations` it also extends finished
+seeds from their last checkpoint. SIGTERM/SIGINT finish the iteration, save and exit 0 (a second
+signal ends the process at once). `--dry_run` runs one iteration of the first seed and writes
+nothing. One process (the simulators and the update share it).
 """
 
 import argparse
@@ -36,12 +42,22 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from lerobot.configs import PreTrainedConfig
 from tqdm.auto import tqdm
 
 from lib.cfg_pi0 import PI0GraphCFGConfig, PI0GraphCFGPolicy, exploration_noise
-from lib.checkpoint import NonFiniteGuard, check_writable_dir
+from lib.checkpoint import (
+    STATE_DIR,
+    GracefulStop,
+    NonFiniteGuard,
+    check_writable_dir,
+    checkpoint_as_json,
+    checkpoint_dirs,
+    save_policy_checkpoint,
+    start_output_dir,
+    write_weights_once,
+)
 from lib.config import add_run_arguments, load_config, run_overrides
 from lib.errors import UserError, exit_code_of
 from lib.graph_pi0 import PI0GraphConfig
@@ -54,6 +70,7 @@ from lib.pi0 import (
     resolve_pretrained,
 )
 from lib.ript import (
+    RIPTProgress,
     StateOutcomeHistory,
     collect_iteration,
     iteration_statistics,
@@ -76,14 +93,14 @@ def parse_args() -> argparse.Namespace:
 
 
 def check_seed_runs(output_dir: Path, resume: str | None, overwrite: bool) -> None:
-    """The output_dir convention of the trainers, at the grain of whole seeds: a directory that
-    holds seed runs is refused unless `--resume latest` (finished seeds are kept, an unfinished one
-    runs again from its start) or `--overwrite` (they are deleted)."""
+    """The output_dir convention of the trainers, per seed: a directory that holds seed runs is
+    refused unless `--resume latest` (each seed goes on from its newest checkpoint) or
+    `--overwrite` (they are deleted)."""
     check_writable_dir(output_dir)
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other")
     if resume not in (None, "latest"):
-        raise UserError(f"--resume {resume}: this script resumes whole seeds; pass --resume latest")
+        raise UserError(f"--resume {resume}: each seed resumes from its own newest checkpoint; pass --resume latest")
     seed_runs = sorted(output_dir.glob("seed*/metrics.jsonl"))
     if seed_runs and not resume and not overwrite:
         raise UserError(
@@ -109,19 +126,54 @@ def load_rl_policy(source: Path, guidance_weight: float, device: str):
     return policy, preprocessor, postprocessor, tokenizer
 
 
+class SeedRun:
+    """What a seed's checkpoint keeps besides the training state: the held-out curve so far, the
+    episodes used and the time spent (summed over the sessions of a resumed run)."""
+
+    def __init__(self) -> None:
+        self.curve: dict[int, float] = {}
+        self.episodes_used = 0
+        self.wall_s = self.cpu_s = 0.0
+
+    def state_dict(self) -> dict:
+        curve = {str(k): v for k, v in self.curve.items()}
+        return {"curve": curve, "episodes_used": self.episodes_used, "wall_s": self.wall_s, "cpu_s": self.cpu_s}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.curve = {int(k): v for k, v in state["curve"].items()}
+        self.episodes_used, self.wall_s, self.cpu_s = state["episodes_used"], state["wall_s"], state["cpu_s"]
+
+
 def held_out_success(envs: SoftArmVectorRollout, policy_fn, seeds: list[int], label: str) -> float:
     with tqdm(total=len(seeds), desc=f"{label}: held-out episodes", unit="ep", leave=False) as bar:
         episodes = envs.run([{"seed": seed} for seed in seeds], policy_fn, progress=bar.update)
     return float(np.mean([e.success for e in episodes]))
 
 
-def run_seed(config, seed: int, source: Path, dry_run: bool = False) -> dict | None:
-    """One RL run from `source`; a dry run builds everything, runs one iteration and writes nothing."""
+def seed_checkpoint(output_dir: Path, seed: int, iterations: int) -> Path | None:
+    """The newest checkpoint of a seed's unfinished (or shorter) run; None for a fresh start."""
+    summary_file = output_dir / "summary.json"
+    found = checkpoint_dirs(output_dir)
+    if summary_file.is_file() and not found:
+        done = json.loads(summary_file.read_text()).get("iterations")
+        raise UserError(
+            f"seed {seed}: {output_dir} holds a finished run of {done} iterations without a checkpoint to extend "
+            f"to iterations={iterations}; pass --overwrite or another output_dir"
+        )
+    return found[-1] if found else None
+
+
+def run_seed(config, seed: int, source: Path, stop: GracefulStop, dry_run: bool = False) -> dict | None:
+    """One RL run from `source`, or from the seed's newest checkpoint. Returns its summary; None
+    after a dry run (one iteration, nothing written) or a stop signal (saved, resumable)."""
     output_dir = Path(config.output_dir) / f"seed{seed}"
     summary_file = output_dir / "summary.json"
     if summary_file.is_file() and not dry_run:
-        print(f"seed {seed}: keeping the finished run in {output_dir}")
-        return json.loads(summary_file.read_text())
+        finished = json.loads(summary_file.read_text())
+        if finished.get("iterations", max(map(int, finished["curve"]))) >= config.iterations:
+            print(f"seed {seed}: keeping the finished run in {output_dir}")
+            return finished
+    checkpoint = None if dry_run else seed_checkpoint(output_dir, seed, config.iterations)
     started, cpu_started = time.perf_counter(), time.process_time()
     set_seed(seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -131,6 +183,7 @@ def run_seed(config, seed: int, source: Path, dry_run: bool = False) -> dict | N
     optimizer = make_optimizer(policy, config.optim)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     unwrapped = accelerator.unwrap_model(policy)
+    write_weights_once(accelerator)  # a checkpoint's weights live in its pretrained_model/ only
     policy_fn = make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast)
     env = config.env
     envs = SoftArmVectorRollout(env.num_envs, env.replan_steps, env.max_steps, env.image_size)
@@ -146,16 +199,28 @@ def run_seed(config, seed: int, source: Path, dry_run: bool = False) -> dict | N
             for start in range(0, len(order) - config.rl.states_per_draw + 1, config.rl.states_per_draw):
                 yield [dict(state) for state in order[start : start + config.rl.states_per_draw]]
 
-    draws = pool_draws()
     history = StateOutcomeHistory(skip_after=config.rl.skip_after, skip_for=config.rl.skip_for)
     nonfinite = NonFiniteGuard(config.rl.max_nonfinite_steps, "rl.max_nonfinite_steps")
+    # What a checkpoint restores besides weights, optimizer and RNG (training_state/state.json).
+    progress, run = RIPTProgress(), SeedRun()
+    checkpoint_as_json(accelerator, progress=progress, history=history, run=run)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint / STATE_DIR))
+        print(f"seed {seed}: resumed from {checkpoint} at iteration {progress.iteration}")
+    draws = pool_draws()
+    for _ in range(progress.draws):  # the pool order is a function of the seed: replay it
+        next(draws)
+
+    def next_draw() -> list[dict]:
+        progress.draws += 1
+        return next(draws)
 
     def rl_iteration(iteration: int) -> tuple:
         """The engine's two calls: rollouts with dynamic sampling, then the update; and their times."""
         started = time.perf_counter()
         with exploration_noise(unwrapped, config.rl):  # Flow-Noise sampling for flow_noise
             rollouts = collect_iteration(
-                config.rl, lambda: next(draws), envs, policy_fn, history, key_of=lambda state: state["seed"]
+                config.rl, next_draw, envs, policy_fn, history, key_of=lambda state: state["seed"]
             )
         rollout_time = time.perf_counter() - started
         windows, advantages = windows_with_advantages(rollouts.kept)
@@ -178,19 +243,35 @@ def run_seed(config, seed: int, source: Path, dry_run: bool = False) -> dict | N
         rollouts, _, losses, _, _ = rl_iteration(1)
         print(f"dry run ok: one iteration, {len(rollouts.episodes)} episodes, {len(losses)} updates")
         return None
-    output_dir.mkdir(parents=True, exist_ok=True)
+    # A fresh start clears what an unfinished run without a checkpoint left; a resume drops the
+    # metrics rows logged after its checkpoint.
+    start_output_dir(output_dir, checkpoint, overwrite=checkpoint is None)
     metrics_file = output_dir / "metrics.jsonl"
-    metrics_file.unlink(missing_ok=True)
-    curve = {0: held_out_success(envs, policy_fn, held_out, f"seed {seed} iteration 0")}
-    append_metrics(metrics_file, 0, {"eval/success_rate": curve[0]})
-    print(f"seed {seed}: success {curve[0]:.1%} on {len(held_out)} held-out seeds before RL")
-    episodes_used = 0
-    for iteration in tqdm(range(1, config.iterations + 1), desc=f"seed {seed} iterations"):
+    curve = run.curve
+    if checkpoint is None:
+        curve[0] = held_out_success(envs, policy_fn, held_out, f"seed {seed} iteration 0")
+        append_metrics(metrics_file, 0, {"eval/success_rate": curve[0]})
+        print(f"seed {seed}: success {curve[0]:.1%} on {len(held_out)} held-out seeds before RL")
+
+    earlier_wall_s, earlier_cpu_s = run.wall_s, run.cpu_s  # of the sessions before a resume
+
+    def save(iteration: int) -> None:
+        run.wall_s = earlier_wall_s + time.perf_counter() - started
+        run.cpu_s = earlier_cpu_s + time.process_time() - cpu_started
+        progress.gather_draws(gather_object)
+        save_policy_checkpoint(
+            accelerator, output_dir, iteration, policy, [preprocessor, postprocessor, tokenizer], config.keep_last
+        )
+
+    first = progress.iteration + 1
+    for iteration in tqdm(range(first, config.iterations + 1), desc=f"seed {seed} iterations", initial=first - 1):
         rollouts, advantages, losses, rollout_time, update_time = rl_iteration(iteration)
         statistics = iteration_statistics(accelerator, rollouts, advantages)
-        episodes_used += statistics["episodes"]
+        run.episodes_used += statistics["episodes"]
         metrics = {
             **{f"rollout/{key}": value for key, value in statistics.items()},
+            # A dense signal beside success: how close the tip ended, over this iteration's episodes.
+            "rollout/final_distance_m": float(np.mean([e.final_distance for e in rollouts.episodes])),
             "update/steps": len(losses),
             "update/nonfinite_skipped": nonfinite.pop_skipped(),
             "update/loss": torch.stack(losses).mean().item() if losses else float("nan"),
@@ -206,18 +287,26 @@ def run_seed(config, seed: int, source: Path, dry_run: bool = False) -> dict | N
             f"{statistics['groups_kept']} groups kept, {len(losses)} updates, loss {metrics['update/loss']:.4f}"
             + (f", held-out {curve[iteration]:.1%}" if iteration in curve else "")
         )
+        progress.iteration = iteration
+        stopped = stop.received is not None
+        if iteration % config.save_every == 0 or iteration == config.iterations or stopped:
+            save(iteration)
+        if stopped:
+            print(f"seed {seed}: signal {stop.received} received, saved at iteration {iteration}; --resume latest")
+            return None
 
     unwrapped.save_pretrained(output_dir / "pretrained_model")
     for extra in (preprocessor, postprocessor, tokenizer):
         extra.save_pretrained(output_dir / "pretrained_model")
     result = {
         "seed": seed,
+        "iterations": config.iterations,
         "success_before": curve[0],
         "success_after": curve[config.iterations],
         "curve": {str(k): v for k, v in curve.items()},
-        "episodes_used": episodes_used,
-        "wall_minutes": (time.perf_counter() - started) / 60,
-        "cpu_minutes": (time.process_time() - cpu_started) / 60,
+        "episodes_used": run.episodes_used,
+        "wall_minutes": (earlier_wall_s + time.perf_counter() - started) / 60,
+        "cpu_minutes": (earlier_cpu_s + time.process_time() - cpu_started) / 60,
     }
     summary_file.write_text(json.dumps(result, indent=2))
     print(f"seed {seed}: success {result['success_after']:.1%} after RL (before {result['success_before']:.1%})")
@@ -253,11 +342,17 @@ def main() -> int:
     validate_soft_arm_ript_config(config)
     output_dir = Path(config.output_dir)
     source = resolve_pretrained(config.model.pretrained)
+    stop = GracefulStop()  # SIGTERM/SIGINT: the seed saves after its iteration and the script exits 0
     if args.dry_run:
-        run_seed(config, config.seeds[0], source, dry_run=True)
+        run_seed(config, config.seeds[0], source, stop, dry_run=True)
         return 0
     check_seed_runs(output_dir, args.resume, args.overwrite)
-    runs = [run_seed(config, seed, source) for seed in config.seeds]
+    runs = []
+    for seed in config.seeds:
+        result = run_seed(config, seed, source, stop)
+        if result is None:
+            return 0
+        runs.append(result)
     label = f"{config.rl.objective}" + (
         f", w={config.model.guidance_weight:g}" if config.rl.objective == "cfg_rl" else ""
     )

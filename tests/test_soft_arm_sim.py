@@ -3,10 +3,15 @@ LeRobotDataset, and closed-loop evaluation of a trained tiny checkpoint (real Mu
 
 import io
 import json
+import signal
+import subprocess
+import time
 
 import numpy as np
 import pytest
-from conftest import PYTHON, run
+import torch
+from conftest import PYTHON, REPO, run
+from safetensors.torch import load_file
 
 from lib.cfg_pi0 import PI0GraphCFGPolicy
 from lib.ript import rollout_groups
@@ -126,10 +131,11 @@ def test_simulated_episodes_are_deterministic_resumable_and_convert(tmp_path):
     assert item[GRAPH_KEY].shape == (NUM_SEGMENTS, NODE_FEATURES) and item["action"].shape == (16, 10)
 
 
-def test_eval_and_ript_soft_arm_on_a_tiny_checkpoint(tmp_path, tokenizer_dir, dataset_dir):
-    # A 2-step policy on the session's small dataset: plumbing, not learning (the simulated
-    # episodes' own conversion is tested above).
-    train_dir = tmp_path / "train"
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tokenizer_dir, dataset_dir):
+    """A 2-step policy on the session's small dataset: plumbing, not learning (the simulated
+    episodes' own conversion is tested above)."""
+    train_dir = tmp_path_factory.mktemp("train")
     run(
         [
             PYTHON,
@@ -146,13 +152,30 @@ def test_eval_and_ript_soft_arm_on_a_tiny_checkpoint(tmp_path, tokenizer_dir, da
             "tracking.report_to=[]",
         ]
     )
+    return train_dir / "checkpoints" / "last" / "pretrained_model"
+
+
+# ript_soft_arm.py at plumbing size: one seed, 2 states x 2 rollouts an iteration, 6-step episodes.
+TINY_RIPT = [
+    "seeds=[0]",
+    "rl.states_per_draw=2",
+    "rl.rollouts_per_state=2",
+    "rl.max_draw_rounds=1",
+    "env.eval_episodes=2",
+    "env.num_envs=2",
+    "env.max_steps=6",
+    "env.image_size=64",
+]
+
+
+def test_eval_and_ript_soft_arm_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     eval_dir = tmp_path / "eval"
     result = run(
         [
             PYTHON,
             "scripts/eval_soft_arm.py",
             "--checkpoint",
-            str(train_dir / "checkpoints" / "last" / "pretrained_model"),
+            str(tiny_checkpoint),
             "--num_episodes",
             "3",
             "--num_envs",
@@ -185,19 +208,13 @@ def test_eval_and_ript_soft_arm_on_a_tiny_checkpoint(tmp_path, tokenizer_dir, da
     ript = [
         PYTHON,
         "scripts/ript_soft_arm.py",
-        f"model.pretrained={train_dir / 'checkpoints' / 'last' / 'pretrained_model'}",
+        f"model.pretrained={tiny_checkpoint}",
         f"output_dir={ript_dir}",
-        "seeds=[0]",
+        *TINY_RIPT,
         "iterations=1",
+        "eval_every=1",
         "rl.objective=cfg_rl",
         "model.guidance_weight=2",
-        "rl.states_per_draw=2",
-        "rl.rollouts_per_state=2",
-        "rl.max_draw_rounds=1",
-        "env.eval_episodes=2",
-        "env.num_envs=2",
-        "env.max_steps=6",
-        "env.image_size=64",
     ]
     run(ript)
     summary = json.loads((ript_dir / "summary.json").read_text())
@@ -207,6 +224,7 @@ def test_eval_and_ript_soft_arm_on_a_tiny_checkpoint(tmp_path, tokenizer_dir, da
     assert set(run_summary["curve"]) == {"0", "1"} and run_summary["episodes_used"] == 4
     metrics = [json.loads(line) for line in (ript_dir / "seed0" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1] and metrics[1]["rollout/episodes"] == 4
+    assert 0 < metrics[1]["rollout/final_distance_m"] < 1
     assert (ript_dir / "results.md").read_text().count("\n") == 4 and (ript_dir / "success.png").stat().st_size > 0
     # The RL-trained policy is a loadable checkpoint, with its guidance weight.
     trained = PI0GraphCFGPolicy.from_pretrained(ript_dir / "seed0" / "pretrained_model")
@@ -224,3 +242,56 @@ def test_eval_and_ript_soft_arm_on_a_tiny_checkpoint(tmp_path, tokenizer_dir, da
     assert "keeping the finished run" in run([*ript, "--resume", "latest"]).stdout
     dry = run([*ript, "--dry_run", "--output_dir", str(tmp_path / "dry")])
     assert "dry run ok: one iteration, 4 episodes" in dry.stdout and not (tmp_path / "dry").exists()
+
+    # A larger `iterations` with --resume latest extends the finished seed from its checkpoint,
+    # exactly as a run that never stopped: same rollouts (the policy noise and the sampler
+    # position decide them), same held-out scores, same outcome history, same weights.
+    assert "resumed from" in run([*ript, "iterations=2", "--resume", "latest"]).stdout
+    straight_dir = tmp_path / "ript_straight"
+    run([*ript, "iterations=2", f"output_dir={straight_dir}"])
+
+    def comparable(directory):
+        rows = [json.loads(line) for line in (directory / "seed0" / "metrics.jsonl").read_text().splitlines()]
+        # the timings differ; NaN (no update in an iteration) is compared as None
+        return [{k: None if v != v else v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+
+    extended = comparable(ript_dir)
+    assert [row["step"] for row in extended] == [0, 1, 2] and extended == comparable(straight_dir)
+    states = [
+        json.loads((d / "seed0" / "checkpoints" / "last" / "training_state" / "state.json").read_text())
+        for d in (ript_dir, straight_dir)
+    ]
+    for state in states:  # wall and CPU time differ
+        del state["run"]["wall_s"], state["run"]["cpu_s"]
+    assert states[0] == states[1] and states[0]["progress"] == {"iteration": 2, "draws_by_rank": [2]}
+    for directory in (ript_dir, straight_dir):
+        assert json.loads((directory / "seed0" / "summary.json").read_text())["episodes_used"] == 8
+    weights = [load_file(d / "seed0" / "pretrained_model" / "model.safetensors") for d in (ript_dir, straight_dir)]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.slow
+def test_ript_soft_arm_saves_on_sigterm_and_resumes(tmp_path, tiny_checkpoint):
+    """SIGTERM mid-run: the seed finishes its iteration, saves and the script exits 0 without a
+    summary; --resume latest runs the rest, each iteration logged once."""
+    output_dir = tmp_path / "ript"
+    command = [PYTHON, "scripts/ript_soft_arm.py", f"model.pretrained={tiny_checkpoint}", f"output_dir={output_dir}"]
+    command += [*TINY_RIPT, "iterations=8", "eval_every=100", "save_every=100"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics_file = output_dir / "seed0" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics_file.is_file() and len(metrics_file.read_text().splitlines()) >= 2):  # iteration 1 logged
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0 and "signal 15 received, saved at iteration" in output, output
+    stopped_at = int(output.split("saved at iteration ")[1].split(";")[0])
+    assert 1 <= stopped_at < 8 and not (output_dir / "seed0" / "summary.json").exists()
+    assert (output_dir / "seed0" / "checkpoints" / f"step_{stopped_at:08d}").is_dir()
+
+    resumed = run([*command, "--resume", "latest"])
+    assert "resumed from" in resumed.stdout and f"at iteration {stopped_at}" in resumed.stdout
+    steps = [json.loads(line)["step"] for line in metrics_file.read_text().splitlines()]
+    assert steps == list(range(9))
+    assert json.loads((output_dir / "seed0" / "summary.json").read_text())["iterations"] == 8
