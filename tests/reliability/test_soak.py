@@ -1,9 +1,11 @@
 """`make soak` (scripts/soak.py) at one minute: both long runs sampled, stopped with SIGTERM, clean."""
 
+import importlib.util
 import json
 
+import numpy as np
 import pytest
-from conftest import PYTHON, run
+from conftest import PYTHON, REPO, run
 
 SERIES = {"rss_mib", "children_rss_mib", "open_fds", "children", "zombies"}
 
@@ -21,3 +23,17 @@ def test_soak_samples_both_runs_and_stops_them_cleanly(tokenizer_dir, dataset_di
         assert all(sample["zombies"] == 0 and sample["open_fds"] > 0 for sample in soaked["samples"])
     assert result["runs"]["train_ript_pi0"]["samples"][-1]["children"] >= 1  # its LIBERO simulator
     assert (tmp_path / "soak.png").stat().st_size > 0
+
+
+def test_the_slope_ignores_a_simulator_caught_mid_reset():
+    """A flat series with two low samples (a LIBERO worker rebuilding its model) early, as in the
+    30-minute soak: least squares reads a climb, the soak's slope stays flat; a real leak is seen."""
+    spec = importlib.util.spec_from_file_location("soak", REPO / "scripts" / "soak.py")
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    minutes = np.arange(3.0, 30.0)
+    flat = np.full_like(minutes, 1924.0)
+    flat[[2, 6]] = 1250.0
+    assert np.polyfit(minutes, flat, 1)[0] * 60 > 300
+    assert soak.theil_sen_slope(minutes, flat) * 60 == 0
+    assert soak.theil_sen_slope(minutes, flat + 2.0 * minutes) * 60 == pytest.approx(120)
