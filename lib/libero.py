@@ -156,6 +156,9 @@ def make_ript_policy(model: Any, device: str) -> tuple[Any, Any, Any, Any]:
         num_inference_steps=model.num_inference_steps,
         image_resolution=(model.image_size, model.image_size),
         guidance_weight=model.guidance_weight,
+        gradient_checkpointing=model.gradient_checkpointing,
+        freeze_vision_encoder=model.freeze_vision_encoder,
+        train_expert_only=model.train_expert_only,
         device=device,
         input_features={
             AGENTVIEW_KEY: image,

@@ -29,6 +29,16 @@ class PolicySourceConfig:
 
 
 @dataclass
+class FinetuneModeConfig(PolicySourceConfig):
+    """LeRobot's own pi0 switches for what trains and what memory it takes (README "Fine-tuning
+    modes and their memory")."""
+
+    gradient_checkpointing: bool = False
+    freeze_vision_encoder: bool = False  # SigLIP frozen, run without autograd
+    train_expert_only: bool = False  # the whole PaliGemma frozen; the action expert and projections train
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-5
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -100,7 +110,7 @@ def validate_tracking(tracking: Any) -> None:
 
 
 @dataclass
-class ModelConfig(PolicySourceConfig):
+class ModelConfig(FinetuneModeConfig):
     chunk_size: int = 50
     num_inference_steps: int = 10
     image_size: int = 224
@@ -268,11 +278,8 @@ def validate_soft_arm_ript_config(config: Any) -> None:
 
 
 @dataclass
-class SoftArmModelConfig(PolicySourceConfig):
+class SoftArmModelConfig(FinetuneModeConfig):
     use_graph: bool = True
-    gradient_checkpointing: bool = False
-    freeze_vision_encoder: bool = False
-    train_expert_only: bool = False
     # > 0: LoRA adapters of this rank (peft, LeRobot's pi0 targets) train, the pretrained weights
     # stay frozen; the graph encoder trains fully (lib/lora.py). 0: full fine-tuning.
     lora_rank: int = 0

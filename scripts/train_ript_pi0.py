@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object, parse_flag_from_env
 from omegaconf import DictConfig, OmegaConf
 
 from lib.cfg_pi0 import exploration_noise
@@ -43,7 +43,7 @@ from lib.checkpoint import (
     write_weights_once,
 )
 from lib.config import add_run_arguments, load_config, run_overrides, to_flat_dict
-from lib.errors import exit_code_of
+from lib.errors import UserError, exit_code_of
 from lib.libero import (
     LiberoInitStateDataset,
     VectorLiberoRollout,
@@ -110,6 +110,19 @@ def main() -> int:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     rank, world = accelerator.process_index, accelerator.num_processes
+    # Every rank's rollouts sample from the whole policy, while sharding leaves each rank a shard
+    # between forward passes: refused before anything is written, never a hang mid-run. The launch
+    # config's request counts too: on a CPU accelerate runs an FSDP config unsharded, silently.
+    fsdp = parse_flag_from_env("ACCELERATE_USE_FSDP") or accelerator.distributed_type == DistributedType.FSDP
+    deepspeed = (
+        parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") or accelerator.distributed_type == DistributedType.DEEPSPEED
+    )
+    if fsdp or deepspeed:
+        raise UserError(
+            f"train_ript_pi0.py does not run under {'FSDP' if fsdp else 'DeepSpeed'}: each rank's rollouts need the "
+            "full policy. Launch with DDP (accelerate_configs/8gpu.yaml); the memory levers are "
+            "model.train_expert_only, model.freeze_vision_encoder and model.gradient_checkpointing"
+        )
     if accelerator.is_main_process and not args.dry_run:
         start_output_dir(config.output_dir, checkpoint, args.overwrite)
     accelerator.wait_for_everyone()

@@ -101,3 +101,18 @@ def test_lora_trains_adapters_only_and_saves_merged_and_as_adapter(tmp_path):
     assert all(torch.equal(p, saved[name]) for name, p in resumed.named_parameters())  # a resume is exact
     with pytest.raises(CheckpointError, match="does not match this LoRA model"):
         load_adapter_into(add_lora_adapters(PI0GraphPolicy.from_pretrained(tmp_path / "base"), rank=8), adapter)
+
+
+@pytest.mark.parametrize("mode", sorted(FROZEN))
+def test_ript_policy_takes_the_same_modes(mode, tokenizer_dir):
+    """train_ript_pi0.py's `model` section has the same switches: they reach the flag-conditioned
+    pi0, which freezes the same part; the optimality flag's embedding trains."""
+    from lib.libero import make_ript_policy
+    from lib.schemas import ModelConfig
+
+    model = ModelConfig(tokenizer=str(tokenizer_dir), chunk_size=4, image_size=32, **{mode: True})
+    policy, *_ = make_ript_policy(model, "cpu")
+    assert getattr(policy.config, mode)
+    frozen = {name for name, p in policy.named_parameters() if not p.requires_grad}
+    assert frozen == {name for name, _ in policy.named_parameters() if name.startswith(FROZEN[mode])}
+    assert policy.model.condition_embedding.weight.requires_grad

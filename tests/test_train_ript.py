@@ -193,3 +193,16 @@ def test_eval_libero_writes_summary_plot_and_video(tokenizer_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     bad = run([PYTHON, "scripts/eval_libero.py", "--checkpoint", str(tmp_path / "empty")], check=False)
     assert bad.returncode == 2 and "has no config.json" in bad.stderr
+
+
+@TWO_RANK_LAUNCH
+@pytest.mark.slow
+def test_fsdp_launch_is_refused_at_start(args, tmp_path):
+    """RIPT under FSDP: each rank's rollouts need the full policy, so the launch stops at once with
+    one line on every rank (exit 2 there), before output_dir is written: never a hang mid-run."""
+    launch = [ACCELERATE, "launch", "--config_file", "accelerate_configs/8gpu_fsdp.yaml", "--num_processes", "2"]
+    result = run([*launch, SCRIPT, *args, "train.mixed_precision=null"], check=False, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("error: train_ript_pi0.py does not run under FSDP") == 2, result.stderr[-2000:]
+    assert "Traceback (most recent call last)" not in result.stderr.split("error: train_ript_pi0.py")[0]
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
