@@ -31,6 +31,7 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import DistributedType, gather_object, parse_flag_from_env
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from lib.cfg_pi0 import exploration_noise
 from lib.checkpoint import (
@@ -227,6 +228,15 @@ def main() -> int:
     nonfinite = NonFiniteGuard(config.rl.max_nonfinite_steps, "rl.max_nonfinite_steps")
     process = psutil.Process()
     last_iteration = progress_state.iteration + 1 if args.dry_run else config.train.iterations
+    # Iterations done and the ETA, on the main process's console (stderr: not in the rank logs).
+    progress_bar = tqdm(
+        total=last_iteration,
+        initial=progress_state.iteration,
+        desc="RIPT iterations",
+        unit="it",
+        file=sys.__stderr__,
+        disable=not accelerator.is_main_process,
+    )
     try:
         for iteration in range(progress_state.iteration + 1, last_iteration + 1):
             # Rollouts with smart sampling: keep only groups whose K outcomes differ.
@@ -312,6 +322,7 @@ def main() -> int:
                 f"rollout {rollout_time:.1f} s, update {update_time:.1f} s, {record['rss_gib']:.1f} GiB RSS"
             )
             progress_state.iteration = iteration
+            progress_bar.update()
             # Free what the iteration left behind (rollout windows, frames).
             del rollouts, windows, advantages
             gc.collect()
@@ -333,6 +344,7 @@ def main() -> int:
         print(f"iteration {progress_state.iteration + 1} failed; resume with --resume latest", file=sys.stderr)
         raise
     finally:
+        progress_bar.close()
         envs.close()
     if args.dry_run:
         print(f"dry run ok: one iteration on {world} process(es), {record['episodes']} episodes, {len(losses)} updates")
