@@ -5,6 +5,7 @@ of its children, its open file descriptors, its child processes and zombies), th
 SIGTERM (they save and exit 0) and fits a line to each series after `--warmup_minutes`.
 
     python scripts/soak.py --minutes 30            # or: make soak
+    python scripts/soak.py --samples outputs/soak/soak.json --output_dir DIR   # re-analyse a soak
 
 Writes `<output_dir>/soak.json` (every sample, the slopes per hour, the runs' exit codes) and
 `<output_dir>/soak.png`, and prints the slopes. Flat is the goal: a memory slope within noise, no
@@ -36,9 +37,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dataset", type=Path, default=Path("artifacts/soft_arm_lerobot_debug"))
     parser.add_argument("--tokenizer", type=Path, default=Path("artifacts/tokenizer"))
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/soak"))
+    parser.add_argument(
+        "--samples", type=Path, help="analyse the samples of an earlier soak.json (slopes, plot) instead of running"
+    )
     args = parser.parse_args()
     if args.minutes <= 0 or args.sample_every <= 0 or args.warmup_minutes < 0:
         parser.error("--minutes and --sample_every must be > 0, --warmup_minutes >= 0")
+    if args.samples is not None:
+        if not args.samples.is_file():
+            raise UserError(f"--samples {args.samples} does not exist (expected a soak.json of an earlier soak)")
+        return args
     for path, make in ((args.dataset, "make bench"), (args.tokenizer, "make debug")):
         if not path.exists():
             raise UserError(f"{path} does not exist; `{make}` builds it")
@@ -141,9 +149,27 @@ def plot(result: dict, png: Path) -> None:
     plt.close(figure)
 
 
+def report(result: dict, output_dir: Path) -> None:
+    """soak.json, soak.png and the table of slopes."""
+    (output_dir / "soak.json").write_text(json.dumps(result, indent=2))
+    plot(result, output_dir / "soak.png")
+    print(f"{'run':16} {'exit':>4} " + " ".join(f"{key + '/h':>20}" for key in SERIES))
+    for name, run in result["runs"].items():
+        values = " ".join(f"{'-' if v is None else f'{v:+.2f}':>20}" for v in run["slopes_per_hour"].values())
+        print(f"{name:16} {run['exit_code']:>4} {values}")
+    print(f"soak: {output_dir / 'soak.json'}, {output_dir / 'soak.png'}")
+
+
 def main() -> int:
     args = parse_args()
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    if args.samples is not None:  # the slopes of an earlier soak, after --warmup_minutes
+        result = json.loads(args.samples.read_text())
+        result["warmup_minutes"] = args.warmup_minutes
+        for run in result["runs"].values():
+            run["slopes_per_hour"] = slopes_per_hour(run["samples"], args.warmup_minutes)
+        report(result, args.output_dir)
+        return 0
     runs = start_runs(args)
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
     started = time.monotonic()
@@ -177,13 +203,7 @@ def main() -> int:
             for name in runs
         },
     }
-    (args.output_dir / "soak.json").write_text(json.dumps(result, indent=2))
-    plot(result, args.output_dir / "soak.png")
-    print(f"{'run':16} {'exit':>4} " + " ".join(f"{key + '/h':>20}" for key in SERIES))
-    for name, run in result["runs"].items():
-        values = " ".join(f"{'-' if v is None else f'{v:+.2f}':>20}" for v in run["slopes_per_hour"].values())
-        print(f"{name:16} {run['exit_code']:>4} {values}")
-    print(f"soak: {args.output_dir / 'soak.json'}, {args.output_dir / 'soak.png'}")
+    report(result, args.output_dir)
     return 0 if all(code == 0 for code in exit_codes.values()) else 1
 
 
