@@ -24,6 +24,7 @@ from lib.errors import UserError, exit_code_of
 from lib.soft_arm import (
     ACTION_DIM,
     ACTION_KEY,
+    ACTION_NAMES,
     GRAPH_KEY,
     IMAGE_KEY,
     NODE_FEATURES,
@@ -40,12 +41,14 @@ REPORT_FILE = "meta/soft_arm_conversion.json"
 
 
 def features_of(episode: RawEpisode) -> dict:
+    state_size = episode.state.shape[1]
     height, width = episode.images.shape[1:3]
     return {
         IMAGE_KEY: {"dtype": "image", "shape": (height, width, 3), "names": ["height", "width", "channels"]},
-        STATE_KEY: {"dtype": "float32", "shape": (episode.state.shape[1],), "names": None},
+        # One name per dimension (LeRobot's convention); the raw format fixes only the state's size.
+        STATE_KEY: {"dtype": "float32", "shape": (state_size,), "names": [f"state_{i}" for i in range(state_size)]},
         GRAPH_KEY: {"dtype": "float32", "shape": (NUM_NODES, NODE_FEATURES), "names": ["node", "feature"]},
-        ACTION_KEY: {"dtype": "float32", "shape": (ACTION_DIM,), "names": None},
+        ACTION_KEY: {"dtype": "float32", "shape": (ACTION_DIM,), "names": ACTION_NAMES},
     }
 
 

@@ -32,6 +32,7 @@ from lib.errors import UserError
 NUM_NODES = 10
 NODE_FEATURES = 19
 ACTION_DIM = 10
+ACTION_NAMES = [f"cable_{i}" for i in range(ACTION_DIM)]  # the command of tendon channel i, in [-1, 1]
 CHUNK_SIZE = 16
 IMAGE_SIZE = 224
 IMAGE_KEY = "observation.images.front"

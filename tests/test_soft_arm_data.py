@@ -127,6 +127,12 @@ def test_training_view(dataset_dir):
     assert item["action"].shape == (16, 10) and item[GRAPH_KEY].shape == (10, 19)
     assert item["action_is_pad"].sum() == 15 and not item["action_is_pad"][0]
     assert isinstance(item["task"], str) and item["task"]
+    # every vector feature names its dimensions, as LeRobot's tools expect
+    features = train.meta.features
+    assert features["action"]["names"] == [f"cable_{i}" for i in range(10)]
+    assert features["observation.state"]["names"] == [
+        f"state_{i}" for i in range(features["observation.state"]["shape"][0])
+    ]
 
 
 def test_action_chunks_match_lerobot_delta_timestamps(dataset_dir):
