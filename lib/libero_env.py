@@ -28,8 +28,10 @@ MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "l
 STATE_DIM, ACTION_DIM = 8, 7
 SETTLE_STEPS = 10  # no-op steps after a reset while objects fall into place (the LIBERO protocol)
 NOOP_ACTION = np.array([0.0] * 6 + [-1.0], dtype=np.float32)
-AGENTVIEW_KEY = "observation.images.agentview"
-WRIST_KEY = "observation.images.wrist"
+# LeRobot's names for LIBERO's cameras (its LiberoEnv features_map, and the LIBERO datasets and
+# checkpoints made with it), so a checkpoint trained here runs in lerobot-eval and back.
+AGENTVIEW_KEY = "observation.images.image"
+WRIST_KEY = "observation.images.image2"
 STATE_KEY = "observation.state"
 
 

@@ -36,6 +36,17 @@ def test_init_state_dataset_and_collate():
     assert max_steps_of("libero_10") == 520
 
 
+def test_camera_keys_are_lerobots():
+    """The policy sees LIBERO's cameras under the keys LeRobot's own LIBERO env gives them, so
+    checkpoints move between this project and lerobot-eval / LeRobot's LIBERO datasets unchanged."""
+    from lerobot.envs.configs import LiberoEnv
+    from lerobot.utils.constants import LIBERO_KEY_PIXELS_AGENTVIEW, LIBERO_KEY_PIXELS_EYE_IN_HAND
+
+    features_map = LiberoEnv().features_map
+    assert features_map[LIBERO_KEY_PIXELS_AGENTVIEW] == AGENTVIEW_KEY
+    assert features_map[LIBERO_KEY_PIXELS_EYE_IN_HAND] == WRIST_KEY
+
+
 def test_rollouts_batch_policy_calls_and_survive_a_dead_worker():
     requests = [dict(item) for item in LiberoInitStateDataset("libero_spatial", [TASK], init_indices=[0, 1, 2])]
     calls = []

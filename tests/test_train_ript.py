@@ -12,6 +12,7 @@ from conftest import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, run
 from safetensors.torch import load_file
 
 from lib.cfg_pi0 import PI0CFGPolicy
+from lib.libero_env import AGENTVIEW_KEY, WRIST_KEY
 from lib.pi0 import load_pi0_processors, load_tokenizer
 
 SCRIPT = "scripts/train_ript_pi0.py"
@@ -140,8 +141,8 @@ def test_eval_libero_writes_summary_plot_and_video(tokenizer_dir, tmp_path):
         device="cpu",
         normalization_mapping={k: NormalizationMode.IDENTITY for k in ("VISUAL", "STATE", "ACTION")},
         input_features={
-            "observation.images.agentview": image,
-            "observation.images.wrist": image,
+            AGENTVIEW_KEY: image,
+            WRIST_KEY: image,
             "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(8,)),
         },
         output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(7,))},
