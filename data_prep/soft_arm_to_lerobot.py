@@ -1,7 +1,9 @@
 """Convert a folder of raw soft-arm episodes (format: lib/soft_arm.py) into a local LeRobotDataset.
 
 Features: `observation.images.front` (H, W, 3), `observation.state` (S,), `observation.graph`
-(10, 19), `action` (10,), and the instruction as the frame's task. Nothing is downloaded or pushed.
+(10, 19), `action` (10,), and the instruction as the frame's task. Camera frames are stored as MP4
+video, LeRobot's default (`--no_videos`: one PNG per frame, lossless and larger). Nothing is
+downloaded or pushed.
 
 Safe to re-run: existing output is never deleted. Raw episodes already converted are skipped, so an
 interrupted conversion resumes where it stopped (`meta/soft_arm_sources.json` lists the raw file of
@@ -40,11 +42,12 @@ SOURCES_FILE = "meta/soft_arm_sources.json"
 REPORT_FILE = "meta/soft_arm_conversion.json"
 
 
-def features_of(episode: RawEpisode) -> dict:
+def features_of(episode: RawEpisode, videos: bool) -> dict:
     state_size = episode.state.shape[1]
     height, width = episode.images.shape[1:3]
+    image_storage = "video" if videos else "image"
     return {
-        IMAGE_KEY: {"dtype": "image", "shape": (height, width, 3), "names": ["height", "width", "channels"]},
+        IMAGE_KEY: {"dtype": image_storage, "shape": (height, width, 3), "names": ["height", "width", "channels"]},
         # One name per dimension (LeRobot's convention); the raw format fixes only the state's size.
         STATE_KEY: {"dtype": "float32", "shape": (state_size,), "names": [f"state_{i}" for i in range(state_size)]},
         GRAPH_KEY: {"dtype": "float32", "shape": (NUM_NODES, NODE_FEATURES), "names": ["node", "feature"]},
@@ -74,6 +77,7 @@ def main() -> int:
     parser.add_argument("--raw_dir", type=Path, required=True)
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--max_bad_fraction", type=float, default=0.5)
+    parser.add_argument("--no_videos", action="store_true", help="store camera frames as PNG images, not video")
     args = parser.parse_args()
 
     from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
@@ -111,9 +115,9 @@ def main() -> int:
                         repo_id=repo_id,
                         fps=episode.fps,
                         root=args.output_dir,
-                        features=features_of(episode),
+                        features=features_of(episode, videos=not args.no_videos),
                         robot_type="soft_arm",
-                        use_videos=False,
+                        use_videos=not args.no_videos,
                         metadata_buffer_size=1,
                         video_backend="pyav",
                     )

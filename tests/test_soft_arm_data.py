@@ -89,6 +89,9 @@ def test_conversion_skips_and_counts_bad_episodes_and_resumes(raw_dir, tmp_path)
     assert sources == ["episode_000000.npz", "episode_000001.npz", "episode_000004.npz", "episode_000005.npz"]
     train, val = make_soft_arm_datasets(output, val_fraction=0.0)
     assert val is None and train.num_episodes == 4 and len(train) == 4 * 24
+    # camera frames as video (LeRobot's default): one per episode, also for the resumed ones
+    assert train.meta.video_keys == [IMAGE_KEY] and train.meta.total_episodes == 4
+    assert train[len(train) - 1][IMAGE_KEY].shape == (3, 224, 224)
 
     # Too many bad episodes fail the run (after saving what is good).
     result = run(

@@ -123,10 +123,12 @@ def test_simulated_episodes_are_deterministic_resumable_and_convert(tmp_path):
     episode = load_raw_episode(raw / "episode_000003.npz")
     assert episode.graph.shape[1:] == (NUM_SEGMENTS, NODE_FEATURES) and episode.instruction.endswith("ball")
 
-    dataset = tmp_path / "dataset"
-    run([PYTHON, "data_prep/soft_arm_to_lerobot.py", "--raw_dir", str(raw), "--output_dir", str(dataset)])
+    dataset = tmp_path / "dataset"  # frames as PNG images here (lossless); the default, video, elsewhere
+    run(
+        [PYTHON, "data_prep/soft_arm_to_lerobot.py", "--raw_dir", str(raw), "--output_dir", str(dataset), "--no_videos"]
+    )
     train, _ = make_soft_arm_datasets(dataset, val_fraction=0.0)
-    assert train.meta.total_episodes == 4
+    assert train.meta.total_episodes == 4 and train.meta.video_keys == [] and train.meta.image_keys == [IMAGE_KEY]
     item = train[0]
     assert item[GRAPH_KEY].shape == (NUM_SEGMENTS, NODE_FEATURES) and item["action"].shape == (16, 10)
 
