@@ -3,7 +3,7 @@
 Features: `observation.images.front` (H, W, 3), `observation.state` (S,), `observation.graph`
 (10, 19), `action` (10,), and the instruction as the frame's task. Camera frames are stored as MP4
 video, LeRobot's default (`--no_videos`: one PNG per frame, lossless and larger). Nothing is
-downloaded or pushed.
+downloaded; `--push_to_hub REPO_ID` pushes the finished dataset with LeRobot's own push.
 
 Safe to re-run: existing output is never deleted. Raw episodes already converted are skipped, so an
 interrupted conversion resumes where it stopped (`meta/soft_arm_sources.json` lists the raw file of
@@ -23,6 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lib.errors import UserError, exit_code_of
+from lib.hub import check_hub_push
 from lib.soft_arm import (
     ACTION_DIM,
     ACTION_KEY,
@@ -78,7 +79,11 @@ def main() -> int:
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--max_bad_fraction", type=float, default=0.5)
     parser.add_argument("--no_videos", action="store_true", help="store camera frames as PNG images, not video")
+    parser.add_argument("--push_to_hub", metavar="REPO_ID", help="push the dataset there when done (needs the network)")
+    parser.add_argument("--private", action="store_true", help="with --push_to_hub: a private repository")
     args = parser.parse_args()
+    if args.push_to_hub:
+        check_hub_push(args.push_to_hub, "--push_to_hub")  # before converting, not after
 
     from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
@@ -153,6 +158,9 @@ def main() -> int:
             f"{bad_fraction:.0%} of the raw episodes are bad (limit --max_bad_fraction "
             f"{args.max_bad_fraction:.0%}); see {report_file}"
         )
+    if args.push_to_hub:  # LeRobot's own push: the dataset card and the codebase-version tag loaders need
+        LeRobotDataset(args.push_to_hub, root=args.output_dir, video_backend="pyav").push_to_hub(private=args.private)
+        print(f"pushed {args.output_dir} to the hub as the dataset {args.push_to_hub}")
     return 0
 
 

@@ -324,6 +324,12 @@ class SoftArmTrackingConfig(TrackingConfig):
 
 
 @dataclass
+class HubConfig:
+    repo_id: Optional[str] = None  # owner/name: the final checkpoint is pushed there (needs the network)
+    private: bool = False
+
+
+@dataclass
 class SoftArmTrainConfig:
     output_dir: str = "outputs/soft_arm"
     seed: int = 42
@@ -333,6 +339,7 @@ class SoftArmTrainConfig:
     optim: ScheduledOptimConfig = field(default_factory=ScheduledOptimConfig)
     train: SoftArmLoopConfig = field(default_factory=SoftArmLoopConfig)
     tracking: SoftArmTrackingConfig = field(default_factory=SoftArmTrackingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
 
 def validate_soft_arm_train_config(config: Any) -> None:

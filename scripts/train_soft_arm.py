@@ -41,6 +41,7 @@ from lib.checkpoint import (
 from lib.config import add_run_arguments, load_config, run_overrides, to_flat_dict
 from lib.errors import UserError, exit_code_of
 from lib.graph_pi0 import PI0GraphConfig, PI0GraphPolicy
+from lib.hub import check_hub_push, push_folder
 from lib.lora import add_lora_adapters, base_policy
 from lib.pi0 import (
     MODEL_SIZES,
@@ -109,6 +110,8 @@ def main() -> int:
     # is written (a dry run writes only its log).
     resume = args.resume or config.resume
     checkpoint = None if args.dry_run else check_output_dir(output_dir, resume, args.overwrite)
+    if config.hub.repo_id and not args.dry_run:
+        check_hub_push(config.hub.repo_id, "hub.repo_id")  # before training, not after it
 
     # ------------------------------------------------------------------------------------------
     # Accelerator. `cpu=` because on a machine without a GPU, a launcher config with
@@ -362,6 +365,11 @@ def main() -> int:
         print(f"final train loss: {train_loss}  final val loss: {val_loss}")
         if metrics_file.exists():
             plot_metrics(metrics_file, output_dir / "loss.png", ("train/loss", "val/loss"))
+        if config.hub.repo_id and checkpoint is not None and step >= total_steps:  # finished runs only
+            url = push_folder(
+                checkpoint / "pretrained_model", config.hub.repo_id, config.hub.private, f"{checkpoint.name}"
+            )
+            print(f"pushed {checkpoint / 'pretrained_model'} to {url}")
     if args.dry_run:
         logger.info("dry run ok: one step on %d process(es), loss %.4f", accelerator.num_processes, loss.item())
     policy = optimizer = train_loader = val_loader = None  # drop the last references (finish_run)

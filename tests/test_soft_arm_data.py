@@ -1,6 +1,7 @@
 """Raw soft-arm episodes -> LeRobotDataset -> training view, with real files."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -169,3 +170,27 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
     """A UserError: the scripts print it as one line and exit 2."""
     with pytest.raises(UserError, match="soft_arm_to_lerobot.py"):
         make_soft_arm_datasets(tmp_path / "nowhere")
+
+
+def test_a_push_that_cannot_happen_is_refused_before_the_work(raw_dir, tmp_path, monkeypatch):
+    """`--push_to_hub` / `hub.repo_id`: offline, without a token or with a bad id, the run stops at
+    once with one line (exit 2 in the scripts), before anything is converted or trained."""
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    from lib.hub import check_hub_push
+
+    output = tmp_path / "dataset"
+    command = [PYTHON, "data_prep/soft_arm_to_lerobot.py", "--raw_dir", str(raw_dir), "--output_dir", str(output)]
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = run([*command, "--push_to_hub", "someone/soft-arm"], check=False, env=offline)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "--push_to_hub=someone/soft-arm needs the network, and HF_HUB_OFFLINE=1 is set" in result.stderr
+    assert not output.exists()
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(UserError, match="not a hub repository id"):
+        check_hub_push("not a repo id", "hub.repo_id")
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(UserError, match="no Hugging Face token; run `hf auth login`"):
+        check_hub_push("someone/soft-arm", "hub.repo_id")
