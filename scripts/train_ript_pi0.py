@@ -39,6 +39,7 @@ from lib.checkpoint import (
     NonFiniteGuard,
     check_output_dir,
     checkpoint_as_json,
+    raise_if_injected,
     save_policy_checkpoint,
     start_output_dir,
     write_weights_once,
@@ -259,6 +260,7 @@ def main() -> int:
                     record_first=record_video,
                 )
             rollout_time = time.perf_counter() - started
+            raise_if_injected(rank, iteration)  # fault-injection tests only: one rank fails mid-iteration
             if record_video:
                 print(f"video: {save_rollout_video(rollouts.episodes, output_dir / 'videos', iteration)}")
 

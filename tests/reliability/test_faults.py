@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import psutil
+import pytest
 import torch
 from conftest import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, run
 from safetensors.torch import load_file
@@ -159,6 +160,40 @@ def test_one_rank_raising_ends_every_rank_and_keeps_the_checkpoint(train_args, t
     assert (checkpoints / "last" / "pretrained_model" / "model.safetensors").is_file()
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3]
+
+
+@TWO_RANK_LAUNCH
+@pytest.mark.slow
+def test_one_ript_rank_raising_ends_every_rank_and_its_simulators(tokenizer_dir, tmp_path):
+    """train_ript_pi0.py, 2 ranks on real LIBERO: rank 1 raises after its rollouts of iteration 2.
+    Rank 0 does not hang in the next collective, the launch exits non-zero within the timeout, no
+    process of the run is left (the LIBERO simulator workers included), iteration 1's checkpoint
+    is intact."""
+    output_dir = tmp_path / "run"
+    command = [ACCELERATE, "launch", "--config_file", "accelerate_configs/cpu_2proc.yaml", "scripts/train_ript_pi0.py"]
+    command += ["--config", "configs/minimal_test.yaml", f"model.tokenizer={tokenizer_dir}", f"output_dir={output_dir}"]
+    command += ["train.iterations=3", "train.save_every=1", "tracking.report_to=[]"]
+    marker = {"PI0_TEST_RUN": str(tmp_path)}  # inherited by every process of the run, simulators too
+    result = run(command, env={**os.environ, RAISE_AT_ENV: "1:2", **marker}, check=False, timeout=300)
+    assert result.returncode != 0
+    assert (
+        "fault injected on rank 1 at step 2"
+        in result.stdout + result.stderr + (output_dir / "train_rank1.log").read_text()
+    )
+
+    def of_this_run(process: psutil.Process) -> bool:
+        try:
+            return process.environ().get("PI0_TEST_RUN") == str(tmp_path)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return False
+
+    deadline = time.monotonic() + 30  # simulators closing after their rank's exit
+    while (left := [p for p in psutil.process_iter() if of_this_run(p)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, [p.cmdline() for p in left]
+    checkpoints = output_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last", "step_00000001"]
+    assert (checkpoints / "last" / "pretrained_model" / "model.safetensors").is_file()
 
 
 @TWO_RANK_LAUNCH
