@@ -255,9 +255,12 @@ def run_seed(config, seed: int, source: Path, stop: GracefulStop, dry_run: bool 
 
     earlier_wall_s, earlier_cpu_s = run.wall_s, run.cpu_s  # of the sessions before a resume
 
+    def time_spent() -> tuple[float, float]:
+        """Wall and CPU seconds of the whole run, the sessions before a resume included."""
+        return earlier_wall_s + time.perf_counter() - started, earlier_cpu_s + time.process_time() - cpu_started
+
     def save(iteration: int) -> None:
-        run.wall_s = earlier_wall_s + time.perf_counter() - started
-        run.cpu_s = earlier_cpu_s + time.process_time() - cpu_started
+        run.wall_s, run.cpu_s = time_spent()
         progress.gather_draws(gather_object)
         save_policy_checkpoint(
             accelerator, output_dir, iteration, policy, [preprocessor, postprocessor, tokenizer], config.keep_last
@@ -298,6 +301,7 @@ def run_seed(config, seed: int, source: Path, stop: GracefulStop, dry_run: bool 
     unwrapped.save_pretrained(output_dir / "pretrained_model")
     for extra in (preprocessor, postprocessor, tokenizer):
         extra.save_pretrained(output_dir / "pretrained_model")
+    wall_s, cpu_s = time_spent()
     result = {
         "seed": seed,
         "iterations": config.iterations,
@@ -305,8 +309,8 @@ def run_seed(config, seed: int, source: Path, stop: GracefulStop, dry_run: bool 
         "success_after": curve[config.iterations],
         "curve": {str(k): v for k, v in curve.items()},
         "episodes_used": run.episodes_used,
-        "wall_minutes": (earlier_wall_s + time.perf_counter() - started) / 60,
-        "cpu_minutes": (earlier_cpu_s + time.process_time() - cpu_started) / 60,
+        "wall_minutes": wall_s / 60,
+        "cpu_minutes": cpu_s / 60,
     }
     summary_file.write_text(json.dumps(result, indent=2))
     print(f"seed {seed}: success {result['success_after']:.1%} after RL (before {result['success_before']:.1%})")
