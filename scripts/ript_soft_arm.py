@@ -267,7 +267,10 @@ def run_seed(config, seed: int, source: Path, stop: GracefulStop, dry_run: bool 
         )
 
     first = progress.iteration + 1
-    for iteration in tqdm(range(first, config.iterations + 1), desc=f"seed {seed} iterations", initial=first - 1):
+    iterations = tqdm(
+        range(first, config.iterations + 1), desc=f"seed {seed} iterations", initial=first - 1, total=config.iterations
+    )
+    for iteration in iterations:
         rollouts, advantages, losses, rollout_time, update_time = rl_iteration(iteration)
         statistics = iteration_statistics(accelerator, rollouts, advantages)
         run.episodes_used += statistics["episodes"]
