@@ -186,7 +186,10 @@ class PI0GraphPolicy(CheckedLoadPolicy):
 
         Unlike `PI0Policy.forward`: padded action steps (`action_is_pad`, past an episode's end)
         and padded action dims do not count, `noise`/`time` may be given (exact resume, paired
-        comparisons), and no `.item()` forces a host sync every step.
+        comparisons), and no `.item()` forces a host sync every step. Each frame's loss is the
+        mean over its own valid steps and the batch loss the mean over frames, so every frame
+        weighs the same whatever batch it is in: accumulated micro-batches and ranks average to
+        the loss of their union (a mean over all valid steps of the batch would not).
         """
         images, img_masks = self._preprocess_images(batch)
         lang_tokens, lang_masks = batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK]
@@ -203,5 +206,5 @@ class PI0GraphPolicy(CheckedLoadPolicy):
         per_step = losses[:, :, :action_dim].mean(dim=-1)
         valid = ~batch["action_is_pad"] if "action_is_pad" in batch else torch.ones_like(per_step, dtype=torch.bool)
         valid = valid.to(per_step.dtype)
-        loss = (per_step * valid).sum() / valid.sum().clamp_min(1.0)
+        loss = ((per_step * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)).mean()
         return loss, {"loss": loss.detach()}

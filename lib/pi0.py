@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -503,6 +503,23 @@ def seeded_noise_and_time(
         noise = model.sample_noise((batch_size, config.chunk_size, config.max_action_dim), "cpu")
         time = model.sample_time(batch_size, "cpu")
     return noise.to(device), time.to(device)
+
+
+def keyed_noise_and_time(
+    model: modeling_pi0.PI0Pytorch, keys: Sequence[int], device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flow-matching noise (B, chunk, max_action_dim) and time (B,), each sample's drawn with
+    LeRobot's own samplers from a private RNG seeded by its own key (say, from the frame index and
+    the epoch). A sample then gets the same noise whatever batch, micro-batch or rank it lands in:
+    two accumulated micro-batches compute the loss of one step at their union, to rounding."""
+    config = model.config
+    noises, times = [], []
+    with torch.random.fork_rng(devices=[]):
+        for key in keys:
+            torch.manual_seed(key)
+            noises.append(model.sample_noise((1, config.chunk_size, config.max_action_dim), "cpu"))
+            times.append(model.sample_time(1, "cpu"))
+    return torch.cat(noises).to(device), torch.cat(times).to(device)
 
 
 def load_policy_fn(checkpoint: str | Path, policy_for_type: dict[str, type[PI0Policy]]) -> PolicyFn:

@@ -46,13 +46,13 @@ from lib.lora import add_lora_adapters, base_policy
 from lib.pi0 import (
     MODEL_SIZES,
     count_parameters,
+    keyed_noise_and_time,
     load_tokenizer,
     make_optimizer,
     make_pi0_policy,
     make_pi0_processors,
     resolve_pretrained,
     saved_model_size,
-    seeded_noise_and_time,
 )
 from lib.run_logging import append_metrics, finish_run, init_trackers, plot_metrics, setup_logging
 from lib.schemas import SoftArmTrainConfig, validate_soft_arm_train_config
@@ -226,10 +226,14 @@ def main() -> int:
         logger.info("saved checkpoint %s", path)
         return path
 
-    def flow_loss(batch: dict, noise_seed: int) -> torch.Tensor:
+    def flow_loss(batch: dict, epoch: int) -> torch.Tensor:
+        """The flow-matching loss with each frame's noise and time keyed by (seed, epoch, frame):
+        independent of the batch size, the accumulation steps and the rank count, and the same
+        again after a resume. Validation passes epoch -1: the same noise at every evaluation."""
+        keys = [(config.seed * 1_000_003 + epoch + 1) * 10_000_019 + int(i) for i in batch["index"]]
         batch = preprocessor(batch)
         network = base_policy(accelerator.unwrap_model(policy)).model
-        noise, flow_time = seeded_noise_and_time(network, batch[ACTION_KEY].shape[0], noise_seed, accelerator.device)
+        noise, flow_time = keyed_noise_and_time(network, keys, accelerator.device)
         loss, _ = policy(batch, noise=noise, time=flow_time)
         return loss
 
@@ -242,7 +246,7 @@ def main() -> int:
             if index >= config.train.val_batches:
                 break
             with accelerator.autocast():
-                loss = flow_loss(batch, noise_seed=10_000_019 * (index + 1) + accelerator.process_index)
+                loss = flow_loss(batch, epoch=-1)
             total += torch.stack(
                 [
                     loss.detach().float() * len(batch[ACTION_KEY]),
@@ -290,8 +294,7 @@ def main() -> int:
         for batch in epoch_loader:
             raise_if_injected(accelerator.process_index, step + 1)
             with accelerator.accumulate(policy):
-                seed = (config.seed * 1_000_003 + micro_step) * 1009 + accelerator.process_index
-                loss = nonfinite.inject(flow_loss(batch, noise_seed=seed), step + 1)
+                loss = nonfinite.inject(flow_loss(batch, epoch), step + 1)
                 accelerator.backward(loss)
                 apply_update = True
                 if accelerator.sync_gradients:

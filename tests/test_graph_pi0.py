@@ -108,13 +108,16 @@ def test_padded_action_steps_do_not_count():
     batch = make_batch()
     noise, time = seeded_noise_and_time(policy.model, BATCH, seed=3, device="cpu")
     batch["action_is_pad"] = torch.zeros(BATCH, CHUNK, dtype=torch.bool)
-    batch["action_is_pad"][:, CHUNK // 2 :] = True
+    batch["action_is_pad"][0, CHUNK // 2 :] = True  # frame 0 is near its episode's end, the others not
     loss, _ = policy(batch, noise=noise, time=time)
     per_element = policy.model(
         *model_inputs(policy, batch), policy.prepare_action(batch), noise, time, graph=batch[GRAPH_KEY]
     )
-    # Only the real action dims (10 of 32) of the steps before the episode's end count.
-    assert torch.allclose(loss, per_element[:, : CHUNK // 2, :10].mean())
+    # Only the real action dims (10 of 32) of the steps before the episode's end count, and each
+    # frame weighs the same (its mean over its own valid steps).
+    per_frame = torch.stack([per_element[0, : CHUNK // 2, :10].mean(), *per_element[1:, :, :10].mean(dim=(1, 2))])
+    assert torch.allclose(loss, per_frame.mean())
+    assert not torch.allclose(loss, per_element[:, :, :10][~batch["action_is_pad"]].mean())
 
 
 def test_without_graph_use_graph_false_has_no_encoder():
