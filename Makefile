@@ -87,6 +87,8 @@ ript-soft-arm: $(TOKENIZER_DIR)/tokenizer.json
 	$(RIPT_ARM) rl.objective=cfg_rl model.guidance_weight=1 output_dir=$(RIPT_ARM_DIR)/cfg_rl_w1
 	$(RIPT_ARM) rl.objective=cfg_rl model.guidance_weight=2 output_dir=$(RIPT_ARM_DIR)/cfg_rl_w2
 	$(RIPT_ARM) rl.objective=cfg_rl model.guidance_weight=2 iterations=30 output_dir=$(RIPT_ARM_DIR)/cfg_rl_w2_30
+	$(RIPT_ARM) rl.objective=cfg_rl model.guidance_weight=2 iterations=30 optim.lr=3e-5 \
+		output_dir=$(RIPT_ARM_DIR)/cfg_rl_w2_lr3e-5
 	$(RIPT_ARM) rl.objective=advantage_filtered output_dir=$(RIPT_ARM_DIR)/advantage_filtered
 	$(RIPT_ARM) rl.objective=behavior_cloning output_dir=$(RIPT_ARM_DIR)/behavior_cloning
 	$(PY) scripts/ript_soft_arm_results.py --runs_dir $(RIPT_ARM_DIR)
