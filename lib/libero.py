@@ -13,14 +13,7 @@ its worker before the next call. A worker that dies or hangs is replaced and its
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import subprocess
-import sys
-from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
@@ -41,7 +34,7 @@ from lib.libero_env import (
     max_steps_of,
     observation_to_policy,
 )
-from lib.rollout import PolicyFn, Window, split_policy_output
+from lib.rollout import VectorRollout, Window
 
 # The env helpers live in lib/libero_env.py (the worker process imports only that); they are
 # part of this module's interface too.
@@ -188,10 +181,11 @@ class EpisodeResult:
     retries: int = 0
 
 
-class VectorLiberoRollout:
-    """`num_envs` LIBERO worker processes; `run(requests, policy_fn)` rolls out one episode per
-    request (a dict with `task_id`, `init_state`, `instruction`, and optionally `record` to keep
-    its frames) and returns their results in order.
+class VectorLiberoRollout(VectorRollout):
+    """`num_envs` LIBERO simulators in worker processes (lib/libero_env.py; `lib.rollout.VectorRollout`
+    steps them in parallel and replaces dead or hung ones). `run(requests, policy_fn)` rolls out one
+    episode per request (a dict with `task_id`, `init_state`, `instruction`, and optionally
+    `record` to keep its frames) and returns their `EpisodeResult`s in order.
 
     `policy_fn(observations)` gets a list of policy-feature dicts (plus `task`) and returns action
     chunks (n, chunk, 7); each env executes `replan_steps` of its chunk before the next call.
@@ -199,6 +193,8 @@ class VectorLiberoRollout:
     An episode depends only on its request, `seed` and the policy, not on which simulator runs it
     or what that simulator ran before (`lib.libero_env.scene_seed`).
     """
+
+    worker_module = "lib.libero_env"
 
     def __init__(
         self,
@@ -215,174 +211,24 @@ class VectorLiberoRollout:
     ) -> None:
         self.benchmark_name = benchmark_name
         self.camera_size = camera_size
-        self.max_steps = max_steps if max_steps is not None else max_steps_of(benchmark_name)
-        self.replan_steps = replan_steps
         self.seed = seed
-        self.worker_timeout_s = worker_timeout_s
-        self.max_retries = max_retries
         self.settle_steps = settle_steps
         self.render_gpu_device_id = render_gpu_device_id
-        self.worker_restarts = 0
-        self._workers: list[tuple[subprocess.Popen, Connection] | None] = [None] * num_envs
-        self._tasks: list[int | None] = [None] * num_envs
-        for index in range(num_envs):
-            self._start_worker(index)
+        # Each reset reseeds the env from the init state (libero_env.scene_seed).
+        arguments = [benchmark_name, camera_size, seed, settle_steps, render_gpu_device_id]
+        max_steps = max_steps if max_steps is not None else max_steps_of(benchmark_name)
+        super().__init__(arguments, num_envs, replan_steps, max_steps, worker_timeout_s, max_retries)
 
-    def _start_worker(self, index: int) -> None:
-        """A fresh interpreter running lib/libero_env.py (never a fork of a process holding torch or
-        EGL), talking over a private socket pair; it ends on "close" or when this process is gone."""
-        parent, child = socket.socketpair()
-        arguments = [
-            child.fileno(),
-            self.benchmark_name,
-            self.camera_size,
-            self.seed,  # each reset reseeds the env from the init state (libero_env.scene_seed)
-            self.settle_steps,
-            self.render_gpu_device_id,
-        ]
-        process = subprocess.Popen(
-            [sys.executable, "-m", "lib.libero_env", *map(str, arguments)], pass_fds=(child.fileno(),)
-        )
-        child.close()
-        self._workers[index] = (process, Connection(parent.detach()))
-        self._tasks[index] = None
+    def new_result(self, request: dict[str, Any]) -> EpisodeResult:
+        return EpisodeResult(request=request)
 
-    def _restart_worker(self, index: int) -> None:
-        process, connection = self._workers[index]
-        process.kill()
-        process.wait(timeout=10)
-        connection.close()
-        self.worker_restarts += 1
-        self._start_worker(index)
+    def reset_message(self, request: dict[str, Any]) -> tuple:
+        return ("reset", int(request["task_id"]), np.asarray(request["init_state"]))
 
-    def _send(self, index: int, message: tuple) -> None:
-        """Hand a worker its next request without waiting; `RuntimeError` if it is gone."""
-        process, connection = self._workers[index]
-        try:
-            connection.send(message)
-        except (BrokenPipeError, ConnectionResetError, OSError) as error:
-            raise RuntimeError(f"env worker {index} died ({error!r}, exit code {process.poll()})") from error
+    def begin(self, result: EpisodeResult, answer: dict[str, Any], record: bool) -> dict[str, Any]:
+        return {**answer, "task": result.request["instruction"]}
 
-    def _receive(self, index: int) -> Any:
-        """A worker's answer to its request; `RuntimeError` if it died, hung or failed."""
-        process, connection = self._workers[index]
-        try:
-            if not connection.poll(self.worker_timeout_s):
-                raise RuntimeError(f"env worker {index} gave no answer in {self.worker_timeout_s:.0f} s")
-            status, payload = connection.recv()
-        except (EOFError, ConnectionResetError, OSError) as error:
-            raise RuntimeError(f"env worker {index} died ({error!r}, exit code {process.poll()})") from error
-        if status != "ok":
-            raise RuntimeError(f"env worker {index} failed:\n{payload}")
-        return payload
-
-    def run(
-        self,
-        requests: list[dict[str, Any]],
-        policy_fn: PolicyFn,
-        record_frames: bool = False,
-        progress: Callable[[int], None] | None = None,
-    ) -> list[EpisodeResult]:
-        """Every request's episode, in order. Each round sends all workers their request first and
-        then reads the answers, so the simulators step (and reset) in parallel."""
-        results = [EpisodeResult(request=request) for request in requests]
-        pending = deque(range(len(requests)))
-        active: dict[int, tuple[int, dict[str, Any]]] = {}  # worker -> (episode, last observation)
-
-        def start_episodes(idle: list[int]) -> None:
-            """Reset each idle worker (in order) to the next pending episode."""
-            while idle and pending:
-                assigned = []
-                for worker in idle:
-                    if not pending:
-                        break
-                    episode = pending.popleft()
-                    request = requests[episode]
-                    try:
-                        self._send(worker, ("reset", int(request["task_id"]), np.asarray(request["init_state"])))
-                        assigned.append((worker, episode))
-                    except RuntimeError:
-                        self._fail(worker, episode, results, pending)
-                        assigned.append((worker, None))
-                idle = []
-                for worker, episode in assigned:
-                    if episode is None:  # its send failed: the restarted worker takes the next episode
-                        idle.append(worker)
-                        continue
-                    try:
-                        observation = self._receive(worker)
-                    except RuntimeError:
-                        self._fail(worker, episode, results, pending)
-                        idle.append(worker)
-                        continue
-                    results[episode].windows.clear()
-                    results[episode].frames.clear()
-                    results[episode].length = 0
-                    active[worker] = (episode, {**observation, "task": requests[episode]["instruction"]})
-
-        start_episodes(list(range(len(self._workers))))
-        while active:
-            workers = sorted(active)
-            chunks, extras = split_policy_output(policy_fn([active[w][1] for w in workers]))
-            stepping, idle = [], []
-            for worker, chunk, extra in zip(workers, chunks, extras, strict=True):
-                episode, observation = active.pop(worker)
-                result = results[episode]
-                steps = min(self.replan_steps, self.max_steps - result.length, len(chunk))
-                record = bool(result.request.get("record", record_frames))
-                try:
-                    self._send(worker, ("step", np.clip(chunk[:steps], -1.0, 1.0), record))
-                    stepping.append((worker, episode, observation, chunk, extra))
-                except RuntimeError:
-                    self._fail(worker, episode, results, pending)
-                    idle.append(worker)
-            for worker, episode, observation, chunk, extra in stepping:
-                result = results[episode]
-                try:
-                    next_observation, success, executed, frames = self._receive(worker)
-                except RuntimeError:
-                    self._fail(worker, episode, results, pending)
-                    idle.append(worker)
-                    continue
-                result.windows.append(Window(observation, chunk, executed, extra))
-                result.frames.extend(frames)
-                result.length += executed
-                if success or result.length >= self.max_steps:
-                    result.success = success
-                    if progress is not None:
-                        progress(1)
-                    idle.append(worker)
-                else:
-                    active[worker] = (episode, {**next_observation, "task": observation["task"]})
-            start_episodes(sorted(idle))
-        return results
-
-    def _fail(self, worker: int, episode: int, results: list[EpisodeResult], pending: deque) -> None:
-        """Replace the worker; run the episode again unless it failed `max_retries` times."""
-        self._restart_worker(worker)
-        results[episode].retries += 1
-        if results[episode].retries <= self.max_retries:
-            pending.appendleft(episode)
-        else:
-            results[episode].success = False
-
-    def close(self) -> None:
-        for index, worker in enumerate(self._workers):
-            if worker is None:
-                continue
-            process, connection = worker
-            with contextlib.suppress(BrokenPipeError, OSError):
-                connection.send(("close",))
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            connection.close()
-            self._workers[index] = None
-
-    def __enter__(self) -> VectorLiberoRollout:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def advance(self, result: EpisodeResult, answer: tuple) -> tuple[dict[str, Any], bool, int]:
+        observation, success, executed, frames = answer
+        result.frames.extend(frames)
+        return observation, success, executed

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 import zlib
 from multiprocessing.connection import Connection
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from lib.config import ConfigError
+from lib.rollout import serve_simulator
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
@@ -91,52 +91,47 @@ def scene_seed(seed: int, init_state: np.ndarray) -> int:
 def serve(
     connection: Any, benchmark_name: str, camera_size: int, seed: int, settle_steps: int, render_gpu_device_id: int
 ) -> None:
-    """Worker loop: ("reset", task_id, init_state) -> observation; ("step", actions) -> (observation,
-    success, steps executed, frames); ("close",) ends it. Errors are sent back, not raised."""
+    """Worker loop (`lib.rollout.serve_simulator`): ("reset", task_id, init_state) -> observation;
+    ("step", actions, record) -> (observation, success, steps executed, frames); ("close",) ends it."""
     env, env_task = None, None
+
+    def handle(command: str, payload: tuple) -> Any:
+        nonlocal env, env_task
+        if command == "reset":
+            task_id, init_state = payload
+            if env_task != task_id:  # hard reset: the scene of another task
+                if env is not None:
+                    env.close()
+                env, env_task = (
+                    make_libero_env(benchmark_name, task_id, camera_size, seed, render_gpu_device_id),
+                    task_id,
+                )
+            # Fixtures (cabinets, stoves) are placed by the env's RNG at reset and are not part of
+            # the init state: reseed from the init state, so an episode depends on its request
+            # alone, not on the episodes this simulator ran before (a resumed run repeats it), and
+            # the K rollouts of one state share one scene.
+            env.seed(scene_seed(seed, init_state))
+            env.reset()
+            obs = env.set_init_state(init_state)
+            for _ in range(settle_steps):
+                obs, _, _, _ = env.step(NOOP_ACTION)
+            return observation_to_policy(obs)
+        if command == "step":
+            actions, record = payload
+            frames, success, executed = [], False, 0
+            for action in actions:
+                obs, _, done, _ = env.step(action)
+                executed += 1
+                if record:
+                    frames.append(np.ascontiguousarray(obs["agentview_image"][::-1, ::-1]))
+                success = bool(env.check_success())
+                if success or done:
+                    break
+            return observation_to_policy(obs), success, executed, frames
+        raise ValueError(f"unknown command {command!r}")
+
     try:
-        while True:
-            command, *payload = connection.recv()
-            if command == "close":
-                break
-            try:
-                if command == "reset":
-                    task_id, init_state = payload
-                    if env_task != task_id:  # hard reset: the scene of another task
-                        if env is not None:
-                            env.close()
-                        env, env_task = (
-                            make_libero_env(benchmark_name, task_id, camera_size, seed, render_gpu_device_id),
-                            task_id,
-                        )
-                    # Fixtures (cabinets, stoves) are placed by the env's RNG at reset and are not
-                    # part of the init state: reseed from the init state, so an episode depends on
-                    # its request alone, not on the episodes this simulator ran before (a resumed
-                    # run repeats it), and the K rollouts of one state share one scene.
-                    env.seed(scene_seed(seed, init_state))
-                    env.reset()
-                    obs = env.set_init_state(init_state)
-                    for _ in range(settle_steps):
-                        obs, _, _, _ = env.step(NOOP_ACTION)
-                    connection.send(("ok", observation_to_policy(obs)))
-                elif command == "step":
-                    actions, record = payload
-                    frames, success, executed = [], False, 0
-                    for action in actions:
-                        obs, _, done, _ = env.step(action)
-                        executed += 1
-                        if record:
-                            frames.append(np.ascontiguousarray(obs["agentview_image"][::-1, ::-1]))
-                        success = bool(env.check_success())
-                        if success or done:
-                            break
-                    connection.send(("ok", (observation_to_policy(obs), success, executed, frames)))
-                else:
-                    connection.send(("error", f"unknown command {command!r}"))
-            except Exception:
-                connection.send(("error", traceback.format_exc()))
-    except (EOFError, KeyboardInterrupt):
-        pass
+        serve_simulator(connection, handle)
     finally:
         if env is not None:
             env.close()

@@ -12,11 +12,12 @@ import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lerobot.configs import PreTrainedConfig
 from lerobot.policies.pi0 import modeling_pi0
@@ -35,7 +36,7 @@ from lerobot.utils.constants import POLICY_POSTPROCESSOR_DEFAULT_NAME, POLICY_PR
 from safetensors.torch import load_file as load_safetensors
 
 from lib.errors import UserError
-from lib.rollout import PolicyFn, make_policy_fn
+from lib.rollout import IMAGE_PREFIX, PolicyFn, PolicyOutput
 
 # Sizes of the tiny pi0 (about 0.25 M parameters). `num_heads` must stay 8: LeRobot hard-codes
 # `8 * head_dim`; the VLM and the expert must share depth, head_dim and kv-heads.
@@ -505,6 +506,45 @@ def seeded_noise_and_time(
     return noise.to(device), time.to(device)
 
 
+def observations_to_batch(observations: list[dict[str, Any]]) -> dict[str, Any]:
+    """Simulator observations -> a policy batch: `observation.images.*` (HWC uint8) become CHW
+    float images in [0, 1], the other `observation.*` arrays are stacked, `task` is kept as a list;
+    any other key (bookkeeping of the simulator) is left out."""
+    batch: dict[str, Any] = {}
+    for key in observations[0]:
+        stacked = np.stack([o[key] for o in observations]) if key.startswith("observation.") else None
+        if key.startswith(IMAGE_PREFIX):
+            batch[key] = torch.from_numpy(stacked).permute(0, 3, 1, 2).float() / 255.0
+        elif stacked is not None:
+            batch[key] = torch.from_numpy(stacked)
+    batch["task"] = [o["task"] for o in observations]
+    return batch
+
+
+def make_policy_fn(
+    policy: Any,
+    preprocessor: Callable,
+    postprocessor: Callable,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> PolicyFn:
+    """The simulators' view of a policy: observations in, unnormalized action chunks
+    (n, chunk, action_dim) out, one batched `predict_action_chunk` for all of them; a
+    `PolicyOutput` when the policy recorded how it sampled (`pop_sampling_record`)."""
+
+    @torch.no_grad()
+    def policy_fn(observations: list[dict[str, Any]]) -> np.ndarray | PolicyOutput:
+        with autocast():
+            chunks = policy.predict_action_chunk(preprocessor(observations_to_batch(observations)))
+        actions = postprocessor(chunks.float()).numpy()
+        record = policy.pop_sampling_record() if hasattr(policy, "pop_sampling_record") else None
+        if record is None:
+            return actions
+        rows = {key: value.float().cpu().numpy() for key, value in record.items()}
+        return PolicyOutput(actions, [{key: value[i] for key, value in rows.items()} for i in range(len(actions))])
+
+    return policy_fn
+
+
 def keyed_noise_and_time(
     model: modeling_pi0.PI0Pytorch, keys: Sequence[int], device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -524,7 +564,7 @@ def keyed_noise_and_time(
 
 def load_policy_fn(checkpoint: str | Path, policy_for_type: dict[str, type[PI0Policy]]) -> PolicyFn:
     """A checkpoint's `pretrained_model` directory as the simulators' batched policy function
-    (`lib.rollout.make_policy_fn`), on the GPU in bf16 autocast when there is one.
+    (`make_policy_fn`), on the GPU in bf16 autocast when there is one.
 
     `policy_for_type` maps each saved policy type the caller evaluates to the class that runs it;
     a type mapped to a class of another type is loaded into it with the class's new parts fresh

@@ -25,8 +25,8 @@ from lerobot.utils.constants import ACTION
 from torch import Tensor
 
 from lib.checkpoint import NonFiniteGuard
-from lib.pi0 import seeded_noise_and_time
-from lib.rollout import PolicyFn, Window, observations_to_batch
+from lib.pi0 import observations_to_batch, seeded_noise_and_time
+from lib.rollout import PolicyFn, Window
 
 
 def leave_one_out_advantages(rewards: Tensor) -> Tensor:

@@ -28,17 +28,18 @@ import torch
 from torchvision.transforms import v2
 
 from lib.errors import UserError
-
-NUM_NODES = 10
-NODE_FEATURES = 19
-ACTION_DIM = 10
-ACTION_NAMES = [f"cable_{i}" for i in range(ACTION_DIM)]  # the command of tendon channel i, in [-1, 1]
-CHUNK_SIZE = 16
-IMAGE_SIZE = 224
-IMAGE_KEY = "observation.images.front"
-STATE_KEY = "observation.state"
-GRAPH_KEY = "observation.graph"
-ACTION_KEY = "action"
+from lib.soft_arm_features import (
+    ACTION_DIM,
+    ACTION_KEY,
+    ACTION_NAMES,  # noqa: F401  (re-exported: the action feature names)
+    CHUNK_SIZE,
+    GRAPH_KEY,
+    IMAGE_KEY,
+    IMAGE_SIZE,
+    NODE_FEATURES,
+    NUM_NODES,
+    STATE_KEY,
+)
 
 
 class EpisodeError(ValueError):

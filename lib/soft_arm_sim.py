@@ -29,14 +29,19 @@ Node features (19 per segment i, world frame, table plane z = 0):
 | 17-18 | node index code: sin, cos of pi * i / 10                  | -      |
 
 The proprioceptive state (`state`) is the command applied at the previous step (10 values).
+
+Rollouts (`SoftArmVectorRollout`, `run_soft_arm_episodes`) run each simulator in a worker process
+(`python -m lib.soft_arm_sim`): this module imports no torch, so a worker starts in about half a
+second.
 """
 
 from __future__ import annotations
 
 import os
-from collections import deque
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
@@ -46,8 +51,8 @@ os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 
 import mujoco  # noqa: E402
 
-from lib.rollout import PolicyFn, Window, split_policy_output  # noqa: E402
-from lib.soft_arm import GRAPH_KEY, IMAGE_KEY, NUM_NODES, STATE_KEY  # noqa: E402
+from lib.rollout import PolicyFn, VectorRollout, Window, serve_simulator  # noqa: E402
+from lib.soft_arm_features import GRAPH_KEY, IMAGE_KEY, NUM_NODES, STATE_KEY  # noqa: E402
 
 NUM_SEGMENTS = NUM_NODES  # one graph node per segment
 SEGMENT_LENGTH = 0.04  # m; the arm is 0.4 m long
@@ -318,10 +323,11 @@ class ScriptedExpert:
 
 def expert_policy_fn() -> PolicyFn:
     """The scripted expert as a batched policy: one `ScriptedExpert` per episode, chunks of 1."""
-    experts: dict[int, ScriptedExpert] = {}
+    experts: dict[tuple[int, int], ScriptedExpert] = {}
 
     def policy_fn(observations: list[dict[str, Any]]) -> np.ndarray:
-        actions = [experts.setdefault(o["episode"], ScriptedExpert()).act(o) for o in observations]
+        # A fresh expert per attempt: an episode re-run after a simulator failure starts over.
+        actions = [experts.setdefault((o["episode"], o["attempt"]), ScriptedExpert()).act(o) for o in observations]
         return np.stack(actions)[:, None]
 
     return policy_fn
@@ -337,6 +343,50 @@ class SoftArmEpisode:
     distances: list[float] = field(default_factory=list)  # after every step
     windows: list[Window] = field(default_factory=list)  # every policy call
     frames: list[np.ndarray] = field(default_factory=list)  # when recorded: the start and every step
+    retries: int = 0  # re-runs after a simulator died or hung
+
+
+class SoftArmVectorRollout(VectorRollout):
+    """`num_envs` soft-arm simulators in worker processes (`python -m lib.soft_arm_sim`), stepped in
+    parallel by `lib.rollout.VectorRollout` (the LIBERO rollouts' machinery: one batched policy call
+    per round, dead or hung simulators replaced and their episodes re-run), so the RIPT loop's
+    pieces (`lib.ript.rollout_groups`) run on either. `run(requests, policy_fn)` rolls out one
+    episode per request (a dict with the task `seed`, and optionally `record` to keep its frames)
+    and returns the `SoftArmEpisode`s in order. An episode depends on its seed and the policy only.
+    A simulator answers a step in milliseconds, so one silent for `worker_timeout_s` has hung."""
+
+    worker_module = "lib.soft_arm_sim"
+
+    def __init__(
+        self,
+        num_envs: int = 8,
+        replan_steps: int = 8,
+        max_steps: int = MAX_STEPS,
+        image_size: int = 224,
+        worker_timeout_s: float = 60.0,
+        max_retries: int = 2,
+    ) -> None:
+        self.image_size = image_size
+        super().__init__([image_size], num_envs, replan_steps, max_steps, worker_timeout_s, max_retries)
+
+    def new_result(self, request: dict[str, Any]) -> SoftArmEpisode:
+        return SoftArmEpisode(seed=int(request["seed"]))
+
+    def reset_message(self, request: dict[str, Any]) -> tuple:
+        return ("reset", int(request["seed"]))
+
+    def begin(self, result: SoftArmEpisode, answer: tuple, record: bool) -> dict[str, Any]:
+        observation, result.instruction = answer
+        if record:
+            result.frames.append(observation[IMAGE_KEY])
+        return {**observation, "task": result.instruction}
+
+    def advance(self, result: SoftArmEpisode, answer: tuple) -> tuple[dict[str, Any], bool, int]:
+        observation, success, distances, frames = answer
+        result.distances.extend(distances)
+        result.final_distance = result.distances[-1]
+        result.frames.extend(frames)
+        return observation, success, len(distances)
 
 
 def run_soft_arm_episodes(
@@ -349,86 +399,44 @@ def run_soft_arm_episodes(
     record: Iterable[int] = (),
     progress: Callable[[int], None] | None = None,
 ) -> list[SoftArmEpisode]:
-    """Closed-loop episodes, one per seed (a seed may repeat), on `num_envs` simulators at once:
-    each round, the observations of all running episodes go to `policy_fn` in one batched call
-    and each simulator runs the first `replan_steps` actions of its chunk. Episodes whose index is
-    in `record` keep their frames."""
+    """Closed-loop episodes, one per seed (a seed may repeat), on `num_envs` simulators at once
+    (`SoftArmVectorRollout`, started and closed here); episodes whose index is in `record` keep
+    their frames."""
     record = set(record)
-    episodes = [SoftArmEpisode(seed=seed) for seed in seeds]
-    simulators = [SoftArmSim(image_size) for _ in range(min(num_envs, len(seeds)))]
-    pending = deque(range(len(seeds)))
-    running: dict[int, tuple[int, dict[str, Any]]] = {}  # simulator -> (episode, observation)
+    requests = [{"seed": seed, "record": index in record} for index, seed in enumerate(seeds)]
+    with SoftArmVectorRollout(min(num_envs, len(seeds)), replan_steps, max_steps, image_size) as envs:
+        return envs.run(requests, policy_fn, progress=progress)
 
-    def start_next(simulator: int) -> None:
-        if pending:
-            index = pending.popleft()
-            sim = simulators[simulator]
-            observation = sim.reset(episodes[index].seed)
-            episodes[index].instruction = sim.task.instruction
-            if index in record:
-                episodes[index].frames.append(observation[IMAGE_KEY])
-            running[simulator] = (index, {**observation, "task": sim.task.instruction, "episode": index})
+
+def serve(connection: Connection, image_size: int) -> None:
+    """Worker loop (`lib.rollout.serve_simulator`): ("reset", seed) -> (observation, instruction);
+    ("step", commands, record) -> (observation, success, tip distance after each step executed,
+    frames); stops at a success. ("close",) ends it."""
+    sim = SoftArmSim(image_size)
+
+    def handle(command: str, payload: tuple) -> Any:
+        if command == "reset":
+            (seed,) = payload
+            return sim.reset(seed), sim.task.instruction
+        if command == "step":
+            commands, record = payload
+            distances, frames, observation, success = [], [], None, False
+            for action in commands:
+                observation, success = sim.step(action)
+                distances.append(sim.tip_distance())
+                if record:
+                    frames.append(observation[IMAGE_KEY])
+                if success:
+                    break
+            return observation, success, distances, frames
+        raise ValueError(f"unknown command {command!r}")
 
     try:
-        for simulator in range(len(simulators)):
-            start_next(simulator)
-        while running:
-            order = sorted(running)
-            chunks, extras = split_policy_output(policy_fn([running[i][1] for i in order]))
-            for simulator, chunk, extra in zip(order, chunks, extras, strict=True):
-                index, observation = running.pop(simulator)
-                episode, sim = episodes[index], simulators[simulator]
-                executed, done = 0, False
-                for action in chunk[:replan_steps]:
-                    next_observation, success = sim.step(action)
-                    executed += 1
-                    episode.length += 1
-                    episode.distances.append(sim.tip_distance())
-                    if index in record:
-                        episode.frames.append(next_observation[IMAGE_KEY])
-                    done = success or episode.length >= max_steps
-                    if done:
-                        episode.success = success
-                        break
-                episode.windows.append(Window(observation, chunk, executed, extra))
-                if done:
-                    episode.final_distance = episode.distances[-1]
-                    if progress is not None:
-                        progress(1)
-                    start_next(simulator)
-                else:
-                    running[simulator] = (index, {**next_observation, "task": observation["task"], "episode": index})
+        serve_simulator(connection, handle)
     finally:
-        for sim in simulators:
-            sim.close()
-    return episodes
+        sim.close()
 
 
-@dataclass
-class SoftArmVectorRollout:
-    """The soft-arm simulators behind `lib.libero.VectorLiberoRollout`'s interface, so the RIPT
-    loop's pieces (`lib.ript.rollout_groups`) run on either: `run(requests, policy_fn)` rolls out
-    one episode per request (a dict with the task `seed`, and optionally `record` to keep its
-    frames) and returns the `SoftArmEpisode`s in order."""
-
-    num_envs: int = 8
-    replan_steps: int = 8
-    max_steps: int = MAX_STEPS
-    image_size: int = 224
-
-    def run(
-        self,
-        requests: list[dict[str, Any]],
-        policy_fn: PolicyFn,
-        progress: Callable[[int], None] | None = None,
-    ) -> list[SoftArmEpisode]:
-        return run_soft_arm_episodes(
-            [int(request["seed"]) for request in requests],
-            policy_fn,
-            num_envs=self.num_envs,
-            replan_steps=self.replan_steps,
-            max_steps=self.max_steps,
-            image_size=self.image_size,
-            record=[i for i, request in enumerate(requests) if request.get("record")],
-            progress=progress,
-        )
+if __name__ == "__main__":
+    fd, image_size = sys.argv[1:]
+    serve(Connection(int(fd)), int(image_size))

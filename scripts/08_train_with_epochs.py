@@ -28,7 +28,7 @@ from lib.libero import (
     get_suite,
     make_ript_policy,
 )
-from lib.pi0 import seeded_noise_and_time
+from lib.pi0 import make_policy_fn, seeded_noise_and_time
 from lib.ript import (
     StateOutcomeHistory,
     collect_informative_groups,
@@ -38,7 +38,6 @@ from lib.ript import (
     window_batch,
     windows_with_advantages,
 )
-from lib.rollout import make_policy_fn
 from lib.schemas import EnvConfig, ModelConfig, OptimConfig, RIPTConfig, RLConfig, TrainConfig
 
 TASK = "pick_up_the_black_bowl_between_the_plate_and_the_ramekin_and_place_it_on_the_plate"

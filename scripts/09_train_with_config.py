@@ -26,7 +26,7 @@ from lib.libero import (
     get_suite,
     make_ript_policy,
 )
-from lib.pi0 import seeded_noise_and_time
+from lib.pi0 import make_policy_fn, seeded_noise_and_time
 from lib.ript import (
     StateOutcomeHistory,
     collect_informative_groups,
@@ -36,7 +36,6 @@ from lib.ript import (
     window_batch,
     windows_with_advantages,
 )
-from lib.rollout import make_policy_fn
 from lib.schemas import RIPTConfig, validate_config
 
 

@@ -30,7 +30,7 @@ from lib.libero import (
     make_ript_policy,
     split_state_batch,
 )
-from lib.pi0 import seeded_noise_and_time
+from lib.pi0 import make_policy_fn, seeded_noise_and_time
 from lib.ript import (
     StateOutcomeHistory,
     collect_informative_groups,
@@ -40,10 +40,7 @@ from lib.ript import (
     window_batch,
     windows_with_advantages,
 )
-from lib.rollout import (
-    make_policy_fn,
-    save_rollout_video,
-)
+from lib.rollout import save_rollout_video
 from lib.run_logging import append_metrics, init_trackers, plot_metrics, tee_output
 from lib.schemas import RIPTConfig, validate_config
 

@@ -125,6 +125,7 @@ def main() -> int:
         "max_steps": args.max_steps,
         "replan_steps": replan_steps,
         "seconds": elapsed,
+        "episodes_rerun": sum(e.retries for e in episodes),  # after a simulator died or hung
         "per_episode": [
             {
                 "seed": e.seed,

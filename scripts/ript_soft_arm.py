@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
@@ -67,6 +68,7 @@ from lib.pi0 import (
     load_pretrained_policy,
     load_tokenizer,
     make_optimizer,
+    make_policy_fn,
     resolve_pretrained,
 )
 from lib.ript import (
@@ -77,7 +79,6 @@ from lib.ript import (
     run_update,
     windows_with_advantages,
 )
-from lib.rollout import make_policy_fn
 from lib.run_logging import append_metrics
 from lib.schemas import SoftArmRIPTConfig, validate_soft_arm_ript_config
 from lib.soft_arm_sim import SoftArmVectorRollout
@@ -144,6 +145,12 @@ class SeedRun:
         self.episodes_used, self.wall_s, self.cpu_s = state["episodes_used"], state["wall_s"], state["cpu_s"]
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its live children (the simulator workers)."""
+    process = psutil.Process()
+    return sum(sum(p.cpu_times()[:2]) for p in (process, *process.children(recursive=True)))
+
+
 def held_out_success(envs: SoftArmVectorRollout, policy_fn, seeds: list[int], label: str) -> float:
     with tqdm(total=len(seeds), desc=f"{label}: held-out episodes", unit="ep", leave=False) as bar:
         episodes = envs.run([{"seed": seed} for seed in seeds], policy_fn, progress=bar.update)
@@ -163,7 +170,9 @@ def seed_checkpoint(output_dir: Path, seed: int, iterations: int) -> Path | None
     return found[-1] if found else None
 
 
-def run_seed(config, seed: int, source: Path, stop: GracefulStop, dry_run: bool = False) -> dict | None:
+def run_seed(
+    config, seed: int, source: Path, envs: SoftArmVectorRollout, stop: GracefulStop, dry_run: bool = False
+) -> dict | None:
     """One RL run from `source`, or from the seed's newest checkpoint. Returns its summary; None
     after a dry run (one iteration, nothing written) or a stop signal (saved, resumable)."""
     output_dir = Path(config.output_dir) / f"seed{seed}"
@@ -174,7 +183,7 @@ def run_seed(config, seed: int, source: Path, stop: GracefulStop, dry_run: bool 
             print(f"seed {seed}: keeping the finished run in {output_dir}")
             return finished
     checkpoint = None if dry_run else seed_checkpoint(output_dir, seed, config.iterations)
-    started, cpu_started = time.perf_counter(), time.process_time()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     set_seed(seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     policy, preprocessor, postprocessor, tokenizer = load_rl_policy(
@@ -185,12 +194,10 @@ def run_seed(config, seed: int, source: Path, stop: GracefulStop, dry_run: bool 
     unwrapped = accelerator.unwrap_model(policy)
     write_weights_once(accelerator)  # a checkpoint's weights live in its pretrained_model/ only
     policy_fn = make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast)
-    env = config.env
-    envs = SoftArmVectorRollout(env.num_envs, env.replan_steps, env.max_steps, env.image_size)
-    held_out = list(range(HELD_OUT_SEED_START, HELD_OUT_SEED_START + env.eval_episodes))
+    held_out = list(range(HELD_OUT_SEED_START, HELD_OUT_SEED_START + config.env.eval_episodes))
 
     # The "init states": a fixed pool of task seeds, drawn in a new order every pass.
-    pool = [{"seed": TRAIN_SEED_START + i} for i in range(env.train_states)]
+    pool = [{"seed": TRAIN_SEED_START + i} for i in range(config.env.train_states)]
     order_rng = random.Random(seed)
 
     def pool_draws():
@@ -257,7 +264,7 @@ def run_seed(config, seed: int, source: Path, stop: GracefulStop, dry_run: bool 
 
     def time_spent() -> tuple[float, float]:
         """Wall and CPU seconds of the whole run, the sessions before a resume included."""
-        return earlier_wall_s + time.perf_counter() - started, earlier_cpu_s + time.process_time() - cpu_started
+        return earlier_wall_s + time.perf_counter() - started, earlier_cpu_s + cpu_seconds() - cpu_started
 
     def save(iteration: int) -> None:
         run.wall_s, run.cpu_s = time_spent()
@@ -278,6 +285,7 @@ def run_seed(config, seed: int, source: Path, stop: GracefulStop, dry_run: bool 
             **{f"rollout/{key}": value for key, value in statistics.items()},
             # A dense signal beside success: how close the tip ended, over this iteration's episodes.
             "rollout/final_distance_m": float(np.mean([e.final_distance for e in rollouts.episodes])),
+            "rollout/worker_restarts": envs.worker_restarts,  # simulators replaced so far (died or hung)
             "update/steps": len(losses),
             "update/nonfinite_skipped": nonfinite.pop_skipped(),
             "update/loss": torch.stack(losses).mean().item() if losses else float("nan"),
@@ -350,16 +358,20 @@ def main() -> int:
     output_dir = Path(config.output_dir)
     source = resolve_pretrained(config.model.pretrained)
     stop = GracefulStop()  # SIGTERM/SIGINT: the seed saves after its iteration and the script exits 0
-    if args.dry_run:
-        run_seed(config, config.seeds[0], source, stop, dry_run=True)
-        return 0
-    check_seed_runs(output_dir, args.resume, args.overwrite)
+    if not args.dry_run:
+        check_seed_runs(output_dir, args.resume, args.overwrite)
+    env = config.env
     runs = []
-    for seed in config.seeds:
-        result = run_seed(config, seed, source, stop)
-        if result is None:
+    # The simulator workers, started once for every seed of the run.
+    with SoftArmVectorRollout(env.num_envs, env.replan_steps, env.max_steps, env.image_size) as envs:
+        if args.dry_run:
+            run_seed(config, config.seeds[0], source, envs, stop, dry_run=True)
             return 0
-        runs.append(result)
+        for seed in config.seeds:
+            result = run_seed(config, seed, source, envs, stop)
+            if result is None:
+                return 0
+            runs.append(result)
     label = f"{config.rl.objective}" + (
         f", w={config.model.guidance_weight:g}" if config.rl.objective == "cfg_rl" else ""
     )

@@ -53,7 +53,7 @@ from lib.libero import (
     make_ript_policy,
     split_state_batch,
 )
-from lib.pi0 import make_optimizer
+from lib.pi0 import make_optimizer, make_policy_fn
 from lib.ript import (
     RIPTProgress,
     StateOutcomeHistory,
@@ -63,10 +63,7 @@ from lib.ript import (
     run_update,
     windows_with_advantages,
 )
-from lib.rollout import (
-    make_policy_fn,
-    save_rollout_video,
-)
+from lib.rollout import save_rollout_video
 from lib.run_logging import append_metrics, finish_run, init_trackers, plot_metrics, tee_output
 from lib.schemas import RIPTConfig, validate_config
 

@@ -10,9 +10,8 @@ from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature
 from omegaconf import OmegaConf
 
 from lib.cfg_pi0 import PI0GraphCFGConfig, PI0GraphCFGPolicy, exploration_noise
-from lib.pi0 import load_tokenizer, make_pi0_policy, make_pi0_processors
+from lib.pi0 import load_tokenizer, make_pi0_policy, make_pi0_processors, make_policy_fn, observations_to_batch
 from lib.ript import rollout_groups, run_update
-from lib.rollout import make_policy_fn, observations_to_batch
 from lib.schemas import RLConfig
 from lib.soft_arm import ACTION_DIM, GRAPH_KEY, IMAGE_KEY, NODE_FEATURES, NUM_NODES, STATE_KEY
 from lib.soft_arm_sim import SoftArmSim, SoftArmVectorRollout
@@ -65,11 +64,12 @@ def test_log_probability_of_a_sampled_chain_matches_a_direct_computation(policy_
 
 def soft_arm_windows(policy, preprocessor, postprocessor, objective: str):
     """Real windows: 2 task seeds x K=2 episodes of the tiny policy on the soft arm."""
-    envs = SoftArmVectorRollout(num_envs=2, replan_steps=4, max_steps=8, image_size=IMAGE)
     rl = OmegaConf.structured(RLConfig(objective=objective, flow_noise_std=STD, update_epochs=1, minibatch_size=4))
     sink = []
-    with exploration_noise(policy, rl):
-        rollout_groups(envs, make_policy_fn(policy, preprocessor, postprocessor), [{"seed": 5}, {"seed": 6}], 2, sink)
+    policy_fn = make_policy_fn(policy, preprocessor, postprocessor)
+    envs = SoftArmVectorRollout(num_envs=2, replan_steps=4, max_steps=8, image_size=IMAGE)
+    with envs, exploration_noise(policy, rl):
+        rollout_groups(envs, policy_fn, [{"seed": 5}, {"seed": 6}], 2, sink)
     return rl, [window for episode in sink for window in episode.windows]
 
 

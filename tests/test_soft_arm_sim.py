@@ -3,11 +3,13 @@ LeRobotDataset, and closed-loop evaluation of a trained tiny checkpoint (real Mu
 
 import io
 import json
+import os
 import signal
 import subprocess
 import time
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from conftest import PYTHON, REPO, run
@@ -89,7 +91,6 @@ def test_expert_succeeds_on_at_least_90_percent_of_20_seeds():
 
 def test_ript_rollout_groups_run_on_the_soft_arm():
     """The RIPT loop's K-rollouts-per-state step (lib.ript.rollout_groups) on the soft-arm simulators."""
-    envs = SoftArmVectorRollout(num_envs=3, replan_steps=1, image_size=IMAGE_SIZE)
     expert, idle = expert_policy_fn(), lambda observations: np.zeros((len(observations), 1, NUM_SEGMENTS))
     # An expert whose arm stays idle on the second state's episodes: one solved state, one failed.
     states = [{"seed": 100}, {"seed": 101}]
@@ -97,12 +98,46 @@ def test_ript_rollout_groups_run_on_the_soft_arm():
         [expert([o]) if o["episode"] < 2 else idle([o]) for o in observations]
     )
     sink = []
-    rewards = rollout_groups(envs, policy_fn, states, k=2, sink=sink, record_first=True)
+    with SoftArmVectorRollout(num_envs=3, replan_steps=1, image_size=IMAGE_SIZE) as envs:
+        rewards = rollout_groups(envs, policy_fn, states, k=2, sink=sink, record_first=True)
     assert rewards.tolist() == [[1.0, 1.0], [0.0, 0.0]]
     assert len(sink) == 4 and [e.seed for e in sink] == [100, 100, 101, 101]
     assert [len(state["episodes"]) for state in states] == [2, 2]
     assert sink[0].frames and not any(e.frames for e in sink[1:])
     assert all(len(e.windows) == e.length for e in sink)  # one policy call per step at replan_steps=1
+
+
+def test_a_dead_or_hung_simulator_is_replaced_and_its_episode_rerun():
+    """One simulator worker is killed mid-episode, another stops answering (SIGSTOP, a real hang):
+    both are replaced, their episodes re-run from the start and end as in a run without faults;
+    no worker is left behind."""
+    seeds, settings = [100, 101, 102], {"replan_steps": 1, "max_steps": 12, "image_size": IMAGE_SIZE}
+    clean = run_soft_arm_episodes(seeds, expert_policy_fn(), num_envs=2, **settings)
+    expert, calls = expert_policy_fn(), []
+    with SoftArmVectorRollout(num_envs=2, worker_timeout_s=3, **settings) as envs:
+        crashing, hanging = envs.worker_pids
+
+        def policy_fn(observations):
+            calls.append(len(observations))
+            if len(calls) == 3:
+                os.kill(crashing, signal.SIGKILL)
+            if len(calls) == 6:
+                os.kill(hanging, signal.SIGSTOP)
+            return expert(observations)
+
+        faulty = envs.run([{"seed": seed} for seed in seeds], policy_fn)
+        assert envs.worker_restarts == 2
+        workers = envs.worker_pids
+    assert [e.retries for e in faulty] == [1, 1, 0]
+    for ours, reference in zip(faulty, clean, strict=True):
+        assert (ours.seed, ours.success, ours.length, ours.distances) == (
+            reference.seed,
+            reference.success,
+            reference.length,
+            reference.distances,
+        )
+        assert len(ours.windows) == ours.length  # the failed attempt's windows are gone
+    assert not any(psutil.pid_exists(pid) for pid in (crashing, hanging, *workers))
 
 
 def test_simulated_episodes_are_deterministic_resumable_and_convert(tmp_path):
