@@ -115,6 +115,36 @@ def write_weights_once(accelerator: Accelerator) -> None:
 JSON_STATE_FILE = "state.json"
 
 
+class RunIdentity:
+    """The config values that make a run what it is (say `rl.objective`), kept in its checkpoints:
+    a resume that changes one of them is refused, naming the key (it would go on as another
+    experiment under the same name). Register it with `checkpoint_as_json(..., identity=...)` and
+    call `check(checkpoint)` before the output directory is touched."""
+
+    def __init__(self, config: Any, keys: list[str]) -> None:
+        from omegaconf import OmegaConf
+
+        self.values = {key: OmegaConf.select(config, key) for key in keys}
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.values)
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        for key, value in self.values.items():
+            if key in saved and saved[key] != value:
+                raise UserError(
+                    f"the checkpoint was trained with {key}={saved[key]}, this run has {key}={value}: resume with "
+                    f"{key}={saved[key]}, or start the other run in another output_dir"
+                )
+
+    def check(self, checkpoint: Path) -> None:
+        """`load_state_dict` of what `checkpoint` saved (nothing to compare in older checkpoints)."""
+        path = checkpoint / STATE_DIR / JSON_STATE_FILE
+        saved = json.loads(path.read_text()).get("identity") if path.is_file() else None
+        if saved is not None:
+            self.load_state_dict(saved)
+
+
 def checkpoint_as_json(accelerator: Accelerator, **objects: Any) -> None:
     """`accelerator.register_for_checkpointing` for objects whose state dict is plain data (step
     counters, the scheduler, the per-state outcome history), written to `training_state/state.json`
@@ -132,7 +162,10 @@ def checkpoint_as_json(accelerator: Accelerator, **objects: Any) -> None:
             raise UserError(f"{input_dir} has no {JSON_STATE_FILE}: not a checkpoint of this version of the script")
         state = json.loads(path.read_text())
         for name, obj in objects.items():
-            obj.load_state_dict(state[name])
+            if name in state:
+                obj.load_state_dict(state[name])
+            elif not isinstance(obj, RunIdentity):  # checkpoints from before RunIdentity have none
+                raise UserError(f"{path} has no '{name}': not a checkpoint of this version of the script")
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)

@@ -52,6 +52,7 @@ from lib.checkpoint import (
     STATE_DIR,
     GracefulStop,
     NonFiniteGuard,
+    RunIdentity,
     check_writable_dir,
     checkpoint_as_json,
     checkpoint_dirs,
@@ -183,6 +184,9 @@ def run_seed(
             print(f"seed {seed}: keeping the finished run in {output_dir}")
             return finished
     checkpoint = None if dry_run else seed_checkpoint(output_dir, seed, config.iterations)
+    identity = RunIdentity(config, ["rl.objective", "model.guidance_weight"])
+    if checkpoint is not None:
+        identity.check(checkpoint)  # extending a run with another objective is another experiment
     started, cpu_started = time.perf_counter(), cpu_seconds()
     set_seed(seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -210,7 +214,7 @@ def run_seed(
     nonfinite = NonFiniteGuard(config.rl.max_nonfinite_steps, "rl.max_nonfinite_steps")
     # What a checkpoint restores besides weights, optimizer and RNG (training_state/state.json).
     progress, run = RIPTProgress(), SeedRun()
-    checkpoint_as_json(accelerator, progress=progress, history=history, run=run)
+    checkpoint_as_json(accelerator, progress=progress, history=history, run=run, identity=identity)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint / STATE_DIR))
         print(f"seed {seed}: resumed from {checkpoint} at iteration {progress.iteration}")

@@ -37,6 +37,7 @@ from lib.cfg_pi0 import exploration_noise
 from lib.checkpoint import (
     GracefulStop,
     NonFiniteGuard,
+    RunIdentity,
     check_output_dir,
     checkpoint_as_json,
     raise_if_injected,
@@ -122,6 +123,9 @@ def main() -> int:
             "full policy. Launch with DDP (accelerate_configs/8gpu.yaml); the memory levers are "
             "model.train_expert_only, model.freeze_vision_encoder and model.gradient_checkpointing"
         )
+    identity = RunIdentity(config, ["rl.objective", "model.guidance_weight"])
+    if checkpoint is not None:
+        identity.check(checkpoint)  # a resume with another objective is another experiment
     if accelerator.is_main_process and not args.dry_run:
         start_output_dir(config.output_dir, checkpoint, args.overwrite)
     accelerator.wait_for_everyone()
@@ -176,7 +180,7 @@ def main() -> int:
 
     # What a checkpoint restores besides weights, optimizer and RNG.
     progress_state = RIPTProgress(rank, world)  # per-rank sampler positions
-    checkpoint_as_json(accelerator, progress=progress_state, history=history)  # training_state/state.json
+    checkpoint_as_json(accelerator, progress=progress_state, history=history, identity=identity)  # state.json
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint / "training_state"))
         position = f"iteration {progress_state.iteration}, init-state draw {progress_state.draws}"

@@ -306,6 +306,14 @@ def test_eval_and_ript_soft_arm_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     weights = [load_file(d / "seed0" / "pretrained_model" / "model.safetensors") for d in (ript_dir, straight_dir)]
     assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
+    # Extending it with another objective would be another experiment under the same name: refused
+    # with one line naming the key, before anything is written.
+    files = {path: path.read_bytes() for path in (ript_dir / "seed0").rglob("*") if path.is_file()}
+    other = run([*ript, "iterations=3", "rl.objective=advantage_filtered", "--resume", "latest"], check=False)
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert "trained with rl.objective=cfg_rl, this run has rl.objective=advantage_filtered" in other.stderr
+    assert {path: path.read_bytes() for path in (ript_dir / "seed0").rglob("*") if path.is_file()} == files
+
 
 @pytest.mark.slow
 def test_ript_soft_arm_saves_on_sigterm_and_resumes(tmp_path, tiny_checkpoint):
