@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -359,6 +360,18 @@ def make_optimizer(policy: torch.nn.Module, optim: Any) -> torch.optim.AdamW:
         weight_decay=optim.weight_decay,
         fused=torch.cuda.is_available(),
     )
+
+
+def cosine_with_warmup(warmup_steps: int, total_steps: int, final_ratio: float) -> Callable[[int], float]:
+    """LR factor: linear warm-up, then cosine decay from 1 to `final_ratio` at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def count_parameters(module: torch.nn.Module) -> int:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from lerobot.utils.constants import ACTION
 from torch import Tensor
 
 from lib.checkpoint import NonFiniteGuard
-from lib.pi0 import observations_to_batch, seeded_noise_and_time
+from lib.pi0 import cosine_with_warmup, keyed_noise_and_time, observations_to_batch
 from lib.rollout import PolicyFn, Window
 
 
@@ -262,9 +263,38 @@ class RolloutBackend(Protocol):
     ) -> Sequence[EpisodeOutcome]: ...
 
 
-def noise_seed(seed: int, iteration: int, step: int, rank: int = 0, world: int = 1) -> int:
-    """Seed of the flow-matching noise and time of update step `step` of `iteration` on `rank`."""
-    return (seed * 1_000_003 + iteration) * 10_007 + step * world + rank
+def window_noise_keys(
+    seed: int,
+    iteration: int,
+    step: int,
+    picked: list[int],
+    minibatch_size: int,
+    num_windows: int,
+    rank: int = 0,
+    world: int = 1,
+) -> list[int]:
+    """The flow-matching noise keys (`lib.pi0.keyed_noise_and_time`) of update step `step`'s picked
+    windows: one per window and pass over the windows (`minibatch_order`), so a window draws the
+    same noise and time whatever minibatch or accumulation step it falls in, and a resumed run
+    draws what the uninterrupted one drew."""
+    keys = []
+    for position, window in enumerate(picked, start=step * minibatch_size):
+        pass_index = position // num_windows
+        keys.append((((seed * 1_000_003 + iteration) * 10_007 + pass_index * world + rank) * 100_003) + window)
+    return keys
+
+
+def set_iteration_lr(optimizer: torch.optim.Optimizer, optim: Any, iteration: int, iterations: int) -> float:
+    """Set and return the learning rate of RL iteration `iteration` (1-based) of `iterations`:
+    `optim.lr` after a linear warm-up over `optim.warmup_iterations`, then constant or a cosine
+    decay to `optim.decay_lr`. A function of the iteration alone, so a resumed run sets what the
+    uninterrupted one set and nothing is saved for it."""
+    final_ratio = 1.0 if optim.decay_lr is None else optim.decay_lr / optim.lr
+    # Counted from 0, the last iteration is iterations - 1: it runs at `decay_lr`.
+    lr = optim.lr * cosine_with_warmup(optim.warmup_iterations, iterations - 1, final_ratio)(iteration - 1)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def minibatch_seed(seed: int, iteration: int, rank: int = 0) -> int:
@@ -317,18 +347,24 @@ def run_update(
     seed: int,
     iteration: int,
     nonfinite: NonFiniteGuard | None = None,
+    diagnostics: dict[str, list[Tensor]] | None = None,
 ) -> list[Tensor]:
     """The policy update of one iteration: `rl.update_epochs` passes of `rl.minibatch_size`
-    windows with the `rl.objective` loss; returns the losses (detached, not synchronised).
-    With `nonfinite`, a step whose gradient is not finite is skipped (and counted there).
+    windows with the `rl.objective` loss, an optimizer step every `rl.gradient_accumulation_steps`
+    minibatches (and after the last); returns the minibatch losses (detached, not synchronised).
+    With `nonfinite`, a step whose gradient is not finite is skipped (and counted there); with
+    `diagnostics`, each step's loss terms (the objective's, e.g. flow_noise's `approx_kl` and
+    `clip_fraction`) are appended there by name.
 
     `policy` is the (prepared) policy whose `forward(batch, advantages, noise, time, objective,
     alpha, std, clip_epsilon)` gives the loss (lib/cfg_pi0.py); what the sampling recorded in the
     windows (`Window.extras`, e.g. flow_noise's chains) joins the pre-processed batch. Every rank
     runs the same number of steps (the rank with the most windows sets it, the others cycle through
     theirs: DDP needs matching collectives); no rank updates if one has no window. Window order and
-    flow-matching noise are functions of seed, iteration, step and rank, so a resumed run repeats
-    the uninterrupted one."""
+    flow-matching noise are functions of seed, iteration, rank and window (`window_noise_keys`), so
+    a resumed run repeats the uninterrupted one, and accumulated minibatches compute the step of
+    their union (for objectives whose loss is a mean over windows: all but advantage_filtered,
+    which averages over its positive windows)."""
     counts = accelerator.gather(torch.tensor([len(windows)], device=accelerator.device))
     if int(counts.min()) == 0:
         return []
@@ -337,15 +373,19 @@ def run_update(
     rank, world = accelerator.process_index, accelerator.num_processes
     steps = rl.update_epochs * math.ceil(int(counts.max()) / rl.minibatch_size)
     order = minibatch_order(len(windows), steps, rl.minibatch_size, minibatch_seed(seed, iteration, rank))
+    accumulation = rl.gradient_accumulation_steps
     losses = []
     for step, picked in enumerate(order):
+        window_start = step - step % accumulation
+        window_size = min(accumulation, steps - window_start)  # minibatches in this optimizer step
+        sync = step == window_start + window_size - 1
         batch, batch_advantages = window_batch(windows, advantages, picked, unwrapped.config.chunk_size)
         batch = {**preprocessor(batch), **window_extras(windows, picked, accelerator.device)}
-        noise, flow_time = seeded_noise_and_time(
-            unwrapped.model, len(picked), noise_seed(seed, iteration, step, rank, world), accelerator.device
-        )
-        with accelerator.autocast():
-            loss, _ = policy(
+        keys = window_noise_keys(seed, iteration, step, picked, rl.minibatch_size, len(windows), rank, world)
+        noise, flow_time = keyed_noise_and_time(unwrapped.model, keys, accelerator.device)
+        # Gradients are all-reduced only on the step's last minibatch.
+        with contextlib.nullcontext() if sync else accelerator.no_sync(policy), accelerator.autocast():
+            loss, terms = policy(
                 batch,
                 batch_advantages.to(accelerator.device),
                 noise,
@@ -355,14 +395,19 @@ def run_update(
                 std=rl.flow_noise_std,
                 clip_epsilon=rl.clip_epsilon,
             )
-        if nonfinite is not None:
-            loss = nonfinite.inject(loss, step + 1)
-        accelerator.backward(loss)
+            if nonfinite is not None:
+                loss = nonfinite.inject(loss, step + 1)
+            accelerator.backward(loss / window_size)
+        if diagnostics is not None:
+            for name, value in terms.items():
+                diagnostics.setdefault(name, []).append(value.detach())
+        losses.append(loss.detach())
+        if not sync:
+            continue
         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), grad_clip_norm)
         if nonfinite is None or nonfinite.is_finite(grad_norm, step + 1):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
     return losses
 
 

@@ -48,6 +48,14 @@ class OptimConfig:
 
 
 @dataclass
+class RLOptimConfig(OptimConfig):
+    """The RL trainers' optimizer: the learning rate is set per RL iteration."""
+
+    warmup_iterations: int = 0  # linear warm-up over the first N iterations
+    decay_lr: Optional[float] = None  # None: constant after the warm-up; else cosine decay to it at the last iteration
+
+
+@dataclass
 class CheckpointingConfig:
     mixed_precision: Optional[str] = None  # None: the launcher's; or "no", "bf16", "fp16"
     save_every: int = 10
@@ -78,6 +86,18 @@ def validate_optim(optim: Any) -> None:
     check(optim.eps > 0, "optim.eps", "> 0", optim.eps)
     check(optim.weight_decay >= 0, "optim.weight_decay", ">= 0", optim.weight_decay)
     check(optim.grad_clip_norm > 0, "optim.grad_clip_norm", "> 0", optim.grad_clip_norm)
+
+
+def validate_rl_optim(optim: Any) -> None:
+    """Ranges of an `RLOptimConfig` section."""
+    validate_optim(optim)
+    check(optim.warmup_iterations >= 0, "optim.warmup_iterations", ">= 0", optim.warmup_iterations)
+    check(
+        optim.decay_lr is None or 0 <= optim.decay_lr <= optim.lr,
+        "optim.decay_lr",
+        f"null or in [0, optim.lr={optim.lr}]",
+        optim.decay_lr,
+    )
 
 
 def validate_checkpointing(train: Any) -> None:
@@ -146,6 +166,7 @@ class RLConfig:
     clip_epsilon: float = 0.2  # flow_noise: PPO's ratio clip
     update_epochs: int = 4
     minibatch_size: int = 16
+    gradient_accumulation_steps: int = 1  # minibatches per optimizer step (the last of an iteration may hold fewer)
     max_nonfinite_steps: int = 10  # update steps with a non-finite gradient are skipped; this many in a row stop
 
 
@@ -169,7 +190,7 @@ class RIPTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     rl: RLConfig = field(default_factory=RLConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: RLOptimConfig = field(default_factory=RLOptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: RIPTTrackingConfig = field(default_factory=RIPTTrackingConfig)
 
@@ -184,6 +205,7 @@ def validate_rl(rl: Any) -> None:
         "max_draw_rounds",
         "update_epochs",
         "minibatch_size",
+        "gradient_accumulation_steps",
         "max_nonfinite_steps",
     ):
         check(rl[key] > 0, f"rl.{key}", "> 0", rl[key])
@@ -197,7 +219,7 @@ def validate_rl(rl: Any) -> None:
 def validate_config(config: Any) -> None:
     """Range checks the types cannot express; a `ConfigError` names the key."""
     validate_rl(config.rl)
-    validate_optim(config.optim)
+    validate_rl_optim(config.optim)
     check(config.env.num_envs > 0, "env.num_envs", "> 0", config.env.num_envs)
     check(config.env.replan_steps > 0, "env.replan_steps", "> 0", config.env.replan_steps)
     check(config.env.settle_steps >= 0, "env.settle_steps", ">= 0", config.env.settle_steps)
@@ -251,13 +273,13 @@ class SoftArmRIPTConfig:
     model: SoftArmRLModelConfig = field(default_factory=SoftArmRLModelConfig)
     env: SoftArmRLEnvConfig = field(default_factory=SoftArmRLEnvConfig)
     rl: RLConfig = field(default_factory=RLConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: RLOptimConfig = field(default_factory=RLOptimConfig)
 
 
 def validate_soft_arm_ript_config(config: Any) -> None:
     """Range checks of a `SoftArmRIPTConfig`; a `ConfigError` names the key."""
     validate_rl(config.rl)
-    validate_optim(config.optim)
+    validate_rl_optim(config.optim)
     check(len(config.seeds) > 0, "seeds", "a non-empty list", list(config.seeds))
     check(config.iterations > 0, "iterations", "> 0", config.iterations)
     check(config.eval_every > 0, "eval_every", "> 0", config.eval_every)

@@ -38,7 +38,7 @@ from lib.libero import (
     make_ript_policy,
     split_state_batch,
 )
-from lib.pi0 import make_policy_fn, seeded_noise_and_time
+from lib.pi0 import keyed_noise_and_time, make_policy_fn
 from lib.ript import (
     RIPTProgress,
     StateOutcomeHistory,
@@ -47,6 +47,7 @@ from lib.ript import (
     minibatch_order,
     rollout_groups,
     window_batch,
+    window_noise_keys,
     windows_with_advantages,
 )
 from lib.rollout import save_rollout_video
@@ -238,12 +239,10 @@ def main() -> int:
                 ):
                     batch, batch_advantages = window_batch(windows, advantages, picked, config.model.chunk_size)
                     batch = preprocessor(batch)
-                    noise, flow_time = seeded_noise_and_time(
-                        unwrapped.model,
-                        len(picked),
-                        (config.seed * 1_000_003 + iteration) * 10_007 + step * world + rank,
-                        accelerator.device,
+                    keys = window_noise_keys(
+                        config.seed, iteration, step, picked, config.rl.minibatch_size, len(windows), rank, world
                     )
+                    noise, flow_time = keyed_noise_and_time(unwrapped.model, keys, accelerator.device)
                     with accelerator.autocast():
                         loss, _ = policy(
                             batch,

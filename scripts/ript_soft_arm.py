@@ -78,6 +78,7 @@ from lib.ript import (
     collect_iteration,
     iteration_statistics,
     run_update,
+    set_iteration_lr,
     windows_with_advantages,
 )
 from lib.run_logging import append_metrics
@@ -227,7 +228,8 @@ def run_seed(
         return next(draws)
 
     def rl_iteration(iteration: int) -> tuple:
-        """The engine's two calls: rollouts with dynamic sampling, then the update; and their times."""
+        """The engine's two calls: rollouts with dynamic sampling, then the update; the update's loss
+        terms (means over its steps) and the two times."""
         started = time.perf_counter()
         with exploration_noise(unwrapped, config.rl):  # Flow-Noise sampling for flow_noise
             rollouts = collect_iteration(
@@ -235,6 +237,8 @@ def run_seed(
             )
         rollout_time = time.perf_counter() - started
         windows, advantages = windows_with_advantages(rollouts.kept)
+        lr = set_iteration_lr(optimizer, config.optim, iteration, config.iterations)  # warm-up, decay
+        diagnostics = {}
         losses = run_update(
             accelerator,
             policy,
@@ -247,11 +251,14 @@ def run_seed(
             seed,
             iteration,
             nonfinite,
+            diagnostics,
         )
-        return rollouts, advantages, losses, rollout_time, time.perf_counter() - started - rollout_time
+        terms = {f"update/{name}": torch.stack(values).float().mean().item() for name, values in diagnostics.items()}
+        terms["update/lr"] = lr
+        return rollouts, advantages, losses, terms, rollout_time, time.perf_counter() - started - rollout_time
 
     if dry_run:
-        rollouts, _, losses, _, _ = rl_iteration(1)
+        rollouts, _, losses, _, _, _ = rl_iteration(1)
         print(f"dry run ok: one iteration, {len(rollouts.episodes)} episodes, {len(losses)} updates")
         return None
     # A fresh start clears what an unfinished run without a checkpoint left; a resume drops the
@@ -282,7 +289,7 @@ def run_seed(
         range(first, config.iterations + 1), desc=f"seed {seed} iterations", initial=first - 1, total=config.iterations
     )
     for iteration in iterations:
-        rollouts, advantages, losses, rollout_time, update_time = rl_iteration(iteration)
+        rollouts, advantages, losses, update_terms, rollout_time, update_time = rl_iteration(iteration)
         statistics = iteration_statistics(accelerator, rollouts, advantages)
         run.episodes_used += statistics["episodes"]
         metrics = {
@@ -293,6 +300,7 @@ def run_seed(
             "update/steps": len(losses),
             "update/nonfinite_skipped": nonfinite.pop_skipped(),
             "update/loss": torch.stack(losses).mean().item() if losses else float("nan"),
+            **{name: value for name, value in update_terms.items() if name != "update/loss"},
             "time/rollout_s": rollout_time,
             "time/update_s": update_time,
         }

@@ -62,6 +62,7 @@ from lib.ript import (
     init_state_key,
     iteration_statistics,
     run_update,
+    set_iteration_lr,
     windows_with_advantages,
 )
 from lib.rollout import save_rollout_video
@@ -267,6 +268,7 @@ def main() -> int:
 
             # Batched training on the kept rollouts' windows, weighted by leave-one-out advantage.
             windows, advantages = windows_with_advantages(rollouts.kept)
+            lr = set_iteration_lr(optimizer, config.optim, iteration, config.train.iterations)  # warm-up, decay
             losses = run_update(
                 accelerator,
                 policy,
@@ -288,6 +290,7 @@ def main() -> int:
                 "iteration": iteration,
                 **{key: statistics[key] for key in ITERATION_KEYS},
                 "update_steps": len(losses),
+                "lr": lr,
                 "nonfinite_skipped": nonfinite.pop_skipped(),  # update steps skipped (non-finite gradient)
                 "loss": accelerator.reduce(torch.stack(losses).mean(), "mean").item() if losses else None,
                 "rollout_time_s": rollout_time,

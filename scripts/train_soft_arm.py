@@ -16,7 +16,6 @@ SIGTERM/SIGINT finish the current step, save a checkpoint and exit 0.
 """
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ from lib.hub import check_hub_push, push_folder
 from lib.lora import add_lora_adapters, base_policy
 from lib.pi0 import (
     MODEL_SIZES,
+    cosine_with_warmup,
     count_parameters,
     keyed_noise_and_time,
     load_tokenizer,
@@ -73,18 +73,6 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser, default_config=None, example="train.steps=100")
     return parser.parse_args()
-
-
-def cosine_with_warmup(warmup_steps: int, total_steps: int, final_ratio: float):
-    """LR factor: linear warm-up, then cosine decay from 1 to `final_ratio` at `total_steps`."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 class TrainingProgress:

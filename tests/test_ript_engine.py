@@ -2,6 +2,7 @@
 this process: no simulator, no launcher."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -11,9 +12,9 @@ from omegaconf import OmegaConf
 
 from lib.checkpoint import NONFINITE_LOSS_ENV, NonFiniteError, NonFiniteGuard
 from lib.libero import AGENTVIEW_KEY, STATE_KEY, WRIST_KEY, make_ript_policy
-from lib.ript import run_update
+from lib.ript import run_update, set_iteration_lr
 from lib.rollout import Window
-from lib.schemas import ModelConfig, RLConfig
+from lib.schemas import ModelConfig, RLConfig, RLOptimConfig
 
 CHUNK = 8
 
@@ -38,13 +39,19 @@ def windows(count: int) -> list[Window]:
     return [Window(observation(), rng.uniform(-1, 1, (CHUNK, 7)).astype(np.float32), executed=4) for _ in range(count)]
 
 
-def update(policy_and_preprocessor, advantages, objective, seed=0, nonfinite=None):
-    """A copy of the policy after one iteration's update; and the losses."""
+def update(
+    policy_and_preprocessor, advantages, objective, seed=0, nonfinite=None, minibatch_size=4, accumulation=1, sgd=False
+):
+    """A copy of the policy after one iteration's update (AdamW, or plain SGD); and the losses."""
     policy, preprocessor = policy_and_preprocessor
     policy = copy.deepcopy(policy)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.0)
+    if sgd:  # linear in the gradient: equal gradients give equal weights (AdamW amplifies rounding where g ~ 0)
+        optimizer = torch.optim.SGD(policy.parameters(), lr=1e-2)
+    else:
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.0)
     accelerator = Accelerator(cpu=True)
-    rl = OmegaConf.structured(RLConfig(objective=objective, update_epochs=2, minibatch_size=4))
+    rl = RLConfig(objective=objective, update_epochs=2, minibatch_size=minibatch_size)
+    rl = OmegaConf.structured(dataclasses.replace(rl, gradient_accumulation_steps=accumulation))
     losses = run_update(
         accelerator,
         policy,
@@ -76,6 +83,38 @@ def test_steps_determinism_and_what_changes(policy_and_preprocessor):
     assert all(torch.equal(after[k], v) for k, v in again.state_dict().items())
     other, _ = update(policy_and_preprocessor, advantages, "cfg_rl", seed=1)
     assert not torch.equal(other.state_dict()["model.state_proj.weight"], after["model.state_proj.weight"])
+
+
+def test_accumulated_minibatches_equal_one_step_at_their_union(policy_and_preprocessor):
+    """rl.gradient_accumulation_steps=2 over minibatches of 2 against minibatches of 4: the same
+    windows in the same order, each with the same noise (keyed by window), so the same optimizer
+    steps to rounding (with SGD, whose step is linear in the gradient); stepping after every
+    minibatch of 2 gives other weights."""
+    advantages = [0.5, -0.5, 0.5, -0.5, 0.5, -0.5, 0.5, -0.5]
+    union, union_losses = update(policy_and_preprocessor, advantages, "cfg_rl", minibatch_size=4, sgd=True)
+    accumulated, losses = update(
+        policy_and_preprocessor, advantages, "cfg_rl", minibatch_size=2, accumulation=2, sgd=True
+    )
+    assert len(union_losses) == 4 and len(losses) == 8  # minibatches; 4 optimizer steps in both
+    torch.testing.assert_close(torch.stack(losses).view(4, 2).mean(1), torch.stack(union_losses))
+    for name, value in union.state_dict().items():
+        torch.testing.assert_close(accumulated.state_dict()[name], value, rtol=0, atol=1e-6, msg=name)
+    stepping, _ = update(policy_and_preprocessor, advantages, "cfg_rl", minibatch_size=2, sgd=True)
+    assert not torch.allclose(
+        stepping.state_dict()["model.state_proj.weight"], union.state_dict()["model.state_proj.weight"]
+    )
+
+
+def test_iteration_learning_rate_warms_up_and_decays():
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    constant = RLOptimConfig(lr=1e-4, warmup_iterations=2)
+    rates = [set_iteration_lr(optimizer, constant, i, 10) for i in (1, 2, 3, 10)]
+    assert rates == pytest.approx([5e-5, 1e-4, 1e-4, 1e-4])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+    decaying = RLOptimConfig(lr=1e-4, warmup_iterations=0, decay_lr=1e-5)
+    rates = [set_iteration_lr(optimizer, decaying, i, 11) for i in range(1, 12)]
+    assert rates[0] == pytest.approx(1e-4) and rates[-1] == pytest.approx(1e-5)
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
 
 
 def test_no_positive_window_leaves_the_weights(policy_and_preprocessor):

@@ -74,7 +74,7 @@ def test_stop_resume_and_what_a_run_writes(args, tmp_path):
     """SIGTERM mid-run saves and exits 0; `--resume` continues; then the whole run's metrics,
     evaluation, plot, videos and loadable checkpoint."""
     process = subprocess.Popen(
-        [PYTHON, SCRIPT, *args, "train.iterations=3"],
+        [PYTHON, SCRIPT, *args, "train.iterations=3", "optim.warmup_iterations=2"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -92,10 +92,11 @@ def test_stop_resume_and_what_a_run_writes(args, tmp_path):
     stopped_at = int(stopped.group(1))
     assert stopped_at < 3 and (tmp_path / f"checkpoints/step_{stopped_at:08d}/training_state").is_dir()
 
-    result = run([PYTHON, SCRIPT, *args, "train.iterations=3", "--resume", "latest"])
+    result = run([PYTHON, SCRIPT, *args, "train.iterations=3", "optim.warmup_iterations=2", "--resume", "latest"])
     assert f"at iteration {stopped_at}" in result.stdout
     rows = iterations_logged(tmp_path)
     assert [row["step"] for row in rows] == [1, 2, 3]
+    assert [row["ript/lr"] for row in rows] == pytest.approx([5e-5, 1e-4, 1e-4])  # a function of the iteration
     for row in rows:
         assert row["ript/episodes"] == 2 and 0.0 <= row["ript/success_rate"] <= 1.0
         assert row["ript/groups_kept"] + row["ript/dropped_all_success"] + row["ript/dropped_all_failure"] == 1
