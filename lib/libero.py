@@ -152,6 +152,8 @@ def make_ript_policy(model: Any, device: str) -> tuple[Any, Any, Any, Any]:
         gradient_checkpointing=model.gradient_checkpointing,
         freeze_vision_encoder=model.freeze_vision_encoder,
         train_expert_only=model.train_expert_only,
+        compile_model=model.compile,
+        compile_mode=model.compile_mode,
         device=device,
         input_features={
             AGENTVIEW_KEY: image,

@@ -36,6 +36,9 @@ class FinetuneModeConfig(PolicySourceConfig):
     gradient_checkpointing: bool = False
     freeze_vision_encoder: bool = False  # SigLIP frozen, run without autograd
     train_expert_only: bool = False  # the whole PaliGemma frozen; the action expert and projections train
+    # torch.compile of pi0's forward and sampling (LeRobot's compile_model); the first steps compile.
+    compile: bool = False
+    compile_mode: str = "default"  # or "reduce-overhead", "max-autotune" (LeRobot's default), ...
 
 
 @dataclass
@@ -72,6 +75,13 @@ class TrackingConfig:
 
 def validate_source(model: Any) -> None:
     check(model.dtype in ("float32", "bfloat16"), "model.dtype", "'float32' or 'bfloat16'", model.dtype)
+
+
+def validate_finetune_modes(model: Any) -> None:
+    """Ranges of a `FinetuneModeConfig` section."""
+    validate_source(model)
+    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    check(model.compile_mode in modes, "model.compile_mode", f"one of {modes}", model.compile_mode)
 
 
 def validate_optim(optim: Any) -> None:
@@ -238,7 +248,7 @@ def validate_config(config: Any) -> None:
     check(config.train.iterations > 0, "train.iterations", "> 0", config.train.iterations)
     check(config.train.eval_every > 0, "train.eval_every", "> 0", config.train.eval_every)
     check(config.tracking.video_every >= 0, "tracking.video_every", ">= 0", config.tracking.video_every)
-    validate_source(config.model)
+    validate_finetune_modes(config.model)
     validate_checkpointing(config.train)
     validate_tracking(config.tracking)
 
@@ -305,9 +315,6 @@ class SoftArmModelConfig(FinetuneModeConfig):
     # > 0: LoRA adapters of this rank (peft, LeRobot's pi0 targets) train, the pretrained weights
     # stay frozen; the graph encoder trains fully (lib/lora.py). 0: full fine-tuning.
     lora_rank: int = 0
-    # torch.compile of pi0's forward and sampling (LeRobot's compile_model); the first steps compile.
-    compile: bool = False
-    compile_mode: str = "default"  # or "reduce-overhead", "max-autotune" (LeRobot's default), ...
 
 
 @dataclass
@@ -380,10 +387,8 @@ def validate_soft_arm_train_config(config: Any) -> None:
     )
     for key in ("log_every", "val_every", "val_batches", "max_nonfinite_steps"):
         check(config.train[key] > 0, f"train.{key}", "> 0", config.train[key])
-    validate_source(config.model)
+    validate_finetune_modes(config.model)
     check(config.model.lora_rank >= 0, "model.lora_rank", ">= 0", config.model.lora_rank)
-    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-    check(config.model.compile_mode in modes, "model.compile_mode", f"one of {modes}", config.model.compile_mode)
     if config.model.lora_rank:
         check(
             not (config.model.train_expert_only or config.model.freeze_vision_encoder),

@@ -126,6 +126,16 @@ def test_stop_resume_and_what_a_run_writes(args, tmp_path):
     assert after == written
 
 
+@pytest.mark.slow
+def test_compiled_model_runs_an_iteration_and_saves(args, tmp_path):
+    """`model.compile` (LeRobot's compile_model: torch.compile of the flag-conditioned pi0's forward
+    and sampling): on a CPU this only shows that a compiled RIPT iteration runs, saves and loads."""
+    run([PYTHON, SCRIPT, *args, "train.iterations=1", "model.compile=true"])
+    assert [row["step"] for row in iterations_logged(tmp_path)] == [1]
+    policy = PI0CFGPolicy.from_pretrained(tmp_path / "checkpoints" / "last" / "pretrained_model")
+    assert policy.config.compile_model and policy.config.compile_mode == "default"
+
+
 def test_eval_libero_writes_summary_plot_and_video(tokenizer_dir, tmp_path):
     from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature
 
