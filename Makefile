@@ -91,6 +91,7 @@ ript-soft-arm: $(TOKENIZER_DIR)/tokenizer.json
 		output_dir=$(RIPT_ARM_DIR)/cfg_rl_w2_lr3e-5
 	$(RIPT_ARM) rl.objective=advantage_filtered output_dir=$(RIPT_ARM_DIR)/advantage_filtered
 	$(RIPT_ARM) rl.objective=behavior_cloning output_dir=$(RIPT_ARM_DIR)/behavior_cloning
+	$(RIPT_ARM) rl.objective=flow_noise optim.lr=1e-5 output_dir=$(RIPT_ARM_DIR)/flow_noise_lr1e-5
 	$(PY) scripts/ript_soft_arm_results.py --runs_dir $(RIPT_ARM_DIR)
 
 # The project's own speed (scripts/benchmark.py): writes BENCHMARKS.md and BENCHMARKS.json.
