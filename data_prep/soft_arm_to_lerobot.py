@@ -27,7 +27,6 @@ from lib.hub import check_hub_push
 from lib.soft_arm import (
     ACTION_DIM,
     ACTION_KEY,
-    ACTION_NAMES,
     GRAPH_KEY,
     IMAGE_KEY,
     NODE_FEATURES,
@@ -38,6 +37,7 @@ from lib.soft_arm import (
     list_raw_episodes,
     load_raw_episode,
 )
+from lib.soft_arm_features import ACTION_NAMES
 
 SOURCES_FILE = "meta/soft_arm_sources.json"
 REPORT_FILE = "meta/soft_arm_conversion.json"

@@ -211,11 +211,6 @@ class VectorLiberoRollout(VectorRollout):
         settle_steps: int = SETTLE_STEPS,
         render_gpu_device_id: int = -1,
     ) -> None:
-        self.benchmark_name = benchmark_name
-        self.camera_size = camera_size
-        self.seed = seed
-        self.settle_steps = settle_steps
-        self.render_gpu_device_id = render_gpu_device_id
         # Each reset reseeds the env from the init state (libero_env.scene_seed).
         arguments = [benchmark_name, camera_size, seed, settle_steps, render_gpu_device_id]
         max_steps = max_steps if max_steps is not None else max_steps_of(benchmark_name)

@@ -31,7 +31,6 @@ from lib.errors import UserError
 from lib.soft_arm_features import (
     ACTION_DIM,
     ACTION_KEY,
-    ACTION_NAMES,  # noqa: F401  (re-exported: the action feature names)
     CHUNK_SIZE,
     GRAPH_KEY,
     IMAGE_KEY,

@@ -366,7 +366,6 @@ class SoftArmVectorRollout(VectorRollout):
         worker_timeout_s: float = 60.0,
         max_retries: int = 2,
     ) -> None:
-        self.image_size = image_size
         super().__init__([image_size], num_envs, replan_steps, max_steps, worker_timeout_s, max_retries)
 
     def new_result(self, request: dict[str, Any]) -> SoftArmEpisode:
