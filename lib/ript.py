@@ -263,6 +263,10 @@ class RolloutBackend(Protocol):
     ) -> Sequence[EpisodeOutcome]: ...
 
 
+# What makes an RL run the experiment it is: a resume may not change them (`lib.checkpoint.RunIdentity`).
+RL_IDENTITY_KEYS = ["rl.objective", "model.guidance_weight"]
+
+
 def window_noise_keys(
     seed: int,
     iteration: int,

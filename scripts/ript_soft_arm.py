@@ -73,6 +73,7 @@ from lib.pi0 import (
     resolve_pretrained,
 )
 from lib.ript import (
+    RL_IDENTITY_KEYS,
     RIPTProgress,
     StateOutcomeHistory,
     collect_iteration,
@@ -185,7 +186,7 @@ def run_seed(
             print(f"seed {seed}: keeping the finished run in {output_dir}")
             return finished
     checkpoint = None if dry_run else seed_checkpoint(output_dir, seed, config.iterations)
-    identity = RunIdentity(config, ["rl.objective", "model.guidance_weight"])
+    identity = RunIdentity(config, RL_IDENTITY_KEYS)
     if checkpoint is not None:
         identity.check(checkpoint)  # extending a run with another objective is another experiment
     started, cpu_started = time.perf_counter(), cpu_seconds()

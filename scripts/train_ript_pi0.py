@@ -56,6 +56,7 @@ from lib.libero import (
 )
 from lib.pi0 import make_optimizer, make_policy_fn
 from lib.ript import (
+    RL_IDENTITY_KEYS,
     RIPTProgress,
     StateOutcomeHistory,
     collect_iteration,
@@ -124,7 +125,7 @@ def main() -> int:
             "full policy. Launch with DDP (accelerate_configs/8gpu.yaml); the memory levers are "
             "model.train_expert_only, model.freeze_vision_encoder and model.gradient_checkpointing"
         )
-    identity = RunIdentity(config, ["rl.objective", "model.guidance_weight"])
+    identity = RunIdentity(config, RL_IDENTITY_KEYS)
     if checkpoint is not None:
         identity.check(checkpoint)  # a resume with another objective is another experiment
     if accelerator.is_main_process and not args.dry_run:
