@@ -308,6 +308,30 @@ def raise_if_injected(rank: int, step: int) -> None:
         raise RuntimeError(f"fault injected on rank {rank} at step {step}")
 
 
+def raising_at_first_call_if_injected(function: Callable, rank: int, step: int) -> Callable:
+    """`function`, or, where `RAISE_AT_ENV` names this rank and step, one that raises when first
+    called: handed to a rollout as its policy, the rank fails mid-rollout, its simulators running."""
+    if os.environ.get(RAISE_AT_ENV) != f"{rank}:{step}":
+        return function
+
+    def raising(*args: Any, **kwargs: Any) -> Any:
+        raise_if_injected(rank, step)
+
+    return raising
+
+
+# Fault-injection tests: "RANK:N" makes the data loader of that rank (its worker process, if it
+# has one) raise when it loads its N-th item; the rank is the launcher's RANK, which loader
+# workers inherit. Unset in every real run.
+RAISE_IN_LOADER_ENV = "PI0_FAULT_RAISE_IN_LOADER"
+
+
+def raise_in_loader_if_injected(items_loaded: int) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    if os.environ.get(RAISE_IN_LOADER_ENV) == f"{rank}:{items_loaded}":
+        raise RuntimeError(f"fault injected in the data loader of rank {rank} at item {items_loaded}")
+
+
 class NonFiniteError(UserError):
     """Too many optimizer steps in a row had a non-finite gradient."""
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
+from lib.checkpoint import raise_in_loader_if_injected
 from lib.errors import UserError
 from lib.soft_arm_features import (
     ACTION_DIM,
@@ -160,11 +161,14 @@ class ActionChunkDataset(torch.utils.data.Dataset):
         boundaries = np.flatnonzero(np.diff(episode_index)) + 1
         ends = np.append(boundaries, len(episode_index))
         self.episode_end = torch.from_numpy(ends[np.searchsorted(ends, np.arange(len(episode_index)), side="right")])
+        self.items_loaded = 0  # by this process (a loader worker counts its own)
 
     def __len__(self) -> int:
         return len(self.frames)
 
     def __getitem__(self, index: int) -> dict:
+        self.items_loaded += 1
+        raise_in_loader_if_injected(self.items_loaded)  # fault-injection tests only
         item = self.frames[index]
         rows = torch.arange(index, index + self.chunk_size)
         last = int(self.episode_end[index]) - 1

@@ -40,7 +40,7 @@ from lib.checkpoint import (
     RunIdentity,
     check_output_dir,
     checkpoint_as_json,
-    raise_if_injected,
+    raising_at_first_call_if_injected,
     save_policy_checkpoint,
     start_output_dir,
     write_weights_once,
@@ -257,13 +257,12 @@ def main() -> int:
                     config.rl,
                     lambda: next(state_batches),
                     envs,
-                    policy_fn,
+                    raising_at_first_call_if_injected(policy_fn, rank, iteration),  # fault-injection tests only
                     history,
                     init_state_key,
                     record_first=record_video,
                 )
             rollout_time = time.perf_counter() - started
-            raise_if_injected(rank, iteration)  # fault-injection tests only: one rank fails mid-iteration
             if record_video:
                 print(f"video: {save_rollout_video(rollouts.episodes, output_dir / 'videos', iteration)}")
 

@@ -14,7 +14,7 @@ import torch
 from conftest import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, run
 from safetensors.torch import load_file
 
-from lib.checkpoint import HOLD_SAVE_ENV, NONFINITE_LOSS_ENV, RAISE_AT_ENV
+from lib.checkpoint import HOLD_SAVE_ENV, NONFINITE_LOSS_ENV, RAISE_AT_ENV, RAISE_IN_LOADER_ENV
 
 
 def test_kill_9_while_a_checkpoint_is_written(train_args, tmp_path):
@@ -139,33 +139,47 @@ def two_rank_training(train_args: list[str], output_dir, steps: int, save_every:
     ]
 
 
+# Where rank 1 fails, and the steps logged before: at training step 4, or in its data loader's
+# worker process when it loads the first item of its 4th batch (4 items a batch). The worker loads
+# ahead and torch raises its error when that batch is taken, which accelerate's loader does one
+# batch early (it reads ahead to know the last one), so before step 3.
+FAULTS = {
+    "update": ({RAISE_AT_ENV: "1:4"}, "fault injected on rank 1 at step 4", [1, 2, 3]),
+    "loader": ({RAISE_IN_LOADER_ENV: "1:13"}, "fault injected in the data loader of rank 1 at item 13", [1, 2]),
+}
+
+
 @TWO_RANK_LAUNCH
-def test_one_rank_raising_ends_every_rank_and_keeps_the_checkpoint(train_args, tmp_path):
-    """Rank 1 raises at step 4 of a 2-rank launch: rank 0 does not hang in the next collective
+@pytest.mark.parametrize("place", ["update", pytest.param("loader", marks=pytest.mark.slow)])
+def test_one_rank_raising_ends_every_rank_and_keeps_the_checkpoint(train_args, tmp_path, place):
+    """Rank 1 raises in a 2-rank launch (see FAULTS): rank 0 does not hang in the next collective
     (gloo reports the closed peer, the launcher stops the rest), the launch exits non-zero well
-    within the subprocess timeout, no process of the run is left, and step 2's checkpoint is intact."""
+    within the subprocess timeout, no process of the run is left (loader workers included), and
+    step 2's checkpoint is intact."""
     output_dir = tmp_path / "run"
+    fault_env, message, steps_logged = FAULTS[place]
     result = run(
-        two_rank_training(train_args, output_dir, steps=8, save_every=2),
-        env={**os.environ, RAISE_AT_ENV: "1:4"},
+        [*two_rank_training(train_args, output_dir, steps=8, save_every=2), "data.num_workers=1"],
+        env={**os.environ, **fault_env},
         check=False,
         timeout=240,  # a hang fails the test
     )
     assert result.returncode != 0
-    assert "fault injected on rank 1 at step 4" in result.stdout + result.stderr
+    assert message in result.stdout + result.stderr
     left = [p for p in psutil.process_iter(["cmdline"]) if str(output_dir) in " ".join(p.info["cmdline"] or [])]
     assert not left
     checkpoints = output_dir / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last", "step_00000002"]
     assert (checkpoints / "last" / "pretrained_model" / "model.safetensors").is_file()
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert [row["step"] for row in rows] == steps_logged
 
 
 @TWO_RANK_LAUNCH
 @pytest.mark.slow
 def test_one_ript_rank_raising_ends_every_rank_and_its_simulators(tokenizer_dir, tmp_path):
-    """train_ript_pi0.py, 2 ranks on real LIBERO: rank 1 raises after its rollouts of iteration 2.
+    """train_ript_pi0.py, 2 ranks on real LIBERO: rank 1 raises inside its rollout of iteration 2
+    (at its first policy call, its simulators reset and waiting).
     Rank 0 does not hang in the next collective, the launch exits non-zero within the timeout, no
     process of the run is left (the LIBERO simulator workers included), iteration 1's checkpoint
     is intact."""
