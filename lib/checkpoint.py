@@ -9,6 +9,7 @@ replaces a good checkpoint.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from lib.errors import UserError
 
@@ -55,22 +57,30 @@ def save_checkpoint(
             shutil.rmtree(tmp)  # leftover of an interrupted save of this same step
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    error = None
     try:
+        _fill_disk_for_fault_injection(accelerator.process_index, step)
         accelerator.save_state(str(tmp / STATE_DIR))
         if accelerator.is_main_process:
             save_model(tmp / MODEL_DIR)
             _hold_for_fault_injection(tmp, step)
     # A full disk, a file-size limit, lost permissions: the earlier checkpoints stand. torch.save's
     # zip writer reports a failed write as a RuntimeError ("iostream error"), the rest as OSError.
-    except (OSError, RuntimeError) as error:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except (OSError, RuntimeError) as caught:
+        error = caught
+    # Every rank learns whether every rank wrote its part (each writes its own RNG state), so all
+    # stop with the same message instead of the others waiting for the failed one at a barrier.
+    reason = (getattr(error, "strerror", None) or str(error).splitlines()[0]) if error else None
+    failed = [(rank, why) for rank, why in enumerate(gather_object([reason])) if why]
+    if failed:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
         kept = checkpoint_dirs(output_dir)
-        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        reasons = "; ".join(f"rank {rank}: {why}" if accelerator.num_processes > 1 else why for rank, why in failed)
         raise UserError(
-            f"could not write the checkpoint of step {step} in {root} ({reason}); "
+            f"could not write the checkpoint of step {step} in {root} ({reasons}); "
             + (f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was saved")
         ) from error
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
             shutil.rmtree(final)
@@ -180,6 +190,16 @@ def _hold_for_fault_injection(tmp: Path, step: int) -> None:
     if os.environ.get(HOLD_SAVE_ENV) == str(step):
         (tmp / "HOLDING").touch()
         time.sleep(600)
+
+
+# Fault-injection tests: "RANK:STEP" makes that rank's write of that step's checkpoint fail as on a
+# full disk (ENOSPC). Unset in every real run.
+DISK_FULL_ENV = "PI0_FAULT_DISK_FULL_AT"
+
+
+def _fill_disk_for_fault_injection(rank: int, step: int) -> None:
+    if os.environ.get(DISK_FULL_ENV) == f"{rank}:{step}":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def save_policy_checkpoint(

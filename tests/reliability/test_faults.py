@@ -14,7 +14,7 @@ import torch
 from conftest import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, run
 from safetensors.torch import load_file
 
-from lib.checkpoint import HOLD_SAVE_ENV, NONFINITE_LOSS_ENV, RAISE_AT_ENV, RAISE_IN_LOADER_ENV
+from lib.checkpoint import DISK_FULL_ENV, HOLD_SAVE_ENV, NONFINITE_LOSS_ENV, RAISE_AT_ENV, RAISE_IN_LOADER_ENV
 
 
 def test_kill_9_while_a_checkpoint_is_written(train_args, tmp_path):
@@ -139,18 +139,26 @@ def two_rank_training(train_args: list[str], output_dir, steps: int, save_every:
     ]
 
 
-# Where rank 1 fails, and the steps logged before: at training step 4, or in its data loader's
-# worker process when it loads the first item of its 4th batch (4 items a batch). The worker loads
-# ahead and torch raises its error when that batch is taken, which accelerate's loader does one
-# batch early (it reads ahead to know the last one), so before step 3.
+# Where rank 1 fails, and the steps logged before: at training step 4; in its data loader's worker
+# process when it loads the first item of its 4th batch (4 items a batch: the worker loads ahead and
+# torch raises its error when that batch is taken, which accelerate's loader does one batch early,
+# as it reads ahead to know the last one, so before step 3); writing step 4's checkpoint.
 FAULTS = {
     "update": ({RAISE_AT_ENV: "1:4"}, "fault injected on rank 1 at step 4", [1, 2, 3]),
     "loader": ({RAISE_IN_LOADER_ENV: "1:13"}, "fault injected in the data loader of rank 1 at item 13", [1, 2]),
+    # every rank learns of the failed write and stops with the same line (exit 2)
+    "disk full": (
+        {DISK_FULL_ENV: "1:4"},
+        "checkpoint of step 4 in {checkpoints} (rank 1: No space left on device); the last good checkpoint is",
+        [1, 2, 3, 4],
+    ),
 }
 
 
 @TWO_RANK_LAUNCH
-@pytest.mark.parametrize("place", ["update", pytest.param("loader", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "place", ["update", *(pytest.param(place, marks=pytest.mark.slow) for place in ("loader", "disk full"))]
+)
 def test_one_rank_raising_ends_every_rank_and_keeps_the_checkpoint(train_args, tmp_path, place):
     """Rank 1 raises in a 2-rank launch (see FAULTS): rank 0 does not hang in the next collective
     (gloo reports the closed peer, the launcher stops the rest), the launch exits non-zero well
@@ -165,7 +173,7 @@ def test_one_rank_raising_ends_every_rank_and_keeps_the_checkpoint(train_args, t
         timeout=240,  # a hang fails the test
     )
     assert result.returncode != 0
-    assert message in result.stdout + result.stderr
+    assert message.format(checkpoints=output_dir / "checkpoints") in result.stdout + result.stderr
     left = [p for p in psutil.process_iter(["cmdline"]) if str(output_dir) in " ".join(p.info["cmdline"] or [])]
     assert not left
     checkpoints = output_dir / "checkpoints"
