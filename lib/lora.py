@@ -2,7 +2,8 @@
 
 `add_lora_adapters` wraps a policy: its weights are frozen and low-rank adapters train on the
 layers LeRobot's `PI0Policy._get_default_peft_targets` names (the action expert's q/v projections
-and the state/action projections); a graph encoder, new on a base pi0, trains fully. A checkpoint
+and the state/action projections); the parts new on a base pi0 (a graph encoder, the RIPT
+policy's optimality-flag embedding) train fully. A checkpoint
 then holds both forms: `pretrained_model/` the adapters merged into a full policy (what every loader
 and LeRobot tool opens, unchanged) and `pretrained_model/adapter/` the adapters alone in peft's
 format, mergeable onto the base (`PeftModel.from_pretrained(base, dir).merge_and_unload()`). A
@@ -20,7 +21,9 @@ from lib.pi0 import CheckpointError
 
 ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # peft's name
-FULLY_TRAINED = ("graph_encoder",)  # modules that train in full beside the adapters, where present
+# Modules that train in full beside the adapters, where present: new on a base pi0, they start
+# untrained (the graph encoder) or at zero (the optimality flag's embedding of the RIPT policy).
+FULLY_TRAINED = ("graph_encoder", "condition_embedding")
 
 
 def is_lora_model(model: torch.nn.Module) -> bool:

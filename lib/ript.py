@@ -26,6 +26,7 @@ from lerobot.utils.constants import ACTION
 from torch import Tensor
 
 from lib.checkpoint import NonFiniteGuard
+from lib.lora import base_policy
 from lib.pi0 import cosine_with_warmup, keyed_noise_and_time, observations_to_batch
 from lib.rollout import PolicyFn, Window
 
@@ -372,7 +373,7 @@ def run_update(
     counts = accelerator.gather(torch.tensor([len(windows)], device=accelerator.device))
     if int(counts.min()) == 0:
         return []
-    unwrapped = accelerator.unwrap_model(policy)
+    unwrapped = base_policy(accelerator.unwrap_model(policy))  # the LeRobot policy, also inside a LoRA wrapper
     unwrapped.train()
     rank, world = accelerator.process_index, accelerator.num_processes
     steps = rl.update_epochs * math.ceil(int(counts.max()) / rl.minibatch_size)

@@ -42,6 +42,16 @@ class FinetuneModeConfig(PolicySourceConfig):
 
 
 @dataclass
+class LoraModeConfig(FinetuneModeConfig):
+    """The fine-tuning modes plus LoRA (the trainers that wrap their policy: train_soft_arm.py,
+    train_ript_pi0.py)."""
+
+    # > 0: LoRA adapters of this rank (peft, LeRobot's pi0 targets) train, the pretrained weights
+    # stay frozen; parts new on the source (graph encoder, flag embedding) train fully (lib/lora.py).
+    lora_rank: int = 0
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-5
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -82,6 +92,24 @@ def validate_finetune_modes(model: Any) -> None:
     validate_source(model)
     modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
     check(model.compile_mode in modes, "model.compile_mode", f"one of {modes}", model.compile_mode)
+
+
+def validate_lora_modes(model: Any) -> None:
+    """Ranges of a `LoraModeConfig` section beyond `validate_finetune_modes`'."""
+    check(model.lora_rank >= 0, "model.lora_rank", ">= 0", model.lora_rank)
+    if model.lora_rank:
+        check(
+            not (model.train_expert_only or model.freeze_vision_encoder),
+            "model.lora_rank",
+            "0 with model.train_expert_only or model.freeze_vision_encoder (LoRA freezes every pretrained weight)",
+            model.lora_rank,
+        )
+        check(
+            model.pretrained not in ("tiny", "full"),
+            "model.lora_rank",
+            "0 when model.pretrained is a fresh size (adapters fine-tune pretrained weights)",
+            model.lora_rank,
+        )
 
 
 def validate_optim(optim: Any) -> None:
@@ -205,6 +233,24 @@ class RIPTConfig:
     tracking: RIPTTrackingConfig = field(default_factory=RIPTTrackingConfig)
 
 
+@dataclass
+class TrainRIPTModelConfig(ModelConfig, LoraModeConfig):
+    pass
+
+
+@dataclass
+class TrainRIPTConfig(RIPTConfig):
+    """train_ript_pi0.py's config: the stages' plus LoRA (`model.lora_rank`)."""
+
+    model: TrainRIPTModelConfig = field(default_factory=TrainRIPTModelConfig)
+
+
+def validate_train_ript_config(config: Any) -> None:
+    """`validate_config` and the LoRA key."""
+    validate_config(config)
+    validate_lora_modes(config.model)
+
+
 def validate_rl(rl: Any) -> None:
     """Ranges of the `rl` section (shared by the LIBERO and soft-arm configs)."""
     check(rl.rollouts_per_state >= 2, "rl.rollouts_per_state", ">= 2 (leave-one-out)", rl.rollouts_per_state)
@@ -310,11 +356,8 @@ def validate_soft_arm_ript_config(config: Any) -> None:
 
 
 @dataclass
-class SoftArmModelConfig(FinetuneModeConfig):
+class SoftArmModelConfig(LoraModeConfig):
     use_graph: bool = True
-    # > 0: LoRA adapters of this rank (peft, LeRobot's pi0 targets) train, the pretrained weights
-    # stay frozen; the graph encoder trains fully (lib/lora.py). 0: full fine-tuning.
-    lora_rank: int = 0
 
 
 @dataclass
@@ -388,20 +431,7 @@ def validate_soft_arm_train_config(config: Any) -> None:
     for key in ("log_every", "val_every", "val_batches", "max_nonfinite_steps"):
         check(config.train[key] > 0, f"train.{key}", "> 0", config.train[key])
     validate_finetune_modes(config.model)
-    check(config.model.lora_rank >= 0, "model.lora_rank", ">= 0", config.model.lora_rank)
-    if config.model.lora_rank:
-        check(
-            not (config.model.train_expert_only or config.model.freeze_vision_encoder),
-            "model.lora_rank",
-            "0 with model.train_expert_only or model.freeze_vision_encoder (LoRA freezes every pretrained weight)",
-            config.model.lora_rank,
-        )
-        check(
-            config.model.pretrained not in ("tiny", "full"),
-            "model.lora_rank",
-            "0 when model.pretrained is a fresh size (adapters fine-tune pretrained weights)",
-            config.model.lora_rank,
-        )
+    validate_lora_modes(config.model)
     validate_optim(config.optim)
     check(config.optim.warmup_steps >= 0, "optim.warmup_steps", ">= 0", config.optim.warmup_steps)
     check(

@@ -54,6 +54,7 @@ from lib.libero import (
     make_ript_policy,
     split_state_batch,
 )
+from lib.lora import add_lora_adapters, base_policy
 from lib.pi0 import make_optimizer, make_policy_fn
 from lib.ript import (
     RL_IDENTITY_KEYS,
@@ -68,14 +69,14 @@ from lib.ript import (
 )
 from lib.rollout import save_rollout_video
 from lib.run_logging import append_metrics, finish_run, init_trackers, plot_metrics, tee_output
-from lib.schemas import RIPTConfig, validate_config
+from lib.schemas import TrainRIPTConfig, validate_train_ript_config
 
 
 # YAML config + CLI overrides + validation, replacing the hard-coded config.
 def load_config_from_yaml(path: Path, overrides: list[str]) -> DictConfig:
     """The schema's defaults (lib/schemas.py), then the YAML file, then `key=value` overrides."""
-    config = load_config(RIPTConfig, path, overrides)
-    validate_config(config)
+    config = load_config(TrainRIPTConfig, path, overrides)
+    validate_train_ript_config(config)
     return config
 
 
@@ -154,6 +155,8 @@ def main() -> int:
     # Policy: the flag-conditioned pi0 and its processors.
     device = accelerator.device.type
     policy, preprocessor, postprocessor, tokenizer = make_ript_policy(config.model, device)
+    if config.model.lora_rank:  # LoRA: adapters and the flag embedding train, the pretrained weights stay frozen
+        policy = add_lora_adapters(policy, config.model.lora_rank)
     optimizer = make_optimizer(policy, config.optim)
     # Init states as a PyTorch dataset, batched by a DataLoader that
     # accelerate shards across ranks.
@@ -170,11 +173,15 @@ def main() -> int:
     # DDP-wrap the policy; `unwrap_model` is the seed's get_model_from_ddp().
     policy, optimizer, state_loader = accelerator.prepare(policy, optimizer, state_loader)
     write_weights_once(accelerator)  # the weights live in pretrained_model/ only
-    unwrapped = accelerator.unwrap_model(policy)
+    unwrapped = base_policy(accelerator.unwrap_model(policy))  # the LeRobot policy (inside peft's wrapper)
     policy_fn = make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast)
     history = StateOutcomeHistory(skip_after=config.rl.skip_after, skip_for=config.rl.skip_for)
     parameters = sum(p.numel() for p in policy.parameters())
-    print(f"{len(dataset)} init states, {len(state_loader)} batches per epoch and rank; {parameters} parameters")
+    trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    print(
+        f"{len(dataset)} init states, {len(state_loader)} batches per epoch and rank; "
+        f"{parameters} parameters, {trained} trained"
+    )
     # Fixed init states for evaluation (each rank runs its share).
     eval_states = LiberoInitStateDataset(config.env.benchmark, config.env.task_names, config.train.eval_init_indices)
     eval_shard = [eval_states[i] for i in range(rank, len(eval_states), world)]

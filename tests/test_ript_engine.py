@@ -147,3 +147,38 @@ def test_nonfinite_update_steps_are_skipped_then_stop(policy_and_preprocessor, m
             "cfg_rl",
             nonfinite=NonFiniteGuard(2, "rl.max_nonfinite_steps"),
         )
+
+
+def test_lora_moves_the_adapters_and_the_flag_only_and_saves_a_plain_policy(policy_and_preprocessor, tmp_path):
+    """`model.lora_rank` of train_ript_pi0.py: one update through run_update moves only the adapters
+    (LeRobot's pi0 targets) and the optimality flag's embedding (new on a pi0, so it trains in
+    full); the checkpoint is a plain pi0_cfg policy with the adapters merged, acting as the LoRA
+    model did."""
+    from lib.cfg_pi0 import PI0CFGPolicy
+    from lib.checkpoint import save_policy_checkpoint
+    from lib.lora import add_lora_adapters, base_policy
+    from lib.pi0 import make_optimizer, observations_to_batch
+
+    policy, preprocessor = policy_and_preprocessor
+    lora = add_lora_adapters(copy.deepcopy(policy), rank=4)
+    before = {name: p.detach().clone() for name, p in lora.named_parameters()}
+    optimizer = make_optimizer(lora, RLOptimConfig(lr=1e-2))
+    rl = OmegaConf.structured(RLConfig(objective="cfg_rl", update_epochs=1, minibatch_size=4))
+    accelerator = Accelerator(cpu=True)
+    losses = run_update(accelerator, lora, optimizer, preprocessor, windows(6), [0.5, -0.5] * 3, rl, 1.0, 0, 3)
+    assert len(losses) == 2
+    moved = {name for name, p in lora.named_parameters() if not torch.equal(p, before[name])}
+    assert all(".lora_" in name or ".condition_embedding.modules_to_save." in name for name in moved), moved
+    assert any(".lora_B." in name for name in moved) and any(".condition_embedding." in name for name in moved)
+
+    checkpoint = save_policy_checkpoint(accelerator, tmp_path, 1, lora, extras=[])
+    merged = PI0CFGPolicy.from_pretrained(checkpoint / "pretrained_model")
+    batch = preprocessor(observations_to_batch([window.observation for window in windows(2)]))
+    noise = torch.randn(2, CHUNK, 32, generator=torch.Generator().manual_seed(1))
+    base_policy(lora).eval()
+    torch.testing.assert_close(
+        merged.predict_action_chunk(batch, noise=noise),
+        base_policy(lora).predict_action_chunk(batch, noise=noise),
+        rtol=1e-5,
+        atol=1e-5,
+    )

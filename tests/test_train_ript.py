@@ -136,6 +136,38 @@ def test_compiled_model_runs_an_iteration_and_saves(args, tmp_path):
     assert policy.config.compile_model and policy.config.compile_mode == "default"
 
 
+@pytest.mark.slow
+def test_lora_run_saves_merged_and_adapters_and_resumes(tokenizer_dir, tmp_path):
+    """`model.lora_rank` on LIBERO: from a pretrained checkpoint (here the tiny model after one
+    iteration) a LoRA run trains only the adapters and the flag embedding, writes the merged policy
+    (a plain pi0_cfg checkpoint) and its adapters, and resumes by loading the adapters back. What
+    an update moves is checked in test_ript_engine.py (the tiny policy rarely succeeds in LIBERO's
+    6 steps here, so an iteration may keep no group to update on)."""
+    from lib.lora import ADAPTER_DIR
+
+    base_dir, lora_dir = tmp_path / "base", tmp_path / "lora"
+    common = ["--config_path", "configs/minimal_test.yaml", f"model.tokenizer={tokenizer_dir}"]
+    run([PYTHON, SCRIPT, *common, f"output_dir={base_dir}", "train.iterations=1"])
+    base = base_dir / "checkpoints" / "last" / "pretrained_model"
+    lora = [*common, f"output_dir={lora_dir}", f"model.pretrained={base}", "model.lora_rank=4"]
+    first = run([PYTHON, SCRIPT, *lora, "train.iterations=1"])
+    parameters, trained = map(int, re.search(r"(\d+) parameters, (\d+) trained", first.stdout).groups())
+    assert 0 < trained < parameters / 5
+    result = run([PYTHON, SCRIPT, *lora, "train.iterations=2", "--resume", "latest"])
+    assert "resumed from" in result.stdout
+    assert [row["step"] for row in iterations_logged(lora_dir)] == [1, 2]
+    checkpoint = lora_dir / "checkpoints" / "last" / "pretrained_model"
+    assert (checkpoint / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    before, after = load_file(base / "model.safetensors"), load_file(checkpoint / "model.safetensors")
+    assert before.keys() == after.keys()
+    # only the flag embedding and the weights under LeRobot's pi0 LoRA targets (adapters merged) move
+    targets = re.compile(
+        r"model\.(condition_embedding|(state_proj|action_in_proj|action_out_proj|action_time_mlp_in|action_time_mlp_out)"
+        r"|paligemma_with_expert\.gemma_expert\..*\.self_attn\.[qv]_proj)\.weight"
+    )
+    assert all(targets.fullmatch(key) for key in before if not torch.equal(before[key], after[key]))
+
+
 def test_eval_libero_writes_summary_plot_and_video(tokenizer_dir, tmp_path):
     from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature
 
