@@ -59,8 +59,8 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     error = None
     try:
+        accelerator.save_state(str(tmp / STATE_DIR))  # (under FSDP it gathers across ranks first)
         _fill_disk_for_fault_injection(accelerator.process_index, step)
-        accelerator.save_state(str(tmp / STATE_DIR))
         if accelerator.is_main_process:
             save_model(tmp / MODEL_DIR)
             _hold_for_fault_injection(tmp, step)
