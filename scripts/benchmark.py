@@ -31,6 +31,7 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -191,44 +192,42 @@ def rollout_figures() -> dict:
     software renderer otherwise spreads one simulator's frames over every core, and the bound
     (one simulator's rate x simulators) would count those cores twice. Measured on 2 cores: one
     soft-arm simulator 157 env steps/s with the renderer's threads, 110 without; two 202 either way."""
-    os.environ["LP_NUM_THREADS"] = "1"
     figures: dict = {"soft_arm": {}, "libero": {}}
-    calls = []
+    with mock.patch.dict(os.environ, {"LP_NUM_THREADS": "1"}):  # restored however the block ends
+        calls = []
 
-    def soft_arm_policy(observations):
-        calls.append(len(observations))
-        return np.zeros((len(observations), CHUNK_SIZE, ACTION_DIM), np.float32)
+        def soft_arm_policy(observations):
+            calls.append(len(observations))
+            return np.zeros((len(observations), CHUNK_SIZE, ACTION_DIM), np.float32)
 
-    for num_envs in (1, 2, 4):
-        requests = [{"seed": 30_000_000 + i} for i in range(2 * num_envs)]
-        with SoftArmVectorRollout(num_envs=num_envs, replan_steps=8, max_steps=40, image_size=224) as envs:
-            envs.run(requests[:num_envs], soft_arm_policy)  # start-up and the first scenes, not timed
-            rates = []
-            for _ in range(3):  # a run lasts about a second: the best of 3 is the least disturbed
+        for num_envs in (1, 2, 4):
+            requests = [{"seed": 30_000_000 + i} for i in range(2 * num_envs)]
+            with SoftArmVectorRollout(num_envs=num_envs, replan_steps=8, max_steps=40, image_size=224) as envs:
+                envs.run(requests[:num_envs], soft_arm_policy)  # start-up and the first scenes, not timed
+                rates = []
+                for _ in range(3):  # a run lasts about a second: the best of 3 is the least disturbed
+                    calls.clear()
+                    started = time.perf_counter()
+                    episodes = envs.run(requests, soft_arm_policy)
+                    rates.append(sum(e.length for e in episodes) / (time.perf_counter() - started))
+            figures["soft_arm"][num_envs] = {"env_steps_per_s": max(rates), "policy_calls": len(calls)}
+
+        def libero_policy(observations):
+            calls.append(len(observations))
+            return np.tile(np.array([0.0] * 6 + [-1.0], np.float32), (len(observations), 5, 1))
+
+        states = LiberoInitStateDataset("libero_spatial", None, [0, 1])
+        for num_envs in (1, 2, 4):
+            keys = ("task_id", "init_state", "instruction")
+            requests = [{k: states[i % len(states)][k] for k in keys} for i in range(num_envs)]
+            with VectorLiberoRollout("libero_spatial", num_envs, 64, max_steps=10, replan_steps=5) as envs:
+                envs.run(requests[:num_envs], libero_policy)  # start-up and the first scenes, not timed
                 calls.clear()
                 started = time.perf_counter()
-                episodes = envs.run(requests, soft_arm_policy)
-                rates.append(sum(e.length for e in episodes) / (time.perf_counter() - started))
-        figures["soft_arm"][num_envs] = {"env_steps_per_s": max(rates), "policy_calls": len(calls)}
-
-    def libero_policy(observations):
-        calls.append(len(observations))
-        return np.tile(np.array([0.0] * 6 + [-1.0], np.float32), (len(observations), 5, 1))
-
-    states = LiberoInitStateDataset("libero_spatial", None, [0, 1])
-    for num_envs in (1, 2, 4):
-        requests = [
-            {k: states[i % len(states)][k] for k in ("task_id", "init_state", "instruction")} for i in range(num_envs)
-        ]
-        with VectorLiberoRollout("libero_spatial", num_envs, 64, max_steps=10, replan_steps=5) as envs:
-            envs.run(requests[:num_envs], libero_policy)  # start-up and the first scenes, not timed
-            calls.clear()
-            started = time.perf_counter()
-            results = envs.run(requests, libero_policy)
-            elapsed = time.perf_counter() - started
-        steps = sum(r.length for r in results)
-        figures["libero"][num_envs] = {"env_steps_per_s": steps / elapsed, "policy_calls": len(calls)}
-    del os.environ["LP_NUM_THREADS"]
+                results = envs.run(requests, libero_policy)
+                elapsed = time.perf_counter() - started
+            steps = sum(r.length for r in results)
+            figures["libero"][num_envs] = {"env_steps_per_s": steps / elapsed, "policy_calls": len(calls)}
     for backend in ("soft_arm", "libero"):
         single = figures[backend][1]["env_steps_per_s"]
         for num_envs, row in figures[backend].items():
