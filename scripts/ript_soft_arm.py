@@ -33,6 +33,7 @@ nothing. One process (the simulators and the update share it).
 
 import argparse
 import json
+import os
 import random
 import shutil
 import sys
@@ -365,6 +366,13 @@ def plot_curves(runs: list[dict], png: Path, title: str) -> None:
 
 def main() -> int:
     args = parse_args()
+    # One process runs the seeds one after another (seeds run in parallel as separate processes,
+    # `seeds=[N]`); every rank of a multi-process launch would run every seed into the same files.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(
+            "ript_soft_arm.py runs in one process: start it with python, not a multi-process launcher "
+            "(to run seeds in parallel, start one process per seed with seeds=[N])"
+        )
     overrides = run_overrides(args)
     config = load_config(SoftArmRIPTConfig, args.config, overrides)
     validate_soft_arm_ript_config(config)

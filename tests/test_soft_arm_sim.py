@@ -12,7 +12,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import PYTHON, REPO, run
+from conftest import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, run
 from safetensors.torch import load_file
 
 from lib.cfg_pi0 import PI0GraphCFGPolicy
@@ -340,3 +340,16 @@ def test_ript_soft_arm_saves_on_sigterm_and_resumes(tmp_path, tiny_checkpoint):
     steps = [json.loads(line)["step"] for line in metrics_file.read_text().splitlines()]
     assert steps == list(range(9))
     assert json.loads((output_dir / "seed0" / "summary.json").read_text())["iterations"] == 8
+
+
+@TWO_RANK_LAUNCH
+@pytest.mark.slow
+def test_ript_soft_arm_refuses_a_multi_process_launch(tmp_path):
+    """ript_soft_arm.py runs its seeds in one process: under a 2-rank launch every rank would run
+    every seed into the same files, so each rank stops with one line before anything is written."""
+    output_dir = tmp_path / "run"
+    command = [ACCELERATE, "launch", "--config_file", "accelerate_configs/cpu_2proc.yaml", "scripts/ript_soft_arm.py"]
+    result = run([*command, "--config", "configs/ript_soft_arm.yaml", f"output_dir={output_dir}"], check=False)
+    assert result.returncode != 0
+    assert (result.stdout + result.stderr).count("error: ript_soft_arm.py runs in one process") == 2
+    assert not output_dir.exists()
