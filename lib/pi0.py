@@ -374,8 +374,9 @@ def cosine_with_warmup(warmup_steps: int, total_steps: int, final_ratio: float) 
     return factor
 
 
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def count_parameters(module: torch.nn.Module, trained_only: bool = False) -> int:
+    """Parameters of `module`; with `trained_only`, those that require gradients."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trained_only)
 
 
 # --- Tokenizer and processors ------------------------------------------------------------------

@@ -55,7 +55,7 @@ from lib.libero import (
     split_state_batch,
 )
 from lib.lora import add_lora_adapters, base_policy
-from lib.pi0 import make_optimizer, make_policy_fn
+from lib.pi0 import count_parameters, make_optimizer, make_policy_fn
 from lib.ript import (
     RL_IDENTITY_KEYS,
     RIPTProgress,
@@ -176,11 +176,9 @@ def main() -> int:
     unwrapped = base_policy(accelerator.unwrap_model(policy))  # the LeRobot policy (inside peft's wrapper)
     policy_fn = make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast)
     history = StateOutcomeHistory(skip_after=config.rl.skip_after, skip_for=config.rl.skip_for)
-    parameters = sum(p.numel() for p in policy.parameters())
-    trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     print(
         f"{len(dataset)} init states, {len(state_loader)} batches per epoch and rank; "
-        f"{parameters} parameters, {trained} trained"
+        f"{count_parameters(policy)} parameters, {count_parameters(policy, trained_only=True)} trained"
     )
     # Fixed init states for evaluation (each rank runs its share).
     eval_states = LiberoInitStateDataset(config.env.benchmark, config.env.task_names, config.train.eval_init_indices)

@@ -187,7 +187,7 @@ def main() -> int:
         policy_config.model_size,
         config.model.use_graph,
         count_parameters(policy) / 1e6,
-        sum(p.numel() for p in policy.parameters() if p.requires_grad) / 1e6,
+        count_parameters(policy, trained_only=True) / 1e6,
     )
 
     # ------------------------------------------------------------------------------------------
