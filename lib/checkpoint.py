@@ -131,6 +131,8 @@ class RunIdentity:
     experiment under the same name). Register it with `checkpoint_as_json(..., identity=...)` and
     call `check(checkpoint)` before the output directory is touched."""
 
+    optional_in_checkpoint = True  # checkpoints from before RunIdentity have none: nothing to compare
+
     def __init__(self, config: Any, keys: list[str]) -> None:
         from omegaconf import OmegaConf
 
@@ -159,7 +161,8 @@ def checkpoint_as_json(accelerator: Accelerator, **objects: Any) -> None:
     """`accelerator.register_for_checkpointing` for objects whose state dict is plain data (step
     counters, the scheduler, the per-state outcome history), written to `training_state/state.json`
     by the main process: accelerate loads registered objects with unrestricted pickle
-    (torch's loader with `weights_only` off), JSON runs no code. Every rank loads them on `load_state`."""
+    (torch's loader with `weights_only` off), JSON runs no code. Every rank loads them on `load_state`;
+    an entry missing from the file is an error unless its object sets `optional_in_checkpoint`."""
 
     def save(models: list, weights: list, output_dir: str) -> None:
         if accelerator.is_main_process:
@@ -174,7 +177,7 @@ def checkpoint_as_json(accelerator: Accelerator, **objects: Any) -> None:
         for name, obj in objects.items():
             if name in state:
                 obj.load_state_dict(state[name])
-            elif not isinstance(obj, RunIdentity):  # checkpoints from before RunIdentity have none
+            elif not getattr(obj, "optional_in_checkpoint", False):  # an object may say older checkpoints lack it
                 raise UserError(f"{path} has no '{name}': not a checkpoint of this version of the script")
 
     accelerator.register_save_state_pre_hook(save)
