@@ -187,11 +187,23 @@ def init_state_key(state: dict[str, Any]) -> tuple[int, int]:
     return int(state["task_id"]), int(state["init_index"])
 
 
+def success_reward(episode: Any) -> float:
+    """The seed's reward: 1 for a success, 0 otherwise."""
+    return float(episode.success)
+
+
 def rollout_groups(
-    envs: Any, policy_fn: Callable, states: list[dict[str, Any]], k: int, sink: list, record_first: bool = False
+    envs: Any,
+    policy_fn: Callable,
+    states: list[dict[str, Any]],
+    k: int,
+    sink: list,
+    record_first: bool = False,
+    reward_of: Callable[[Any], float] = success_reward,
 ) -> Tensor:
     """K episodes from each init state in `envs` (a `VectorLiberoRollout`); each state keeps its
-    episodes as `state["episodes"]`, every result is appended to `sink`; (len(states), K) rewards.
+    episodes as `state["episodes"]`, every result is appended to `sink`; (len(states), K) rewards,
+    `reward_of(episode)` each (> 0 exactly for a success: the history counts solved states by it).
     `record_first` keeps the frames of the first episode (for a video)."""
     requests = [
         dict(state, record=record_first and i == 0) for i, state in enumerate(s for s in states for _ in range(k))
@@ -200,7 +212,7 @@ def rollout_groups(
     sink.extend(results)
     for index, state in enumerate(states):
         state["episodes"] = results[index * k : (index + 1) * k]
-    return torch.tensor([r.success for r in results], dtype=torch.float32).view(len(states), k)
+    return torch.tensor([reward_of(r) for r in results], dtype=torch.float32).view(len(states), k)
 
 
 def windows_with_advantages(kept: list[tuple[dict[str, Any], Tensor]]) -> tuple[list[Any], list[float]]:
@@ -322,15 +334,17 @@ def collect_iteration(
     history: StateOutcomeHistory,
     key_of: Callable[[dict[str, Any]], Hashable],
     record_first: bool = False,
+    reward_of: Callable[[EpisodeOutcome], float] = success_reward,
 ) -> IterationRollouts:
     """One iteration's informative groups: `rl.rollouts_per_state` episodes per drawn state,
     dynamic sampling up to `rl.target_groups` groups in `rl.max_draw_rounds` draws.
-    `record_first` keeps the frames of each round's first episode (for a video)."""
+    `record_first` keeps the frames of each round's first episode (for a video); `reward_of`
+    scores an episode (the seed's success reward unless the backend has a denser one)."""
     episodes: list[EpisodeOutcome] = []
     kept, stats = collect_informative_groups(
         draw_states,
         lambda states: rollout_groups(
-            backend, policy_fn, states, rl.rollouts_per_state, episodes, record_first=record_first
+            backend, policy_fn, states, rl.rollouts_per_state, episodes, record_first, reward_of
         ),
         key_of,
         history,

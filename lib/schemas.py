@@ -319,6 +319,13 @@ class SoftArmRLEnvConfig:
 
 
 @dataclass
+class SoftArmRLConfig(RLConfig):
+    # A failed episode scores -distance_penalty x (final tip distance / success radius) instead of 0,
+    # so groups that all fail still rank their episodes (0: the seed's success-only reward).
+    distance_penalty: float = 0.0
+
+
+@dataclass
 class SoftArmRIPTConfig:
     output_dir: str = "outputs/ript_soft_arm/rl"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one RL run each
@@ -328,7 +335,7 @@ class SoftArmRIPTConfig:
     keep_last: int = 2  # checkpoints kept per seed
     model: SoftArmRLModelConfig = field(default_factory=SoftArmRLModelConfig)
     env: SoftArmRLEnvConfig = field(default_factory=SoftArmRLEnvConfig)
-    rl: RLConfig = field(default_factory=RLConfig)
+    rl: SoftArmRLConfig = field(default_factory=SoftArmRLConfig)
     optim: RLOptimConfig = field(default_factory=RLOptimConfig)
 
 
@@ -350,6 +357,7 @@ def validate_soft_arm_ript_config(config: Any) -> None:
         config.env.train_states,
     )
     check(config.model.guidance_weight >= 0, "model.guidance_weight", ">= 0", config.model.guidance_weight)
+    check(config.rl.distance_penalty >= 0, "rl.distance_penalty", ">= 0", config.rl.distance_penalty)
 
 
 # --- Supervised fine-tuning of graph pi0 on soft-arm episodes (scripts/train_soft_arm.py) ----------

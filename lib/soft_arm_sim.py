@@ -346,6 +346,19 @@ class SoftArmEpisode:
     retries: int = 0  # re-runs after a simulator died or hung
 
 
+def distance_shaped_reward(distance_penalty: float) -> Callable[[SoftArmEpisode], float]:
+    """An RL reward (`lib.ript.rollout_groups`' `reward_of`): 1 for a success; a failure
+    -distance_penalty x (final tip distance / SUCCESS_RADIUS), so that among failures the ones that
+    came closer rank higher (distance_penalty 0: the seed's success-only reward)."""
+
+    def reward_of(episode: SoftArmEpisode) -> float:
+        if episode.success:
+            return 1.0
+        return -distance_penalty * episode.final_distance / SUCCESS_RADIUS
+
+    return reward_of
+
+
 class SoftArmVectorRollout(VectorRollout):
     """`num_envs` soft-arm simulators in worker processes (`python -m lib.soft_arm_sim`), stepped in
     parallel by `lib.rollout.VectorRollout` (the LIBERO rollouts' machinery: one batched policy call

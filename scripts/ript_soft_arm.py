@@ -85,7 +85,7 @@ from lib.ript import (
 )
 from lib.run_logging import append_metrics
 from lib.schemas import SoftArmRIPTConfig, validate_soft_arm_ript_config
-from lib.soft_arm_sim import SoftArmVectorRollout
+from lib.soft_arm_sim import SoftArmVectorRollout, distance_shaped_reward
 
 HELD_OUT_SEED_START = 10_000_000  # eval_soft_arm.py's
 TRAIN_SEED_START = 20_000_000  # the RL "init states"; never in the demonstrations or the held-out set
@@ -187,7 +187,7 @@ def run_seed(
             print(f"seed {seed}: keeping the finished run in {output_dir}")
             return finished
     checkpoint = None if dry_run else seed_checkpoint(output_dir, seed, config.iterations)
-    identity = RunIdentity(config, RL_IDENTITY_KEYS)
+    identity = RunIdentity(config, [*RL_IDENTITY_KEYS, "rl.distance_penalty"])
     if checkpoint is not None:
         identity.check(checkpoint)  # extending a run with another objective is another experiment
     started, cpu_started = time.perf_counter(), cpu_seconds()
@@ -235,7 +235,13 @@ def run_seed(
         started = time.perf_counter()
         with exploration_noise(unwrapped, config.rl):  # Flow-Noise sampling for flow_noise
             rollouts = collect_iteration(
-                config.rl, next_draw, envs, policy_fn, history, key_of=lambda state: state["seed"]
+                config.rl,
+                next_draw,
+                envs,
+                policy_fn,
+                history,
+                key_of=lambda state: state["seed"],
+                reward_of=distance_shaped_reward(config.rl.distance_penalty),
             )
         rollout_time = time.perf_counter() - started
         windows, advantages = windows_with_advantages(rollouts.kept)

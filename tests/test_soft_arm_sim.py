@@ -21,8 +21,10 @@ from lib.soft_arm import GRAPH_KEY, IMAGE_KEY, NODE_FEATURES, STATE_KEY, load_ra
 from lib.soft_arm_sim import (
     NUM_SEGMENTS,
     SEGMENT_LENGTH,
+    SUCCESS_RADIUS,
     SoftArmSim,
     SoftArmVectorRollout,
+    distance_shaped_reward,
     expert_policy_fn,
     run_soft_arm_episodes,
 )
@@ -99,8 +101,13 @@ def test_ript_rollout_groups_run_on_the_soft_arm():
     )
     sink = []
     with SoftArmVectorRollout(num_envs=3, replan_steps=1, image_size=IMAGE_SIZE) as envs:
-        rewards = rollout_groups(envs, policy_fn, states, k=2, sink=sink, record_first=True)
-    assert rewards.tolist() == [[1.0, 1.0], [0.0, 0.0]]
+        rewards = rollout_groups(envs, policy_fn, states, 2, sink, True, distance_shaped_reward(0.5))
+    # Successes score 1, failures minus half their final distance in success radii: the idle
+    # arm ends where it started, far from the ball.
+    assert [e.success for e in sink] == [True, True, False, False]
+    assert rewards[0].tolist() == [1.0, 1.0]
+    assert rewards[1].tolist() == pytest.approx([-0.5 * e.final_distance / SUCCESS_RADIUS for e in sink[2:]])
+    assert (rewards[1] < -0.5).all()
     assert len(sink) == 4 and [e.seed for e in sink] == [100, 100, 101, 101]
     assert [len(state["episodes"]) for state in states] == [2, 2]
     assert sink[0].frames and not any(e.frames for e in sink[1:])
