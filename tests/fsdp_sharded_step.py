@@ -1,0 +1,132 @@
+"""One training step of the tiny graph pi0 sharded by FSDP2 across the launched ranks, against the
+same step unsharded. Launched by tests/test_fsdp.py with `accelerate launch --config_file
+accelerate_configs/8gpu_fsdp.yaml --num_processes 2` on a CPU.
+
+accelerate enters FSDP mode only on accelerators (on a CPU it runs the FSDP config as plain
+multi-process), so this script hands the plugin that the launcher built from the shipped yaml (its
+FSDP_* environment) to accelerate's own FSDP2 preparation, `fsdp2_prepare_model`, which is what
+`accelerator.prepare` calls on a GPU; torch's `fully_shard` then shards over gloo. Rank 0 prints
+one line per stack with its sharded parameters and `fsdp step ok` when the loss and every
+gradient equal the unsharded step's.
+"""
+
+import copy
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import FullyShardedDataParallelPlugin
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+from lerobot.configs import FeatureType, PolicyFeature
+from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+
+from lib.graph_pi0 import GRAPH_KEY, PI0GraphConfig, PI0GraphPolicy
+from lib.pi0 import seeded_noise_and_time
+
+PER_RANK, CHUNK, IMAGE = 2, 4, 64
+
+
+def make_policy() -> PI0GraphPolicy:
+    features = {
+        "observation.images.front": PolicyFeature(type=FeatureType.VISUAL, shape=(3, IMAGE, IMAGE)),
+        "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(10,)),
+        GRAPH_KEY: PolicyFeature(type=FeatureType.STATE, shape=(10, 19)),
+    }
+    config = PI0GraphConfig(
+        model_size="tiny",
+        chunk_size=CHUNK,
+        n_action_steps=CHUNK,
+        device="cpu",
+        image_resolution=(IMAGE, IMAGE),
+        input_features=features,
+        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(10,))},
+    )
+    torch.manual_seed(0)
+    return PI0GraphPolicy(config)
+
+
+def make_batch(size: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "observation.images.front": torch.rand(size, 3, IMAGE, IMAGE, generator=generator),
+        "observation.state": torch.randn(size, 10, generator=generator),
+        GRAPH_KEY: torch.randn(size, 10, 19, generator=generator),
+        "action": torch.randn(size, CHUNK, 10, generator=generator),
+        "observation.language.tokens": torch.randint(0, 500, (size, 8), generator=generator),
+        "observation.language.attention_mask": torch.ones(size, 8, dtype=torch.bool),
+    }
+
+
+def main() -> None:
+    accelerator = Accelerator(cpu=True)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* environment (the yaml)
+    assert plugin.fsdp_version == 2, plugin.fsdp_version
+    accelerator.state.fsdp_plugin = plugin
+
+    policy = make_policy()
+    reference = copy.deepcopy(policy)
+    batch = make_batch(PER_RANK * world)  # every rank holds the global batch; each trains on its slice
+    noise, time = seeded_noise_and_time(policy.model, PER_RANK * world, seed=7, device="cpu")
+
+    # The unsharded step on the global batch: what DDP (or one process) computes.
+    reference.train()
+    reference_loss, _ = reference(batch, noise=noise, time=time)
+    reference_loss.backward()
+
+    sharded = fsdp2_prepare_model(accelerator, policy)
+    mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    sharded.train()
+    loss, _ = sharded({key: value[mine] for key, value in batch.items()}, noise=noise[mine], time=time[mine])
+    loss.backward()
+
+    network = sharded.model.paligemma_with_expert
+    stacks = {
+        "vlm": network.paligemma.model.language_model.layers,
+        "expert": network.gemma_expert.model.layers,
+        "vision": network.paligemma.model.vision_tower.vision_model.encoder.layers,
+    }
+    for name, layers in stacks.items():
+        parameters = [p for p in layers.parameters() if p.requires_grad]
+        linears = [m for m in layers.modules() if isinstance(m, torch.nn.Linear)]
+        # every weight matrix is its own FSDP group, its rows split across the ranks
+        assert linears and all(isinstance(m, FSDPModule) for m in linears), name
+        assert all(isinstance(p, DTensor) for p in parameters), name
+        local = sum(p.to_local().numel() for p in parameters)
+        if rank == 0:
+            total = sum(p.numel() for p in parameters)
+            print(f"{name}: {len(linears)} sharded linear layers, {local} of {total} parameters on rank 0")
+
+    global_loss = loss.detach().clone()
+    dist.all_reduce(global_loss)
+    global_loss /= world
+    torch.testing.assert_close(global_loss, reference_loss.detach(), rtol=1e-5, atol=1e-6)
+    expected = {name: p.grad for name, p in reference.named_parameters() if p.grad is not None}
+    got = {}
+    for name, parameter in sharded.named_parameters():
+        if parameter.grad is not None:
+            grad = parameter.grad
+            got[name] = grad.full_tensor() if isinstance(grad, DTensor) else grad
+    assert got.keys() == expected.keys(), sorted(set(got) ^ set(expected))
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+    # Sampling takes the other path through the stacks (each layer's own forward, with a KV cache).
+    # It does not enter through `forward`, so FSDP is told to gather the root's parameters for it.
+    register_fsdp_forward_method(sharded, "predict_action_chunk")
+    generator = torch.Generator().manual_seed(3)
+    action_noise = torch.randn(PER_RANK * world, CHUNK, policy.config.max_action_dim, generator=generator)[mine]
+    my_batch = {key: value[mine] for key, value in batch.items()}
+    reference_actions = reference.predict_action_chunk(my_batch, noise=action_noise)
+    sharded_actions = sharded.predict_action_chunk(my_batch, noise=action_noise)
+    torch.testing.assert_close(sharded_actions, reference_actions, rtol=1e-4, atol=1e-5)
+    if rank == 0:
+        print(
+            f"fsdp step ok: loss {global_loss.item():.6f}, {len(got)} gradients equal the unsharded step's, "
+            f"sampled actions equal"
+        )
+
+
+if __name__ == "__main__":
+    main()
