@@ -92,6 +92,8 @@ ript-soft-arm: $(TOKENIZER_DIR)/tokenizer.json
 	$(RIPT_ARM) rl.objective=advantage_filtered output_dir=$(RIPT_ARM_DIR)/advantage_filtered
 	$(RIPT_ARM) rl.objective=behavior_cloning output_dir=$(RIPT_ARM_DIR)/behavior_cloning
 	$(RIPT_ARM) rl.objective=flow_noise optim.lr=1e-5 output_dir=$(RIPT_ARM_DIR)/flow_noise_lr1e-5
+	$(RIPT_ARM) rl.objective=cfg_rl model.guidance_weight=2 rl.distance_penalty=0.1 \
+		output_dir=$(RIPT_ARM_DIR)/cfg_rl_w2_dist0.1
 	# the same recipe from a weaker start: 10 demonstrations
 	$(PY) data_prep/simulate_soft_arm.py --output_dir artifacts/soft_arm_raw_few10 --episodes 10 --seed 0 --workers 2
 	$(PY) data_prep/soft_arm_to_lerobot.py --raw_dir artifacts/soft_arm_raw_few10 --output_dir artifacts/soft_arm_lerobot_few10
