@@ -279,14 +279,6 @@ def test_eval_and_ript_soft_arm_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     checkpoint_args = ["--checkpoint", str(ript_dir / "seed0" / "pretrained_model"), "--output_dir", str(rl_eval)]
     run([PYTHON, "scripts/eval_soft_arm.py", *checkpoint_args, *eval_args])
     assert json.loads((rl_eval / "summary.json").read_text())["episodes"] == 2
-    # The trainers' output_dir convention: a second run is refused unless it resumes (a finished
-    # seed is kept, not run again); a dry run does one iteration and writes nothing.
-    refused = run(ript, check=False)
-    assert refused.returncode == 2 and "already holds a run" in refused.stderr and "Traceback" not in refused.stderr
-    assert "keeping the finished run" in run([*ript, "--resume", "latest"]).stdout
-    dry = run([*ript, "--dry_run", "--output_dir", str(tmp_path / "dry")])
-    assert "dry run ok: one iteration, 4 episodes" in dry.stdout and not (tmp_path / "dry").exists()
-
     # A larger `iterations` with --resume latest extends the finished seed from its checkpoint,
     # exactly as a run that never stopped: same rollouts (the policy noise and the sampler
     # position decide them), same held-out scores, same outcome history, same weights.
@@ -313,19 +305,12 @@ def test_eval_and_ript_soft_arm_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     weights = [load_file(d / "seed0" / "pretrained_model" / "model.safetensors") for d in (ript_dir, straight_dir)]
     assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
-    # Extending it with another objective would be another experiment under the same name: refused
-    # with one line naming the key, before anything is written.
-    files = {path: path.read_bytes() for path in (ript_dir / "seed0").rglob("*") if path.is_file()}
-    other = run([*ript, "iterations=3", "rl.objective=advantage_filtered", "--resume", "latest"], check=False)
-    assert other.returncode == 2 and "Traceback" not in other.stderr
-    assert "trained with rl.objective=cfg_rl, this run has rl.objective=advantage_filtered" in other.stderr
-    assert {path: path.read_bytes() for path in (ript_dir / "seed0").rglob("*") if path.is_file()} == files
-
 
 @pytest.mark.slow
 def test_ript_soft_arm_saves_on_sigterm_and_resumes(tmp_path, tiny_checkpoint):
     """SIGTERM mid-run: the seed finishes its iteration, saves and the script exits 0 without a
-    summary; --resume latest runs the rest, each iteration logged once."""
+    summary; --resume latest runs the rest, each iteration logged once. Then the output_dir
+    convention on the finished run: refused, kept, dry-run, and another objective refused."""
     output_dir = tmp_path / "ript"
     command = [PYTHON, "scripts/ript_soft_arm.py", f"model.pretrained={tiny_checkpoint}", f"output_dir={output_dir}"]
     command += [*TINY_RIPT, "iterations=8", "eval_every=100", "save_every=100"]
@@ -347,6 +332,21 @@ def test_ript_soft_arm_saves_on_sigterm_and_resumes(tmp_path, tiny_checkpoint):
     steps = [json.loads(line)["step"] for line in metrics_file.read_text().splitlines()]
     assert steps == list(range(9))
     assert json.loads((output_dir / "seed0" / "summary.json").read_text())["iterations"] == 8
+
+    # The trainers' output_dir convention: a second run is refused unless it resumes (a finished
+    # seed is kept, not run again); a dry run does one iteration and writes nothing.
+    refused = run(command, check=False)
+    assert refused.returncode == 2 and "already holds a run" in refused.stderr and "Traceback" not in refused.stderr
+    assert "keeping the finished run" in run([*command, "--resume", "latest"]).stdout
+    dry = run([*command, "--dry_run", "--output_dir", str(tmp_path / "dry")])
+    assert "dry run ok: one iteration, 4 episodes" in dry.stdout and not (tmp_path / "dry").exists()
+    # Extending it with another objective would be another experiment under the same name: refused
+    # with one line naming the key, before anything is written.
+    files = {path: path.read_bytes() for path in (output_dir / "seed0").rglob("*") if path.is_file()}
+    other = run([*command, "iterations=9", "rl.objective=cfg_rl", "--resume", "latest"], check=False)
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert "trained with rl.objective=advantage_filtered, this run has rl.objective=cfg_rl" in other.stderr
+    assert {path: path.read_bytes() for path in (output_dir / "seed0").rglob("*") if path.is_file()} == files
 
 
 @TWO_RANK_LAUNCH

@@ -72,7 +72,8 @@ def test_two_process_launch_and_bit_exact_resume(args, tmp_path):
 
 def test_stop_resume_and_what_a_run_writes(args, tmp_path):
     """SIGTERM mid-run saves and exits 0; `--resume` continues; then the whole run's metrics,
-    evaluation, plot, videos and loadable checkpoint."""
+    evaluation, plot, videos and loadable checkpoint. (A dry run in a finished run's output_dir:
+    the slow compiled-model test.)"""
     process = subprocess.Popen(
         [PYTHON, SCRIPT, *args, "train.iterations=3", "optim.warmup_iterations=2"],
         cwd=REPO,
@@ -118,22 +119,22 @@ def test_stop_resume_and_what_a_run_writes(args, tmp_path):
     assert policy.config.model_size == "tiny" and policy.config.chunk_size == 4
     load_pi0_processors(checkpoint, load_tokenizer(checkpoint))
 
-    # A dry run in the finished run's output_dir: one iteration, and the run's files untouched.
+
+@pytest.mark.slow
+def test_compiled_model_runs_an_iteration_and_saves(args, tmp_path):
+    """`model.compile` (LeRobot's compile_model: torch.compile of the flag-conditioned pi0's forward
+    and sampling): on a CPU this only shows that a compiled RIPT iteration runs, saves and loads.
+    Then a dry run in the finished run's output_dir: one iteration, the run's files untouched."""
+    run([PYTHON, SCRIPT, *args, "train.iterations=1", "model.compile=true"])
+    assert [row["step"] for row in iterations_logged(tmp_path)] == [1]
+    policy = PI0CFGPolicy.from_pretrained(tmp_path / "checkpoints" / "last" / "pretrained_model")
+    assert policy.config.compile_model and policy.config.compile_mode == "default"
+
     written = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(".log")}
     dry = run([PYTHON, SCRIPT, *args, "--dry_run"])
     assert "dry run ok: one iteration on 1 process(es), 2 episodes" in dry.stdout
     after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(".log")}
     assert after == written
-
-
-@pytest.mark.slow
-def test_compiled_model_runs_an_iteration_and_saves(args, tmp_path):
-    """`model.compile` (LeRobot's compile_model: torch.compile of the flag-conditioned pi0's forward
-    and sampling): on a CPU this only shows that a compiled RIPT iteration runs, saves and loads."""
-    run([PYTHON, SCRIPT, *args, "train.iterations=1", "model.compile=true"])
-    assert [row["step"] for row in iterations_logged(tmp_path)] == [1]
-    policy = PI0CFGPolicy.from_pretrained(tmp_path / "checkpoints" / "last" / "pretrained_model")
-    assert policy.config.compile_model and policy.config.compile_mode == "default"
 
 
 @pytest.mark.slow

@@ -18,11 +18,12 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from lib.cfg_pi0 import PI0CFGConfig, PI0CFGPolicy
-from lib.checkpoint import check_output_dir, start_output_dir
+from lib.checkpoint import JSON_STATE_FILE, STATE_DIR, RunIdentity, check_output_dir, start_output_dir
 from lib.errors import UserError
 from lib.graph_pi0 import GRAPH_KEY, PI0GraphConfig, PI0GraphPolicy
 from lib.libero import make_ript_policy
 from lib.pi0 import CheckpointError, load_pretrained_policy, make_pi0_policy, resolve_pretrained
+from lib.ript import RL_IDENTITY_KEYS
 from lib.schemas import ModelConfig
 
 FEATURES = {
@@ -271,3 +272,21 @@ def test_output_dir_rules(tmp_path, capsys):
     assert "--resume latest: no checkpoint in" in capsys.readouterr().out
     start_output_dir(run_dir, None, overwrite=True)
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
+
+
+def test_a_resume_with_another_objective_is_refused(tmp_path):
+    """What makes a run the experiment it is (`RunIdentity`, kept in each checkpoint's state.json):
+    a resume that changes it is refused naming the key; a checkpoint from before the identity was
+    saved has nothing to compare. End to end through ript_soft_arm.py: test_soft_arm_sim.py (`slow`)."""
+    saved = OmegaConf.create({"rl": {"objective": "cfg_rl"}, "model": {"guidance_weight": 2.0}})
+    checkpoint = tmp_path / "step_00000001"
+    (checkpoint / STATE_DIR).mkdir(parents=True)
+    state_file = checkpoint / STATE_DIR / JSON_STATE_FILE
+    state_file.write_text(json.dumps({"identity": RunIdentity(saved, RL_IDENTITY_KEYS).state_dict()}))
+    RunIdentity(saved, RL_IDENTITY_KEYS).check(checkpoint)  # the same run
+    for key, value in (("rl.objective", "advantage_filtered"), ("model.guidance_weight", 1.0)):
+        other = OmegaConf.merge(saved, OmegaConf.from_dotlist([f"{key}={value}"]))
+        with pytest.raises(UserError, match=f"trained with {key}=.*, this run has {key}={value}"):
+            RunIdentity(other, RL_IDENTITY_KEYS).check(checkpoint)
+    state_file.write_text(json.dumps({"progress": {"iteration": 1}}))  # saved before RunIdentity existed
+    RunIdentity(OmegaConf.merge(saved, {"rl": {"objective": "behavior_cloning"}}), RL_IDENTITY_KEYS).check(checkpoint)
