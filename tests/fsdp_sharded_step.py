@@ -126,6 +126,10 @@ def main() -> None:
             f"fsdp step ok: loss {global_loss.item():.6f}, {len(got)} gradients equal the unsharded step's, "
             f"sampled actions equal"
         )
+    # Both ranks past their last collective, then the process group ends before the interpreter
+    # does: a rank whose peer has gone while gloo still holds the pair aborts at exit.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
