@@ -229,6 +229,8 @@ def run_seed(
         progress.draws += 1
         return next(draws)
 
+    reward_of = distance_shaped_reward(config.rl.distance_penalty)
+
     def rl_iteration(iteration: int) -> tuple:
         """The engine's two calls: rollouts with dynamic sampling, then the update; the update's loss
         terms (means over its steps) and the two times."""
@@ -241,7 +243,7 @@ def run_seed(
                 policy_fn,
                 history,
                 key_of=lambda state: state["seed"],
-                reward_of=distance_shaped_reward(config.rl.distance_penalty),
+                reward_of=reward_of,
             )
         rollout_time = time.perf_counter() - started
         windows, advantages = windows_with_advantages(rollouts.kept)
