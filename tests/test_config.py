@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import PYTHON, run
+from conftest import exit_in_process
 
 from lib.config import ConfigError, load_config
 from lib.schemas import SoftArmTrainConfig, validate_soft_arm_train_config
@@ -49,15 +49,12 @@ def test_missing_file():
         load_config(Schema, "nowhere.yaml")
 
 
-def test_train_script_rejects_unknown_key_and_bad_value():
-    result = run(
-        [PYTHON, "scripts/train_soft_arm.py", "--config", "configs/debug_config.yaml", "train.stepz=5"], check=False
-    )
-    assert result.returncode == 2 and "unknown config key 'train.stepz'" in result.stderr
-    result = run(
-        [PYTHON, "scripts/train_soft_arm.py", "--config", "configs/debug_config.yaml", "data.batch_size=0"], check=False
-    )
-    assert result.returncode == 2 and "'data.batch_size' must be > 0" in result.stderr
+def test_train_script_rejects_unknown_key_and_bad_value(monkeypatch, capsys):
+    config = ["--config", "configs/debug_config.yaml"]
+    code, error = exit_in_process(monkeypatch, capsys, "scripts/train_soft_arm.py", *config, "train.stepz=5")
+    assert code == 2 and "unknown config key 'train.stepz'" in error
+    code, error = exit_in_process(monkeypatch, capsys, "scripts/train_soft_arm.py", *config, "data.batch_size=0")
+    assert code == 2 and "'data.batch_size' must be > 0" in error
 
 
 @pytest.mark.parametrize("name", ["debug_config.yaml", "soft_arm_config.yaml", "soft_arm_sim.yaml"])

@@ -4,11 +4,10 @@ noise through LeRobot's own `PI0Policy.from_pretrained`), and refused where no e
 
 import dataclasses
 import json
-import runpy
-import sys
 
 import pytest
 import torch
+from conftest import exit_in_process
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.policies.pi0.configuration_pi0 import PI0Config
 from lerobot.policies.pi0.modeling_pi0 import PI0Policy
@@ -22,11 +21,8 @@ from lib.pi0 import make_pi0_policy, model_size_context
 
 def export(monkeypatch, capsys, checkpoint, output_dir) -> tuple[int, str]:
     """Run the script as `python scripts/export_pi0.py ...` does, in this process."""
-    argv = ["export_pi0.py", "--checkpoint", str(checkpoint), "--output_dir", str(output_dir)]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as exited:
-        runpy.run_path("scripts/export_pi0.py", run_name="__main__")
-    return exited.value.code, capsys.readouterr().err
+    args = ["--checkpoint", str(checkpoint), "--output_dir", str(output_dir)]
+    return exit_in_process(monkeypatch, capsys, "scripts/export_pi0.py", *args)
 
 
 def with_random_flag(policy):

@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, run
+from conftest import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, exit_in_process, run
 from safetensors.torch import load_file
 
 
@@ -36,7 +36,7 @@ def test_stage_08_hard_coded_config(tokenizer_dir, tmp_path):
     assert "iteration 1/1: success" in result.stdout
 
 
-def test_stage_09_yaml_config_and_overrides(tokenizer_dir, tmp_path):
+def test_stage_09_yaml_config_and_overrides(tokenizer_dir, tmp_path, monkeypatch, capsys):
     args = ["--config_path", "configs/minimal_test.yaml", f"model.tokenizer={tokenizer_dir}", f"output_dir={tmp_path}"]
     result = run([PYTHON, "scripts/09_train_with_config.py", *args, "train.iterations=1", "rl.rollouts_per_state=3"])
     assert "✓ config loaded from configs/minimal_test.yaml and validated" in result.stdout
@@ -44,8 +44,9 @@ def test_stage_09_yaml_config_and_overrides(tokenizer_dir, tmp_path):
     assert progress["config"]["rl"]["rollouts_per_state"] == 3
     assert [row["episodes"] for row in progress["iterations"]] == [3]  # one init state x K=3
 
-    bad = run([PYTHON, "scripts/09_train_with_config.py", *args, "rl.rolouts_per_state=3"], check=False)
-    assert bad.returncode == 2 and "unknown config key 'rl.rolouts_per_state'" in bad.stderr
+    misspelt = "rl.rolouts_per_state=3"
+    code, error = exit_in_process(monkeypatch, capsys, "scripts/09_train_with_config.py", *args, misspelt)
+    assert code == 2 and "unknown config key 'rl.rolouts_per_state'" in error
 
 
 def stage_10_command(launcher: list[str], tokenizer_dir, output_dir) -> list[str]:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, run
+from conftest import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, exit_in_process, run
 from safetensors.torch import load_file
 
 from lib.cfg_pi0 import PI0CFGPolicy
@@ -169,7 +169,7 @@ def test_lora_run_saves_merged_and_adapters_and_resumes(tokenizer_dir, tmp_path)
     assert all(targets.fullmatch(key) for key in before if not torch.equal(before[key], after[key]))
 
 
-def test_eval_libero_writes_summary_plot_and_video(tokenizer_dir, tmp_path):
+def test_eval_libero_writes_summary_plot_and_video(tokenizer_dir, tmp_path, monkeypatch, capsys):
     from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature
 
     from lib.cfg_pi0 import PI0CFGConfig
@@ -232,12 +232,11 @@ def test_eval_libero_writes_summary_plot_and_video(tokenizer_dir, tmp_path):
     assert (output / "success_per_task.png").stat().st_size > 0
     assert [p.name for p in (output / "videos").iterdir()] == ["task0_init0_failure.mp4"]
 
-    bad = run([PYTHON, "scripts/eval_libero.py", "--checkpoint", str(tmp_path / "nowhere")], check=False)
-    assert bad.returncode == 2 and f"pretrained path {tmp_path / 'nowhere'} does not exist" in bad.stderr
-    assert "Traceback" not in bad.stderr
+    code, error = exit_in_process(monkeypatch, capsys, "scripts/eval_libero.py", f"--checkpoint={tmp_path / 'nowhere'}")
+    assert code == 2 and f"pretrained path {tmp_path / 'nowhere'} does not exist" in error
     (tmp_path / "empty").mkdir()
-    bad = run([PYTHON, "scripts/eval_libero.py", "--checkpoint", str(tmp_path / "empty")], check=False)
-    assert bad.returncode == 2 and "has no config.json" in bad.stderr
+    code, error = exit_in_process(monkeypatch, capsys, "scripts/eval_libero.py", f"--checkpoint={tmp_path / 'empty'}")
+    assert code == 2 and "has no config.json" in error
 
 
 @TWO_RANK_LAUNCH
