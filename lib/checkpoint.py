@@ -195,13 +195,18 @@ def _hold_for_fault_injection(tmp: Path, step: int) -> None:
         time.sleep(600)
 
 
+def _injected(variable: str, rank: int, at: int) -> bool:
+    """Whether the fault-injection variable `variable` ("RANK:AT") names this rank and point."""
+    return os.environ.get(variable) == f"{rank}:{at}"
+
+
 # Fault-injection tests: "RANK:STEP" makes that rank's write of that step's checkpoint fail as on a
 # full disk (ENOSPC). Unset in every real run.
 DISK_FULL_ENV = "PI0_FAULT_DISK_FULL_AT"
 
 
 def _fill_disk_for_fault_injection(rank: int, step: int) -> None:
-    if os.environ.get(DISK_FULL_ENV) == f"{rank}:{step}":
+    if _injected(DISK_FULL_ENV, rank, step):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
@@ -327,14 +332,14 @@ RAISE_AT_ENV = "PI0_FAULT_RAISE_AT"
 
 
 def raise_if_injected(rank: int, step: int) -> None:
-    if os.environ.get(RAISE_AT_ENV) == f"{rank}:{step}":
+    if _injected(RAISE_AT_ENV, rank, step):
         raise RuntimeError(f"fault injected on rank {rank} at step {step}")
 
 
 def raising_at_first_call_if_injected(function: Callable, rank: int, step: int) -> Callable:
     """`function`, or, where `RAISE_AT_ENV` names this rank and step, one that raises when first
     called: handed to a rollout as its policy, the rank fails mid-rollout, its simulators running."""
-    if os.environ.get(RAISE_AT_ENV) != f"{rank}:{step}":
+    if not _injected(RAISE_AT_ENV, rank, step):
         return function
 
     def raising(*args: Any, **kwargs: Any) -> Any:
@@ -351,7 +356,7 @@ RAISE_IN_LOADER_ENV = "PI0_FAULT_RAISE_IN_LOADER"
 
 def raise_in_loader_if_injected(items_loaded: int) -> None:
     rank = int(os.environ.get("RANK", "0"))
-    if os.environ.get(RAISE_IN_LOADER_ENV) == f"{rank}:{items_loaded}":
+    if _injected(RAISE_IN_LOADER_ENV, rank, items_loaded):
         raise RuntimeError(f"fault injected in the data loader of rank {rank} at item {items_loaded}")
 
 

@@ -17,45 +17,19 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-from lerobot.configs import FeatureType, PolicyFeature
+from test_graph_pi0 import make_batch, make_config  # this script's directory is on sys.path
 from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from lib.graph_pi0 import GRAPH_KEY, PI0GraphConfig, PI0GraphPolicy
+from lib.graph_pi0 import PI0GraphPolicy
 from lib.pi0 import seeded_noise_and_time
 
 PER_RANK, CHUNK, IMAGE = 2, 4, 64
 
 
 def make_policy() -> PI0GraphPolicy:
-    features = {
-        "observation.images.front": PolicyFeature(type=FeatureType.VISUAL, shape=(3, IMAGE, IMAGE)),
-        "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(10,)),
-        GRAPH_KEY: PolicyFeature(type=FeatureType.STATE, shape=(10, 19)),
-    }
-    config = PI0GraphConfig(
-        model_size="tiny",
-        chunk_size=CHUNK,
-        n_action_steps=CHUNK,
-        device="cpu",
-        image_resolution=(IMAGE, IMAGE),
-        input_features=features,
-        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(10,))},
-    )
     torch.manual_seed(0)
-    return PI0GraphPolicy(config)
-
-
-def make_batch(size: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    return {
-        "observation.images.front": torch.rand(size, 3, IMAGE, IMAGE, generator=generator),
-        "observation.state": torch.randn(size, 10, generator=generator),
-        GRAPH_KEY: torch.randn(size, 10, 19, generator=generator),
-        "action": torch.randn(size, CHUNK, 10, generator=generator),
-        "observation.language.tokens": torch.randint(0, 500, (size, 8), generator=generator),
-        "observation.language.attention_mask": torch.ones(size, 8, dtype=torch.bool),
-    }
+    return PI0GraphPolicy(make_config(chunk=CHUNK, image=IMAGE))
 
 
 def main() -> None:
@@ -67,7 +41,8 @@ def main() -> None:
 
     policy = make_policy()
     reference = copy.deepcopy(policy)
-    batch = make_batch(PER_RANK * world)  # every rank holds the global batch; each trains on its slice
+    # every rank holds the global batch; each trains on its slice
+    batch = make_batch(seed=1, size=PER_RANK * world, chunk=CHUNK, image=IMAGE)
     noise, time = seeded_noise_and_time(policy.model, PER_RANK * world, seed=7, device="cpu")
 
     # The unsharded step on the global batch: what DDP (or one process) computes.

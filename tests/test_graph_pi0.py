@@ -11,32 +11,33 @@ from lib.pi0 import CheckpointError, make_pi0_policy, seeded_noise_and_time, tin
 BATCH, CHUNK, IMAGE = 2, 16, 224
 
 
-def make_config(**overrides) -> PI0GraphConfig:
+def make_config(chunk: int = CHUNK, image: int = IMAGE, **overrides) -> PI0GraphConfig:
     features = {
-        "observation.images.front": PolicyFeature(type=FeatureType.VISUAL, shape=(3, IMAGE, IMAGE)),
+        "observation.images.front": PolicyFeature(type=FeatureType.VISUAL, shape=(3, image, image)),
         "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(10,)),
         GRAPH_KEY: PolicyFeature(type=FeatureType.STATE, shape=(10, 19)),
     }
     return PI0GraphConfig(
         model_size="tiny",
-        chunk_size=CHUNK,
-        n_action_steps=CHUNK,
+        chunk_size=chunk,
+        n_action_steps=chunk,
         device="cpu",
+        image_resolution=(image, image),
         input_features=features,
         output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(10,))},
         **overrides,
     )
 
 
-def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+def make_batch(seed: int = 0, size: int = BATCH, chunk: int = CHUNK, image: int = IMAGE) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return {
-        "observation.images.front": torch.rand(BATCH, 3, IMAGE, IMAGE, generator=generator),
-        "observation.state": torch.randn(BATCH, 10, generator=generator),
-        GRAPH_KEY: torch.randn(BATCH, 10, 19, generator=generator),
-        "action": torch.randn(BATCH, CHUNK, 10, generator=generator),
-        "observation.language.tokens": torch.randint(0, 500, (BATCH, 12), generator=generator),
-        "observation.language.attention_mask": torch.ones(BATCH, 12, dtype=torch.bool),
+        "observation.images.front": torch.rand(size, 3, image, image, generator=generator),
+        "observation.state": torch.randn(size, 10, generator=generator),
+        GRAPH_KEY: torch.randn(size, 10, 19, generator=generator),
+        "action": torch.randn(size, chunk, 10, generator=generator),
+        "observation.language.tokens": torch.randint(0, 500, (size, 12), generator=generator),
+        "observation.language.attention_mask": torch.ones(size, 12, dtype=torch.bool),
     }
 
 
