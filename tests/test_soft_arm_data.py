@@ -1,13 +1,12 @@
 """Raw soft-arm episodes -> LeRobotDataset -> training view, with real files."""
 
 import json
-import os
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import PYTHON, run
+from conftest import PYTHON, exit_in_process, run
 
 from lib.errors import UserError
 from lib.soft_arm import (
@@ -18,6 +17,8 @@ from lib.soft_arm import (
     make_soft_arm_datasets,
     split_episodes,
 )
+
+CONVERTER = "data_prep/soft_arm_to_lerobot.py"
 
 
 def test_load_raw_episode_names_file_and_problem(raw_dir, tmp_path):
@@ -60,7 +61,7 @@ def test_load_raw_episode_names_file_and_problem(raw_dir, tmp_path):
             load_raw_episode(variant(f"nan_{key}", **{key: poisoned}))
 
 
-def test_conversion_skips_and_counts_bad_episodes_and_resumes(raw_dir, tmp_path):
+def test_conversion_skips_and_counts_bad_episodes_and_resumes(raw_dir, tmp_path, monkeypatch, capsys):
     raw = tmp_path / "raw"
     shutil.copytree(raw_dir, raw)
     (raw / "episode_000002.npz").write_bytes(b"\x00" * 100)  # corrupt
@@ -72,7 +73,7 @@ def test_conversion_skips_and_counts_bad_episodes_and_resumes(raw_dir, tmp_path)
     shutil.move(raw / "episode_000005.npz", aside / "episode_000005.npz")
 
     output = tmp_path / "dataset"
-    result = run([PYTHON, "data_prep/soft_arm_to_lerobot.py", "--raw_dir", str(raw), "--output_dir", str(output)])
+    result = run([PYTHON, CONVERTER, "--raw_dir", str(raw), "--output_dir", str(output)])
     assert (
         "episode_000002.npz" in result.stdout + result.stderr and "episode_000003.npz" in result.stdout + result.stderr
     )
@@ -83,7 +84,7 @@ def test_conversion_skips_and_counts_bad_episodes_and_resumes(raw_dir, tmp_path)
     # A new episode appears: re-running converts only it and keeps what is there.
     shutil.move(aside / "episode_000005.npz", raw / "episode_000005.npz")
     first_data = sorted(p.name for p in (output / "data").rglob("*.parquet"))
-    result = run([PYTHON, "data_prep/soft_arm_to_lerobot.py", "--raw_dir", str(raw), "--output_dir", str(output)])
+    result = run([PYTHON, CONVERTER, "--raw_dir", str(raw), "--output_dir", str(output)])
     assert "3 already converted, 3 to convert" in result.stdout
     assert set(first_data) <= {p.name for p in (output / "data").rglob("*.parquet")}
     sources = json.loads((output / "meta/soft_arm_sources.json").read_text())
@@ -95,31 +96,18 @@ def test_conversion_skips_and_counts_bad_episodes_and_resumes(raw_dir, tmp_path)
     assert train[len(train) - 1][IMAGE_KEY].shape == (3, 224, 224)
 
     # Too many bad episodes fail the run (after saving what is good).
-    result = run(
-        [
-            PYTHON,
-            "data_prep/soft_arm_to_lerobot.py",
-            "--raw_dir",
-            str(raw),
-            "--output_dir",
-            str(output),
-            "--max_bad_fraction",
-            "0.1",
-        ],
-        check=False,
-    )
-    assert result.returncode == 2 and "max_bad_fraction" in result.stderr and "Traceback" not in result.stderr
+    args = ["--raw_dir", str(raw), "--output_dir", str(output), "--max_bad_fraction", "0.1"]
+    code, error = exit_in_process(monkeypatch, capsys, CONVERTER, *args)
+    assert code == 2 and "max_bad_fraction" in error
 
 
-def test_conversion_refuses_foreign_output(raw_dir, tmp_path):
+def test_conversion_refuses_foreign_output(raw_dir, tmp_path, monkeypatch, capsys):
     foreign = tmp_path / "somebody_elses"
     foreign.mkdir()
     (foreign / "precious.txt").write_text("keep me")
-    result = run(
-        [PYTHON, "data_prep/soft_arm_to_lerobot.py", "--raw_dir", str(raw_dir), "--output_dir", str(foreign)],
-        check=False,
-    )
-    assert result.returncode == 2 and "not written by this converter" in result.stderr
+    args = ["--raw_dir", str(raw_dir), "--output_dir", str(foreign)]
+    code, error = exit_in_process(monkeypatch, capsys, CONVERTER, *args)
+    assert code == 2 and "not written by this converter" in error
     assert (foreign / "precious.txt").read_text() == "keep me"
 
 
@@ -172,7 +160,7 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
         make_soft_arm_datasets(tmp_path / "nowhere")
 
 
-def test_a_push_that_cannot_happen_is_refused_before_the_work(raw_dir, tmp_path, monkeypatch):
+def test_a_push_that_cannot_happen_is_refused_before_the_work(raw_dir, tmp_path, monkeypatch, capsys):
     """`--push_to_hub` / `hub.repo_id`: offline, without a token or with a bad id, the run stops at
     once with one line (exit 2 in the scripts), before anything is converted or trained."""
     import huggingface_hub
@@ -181,11 +169,10 @@ def test_a_push_that_cannot_happen_is_refused_before_the_work(raw_dir, tmp_path,
     from lib.hub import check_hub_push
 
     output = tmp_path / "dataset"
-    command = [PYTHON, "data_prep/soft_arm_to_lerobot.py", "--raw_dir", str(raw_dir), "--output_dir", str(output)]
-    offline = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = run([*command, "--push_to_hub", "someone/soft-arm"], check=False, env=offline)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert "--push_to_hub=someone/soft-arm needs the network, and HF_HUB_OFFLINE=1 is set" in result.stderr
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    args = ["--raw_dir", str(raw_dir), "--output_dir", str(output), "--push_to_hub", "someone/soft-arm"]
+    code, error = exit_in_process(monkeypatch, capsys, CONVERTER, *args)
+    assert code == 2 and "--push_to_hub=someone/soft-arm needs the network, and HF_HUB_OFFLINE=1 is set" in error
     assert not output.exists()
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
