@@ -152,7 +152,7 @@ class PI0WithCondition(PI0Pytorch):
 @PreTrainedConfig.register_subclass("pi0_cfg")
 @dataclass
 class PI0CFGConfig(SizedPI0Config):
-    """`PI0Config` plus the model size ("full"/"tiny") and the guidance weight used at sampling."""
+    """`PI0Config` plus the model size ("full", "small" or "tiny") and the guidance weight used at sampling."""
 
     guidance_weight: float = 1.0
 

@@ -153,7 +153,7 @@ def batch_graph(batch: dict[str, Tensor], use_graph: bool) -> Tensor | None:
 @PreTrainedConfig.register_subclass("pi0_graph")
 @dataclass
 class PI0GraphConfig(SizedPI0Config):
-    """`PI0Config` plus the graph encoder and the model size ("full" or "tiny", see lib/pi0.py)."""
+    """`PI0Config` plus the graph encoder and the model size ("full", "small" or "tiny", see lib/pi0.py)."""
 
     use_graph: bool = True
     graph_num_nodes: int = 10

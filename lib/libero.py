@@ -120,7 +120,7 @@ def make_ript_policy(model: Any, device: str) -> tuple[Any, Any, Any, Any]:
 
     A pretrained source (local path or hub id, resolved through the Hugging Face cache) brings its
     own processors, with the normalization statistics it was trained with; one without them is
-    refused. A fresh size ("tiny"/"full") gets identity normalization (there is no dataset to take
+    refused. A fresh size ("tiny", "small", "full") gets identity normalization (there is no dataset to take
     statistics from). A plain pi0 checkpoint starts with a zero flag embedding."""
     # Imported here, not at the top: the simulator worker processes import this module and need
     # none of the model stack.

@@ -1,9 +1,10 @@
-"""Build or load a LeRobot pi0 policy: a pretrained path / hub id, or the `tiny` test size.
+"""Build or load a LeRobot pi0 policy: a pretrained path / hub id, or a fresh size (`tiny` for the
+tests, `small` for the benchmarks, `full`).
 
 LeRobot 0.6.1 takes no model sizes from `PI0Config` (only the variants `gemma_2b`/`gemma_300m`),
 and the vision tower, projection and vocabulary sizes are hard-coded in
-`PaliGemmaWithExpertModel.__init__`. The tiny model is therefore the real classes built while
-`tiny_pi0_sizes()` swaps in small sizes; nothing of LeRobot's forward code is copied.
+`PaliGemmaWithExpertModel.__init__`. The tiny and small models are therefore the real classes built
+while `reduced_pi0_sizes()` swaps in their sizes; nothing of LeRobot's forward code is copied.
 """
 
 from __future__ import annotations
@@ -39,48 +40,63 @@ from safetensors.torch import load_file as load_safetensors
 from lib.errors import UserError
 from lib.rollout import IMAGE_PREFIX, PolicyFn, PolicyOutput
 
-# Sizes of the tiny pi0 (about 0.25 M parameters). `num_heads` must stay 8: LeRobot hard-codes
-# `8 * head_dim`; the VLM and the expert must share depth, head_dim and kv-heads.
-TINY_VLM = GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=8, num_kv_heads=1, head_dim=16)
-TINY_EXPERT = GemmaConfig(width=32, depth=2, mlp_dim=64, num_heads=8, num_kv_heads=1, head_dim=16)
-TINY_VOCAB_SIZE = 512
-TINY_VISION = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "patch_size": 16,
+
+@dataclasses.dataclass(frozen=True)
+class ReducedPI0Sizes:
+    """The sizes a reduced pi0 is built with. `num_heads` must stay 8: LeRobot hard-codes
+    `8 * head_dim`; the VLM and the expert must share depth, head_dim and kv-heads."""
+
+    vlm: GemmaConfig
+    expert: GemmaConfig
+    vision: dict[str, int]
+
+
+TINY_VOCAB_SIZE = 512  # both reduced sizes: the local tokenizer's ids stay below it
+REDUCED_SIZES = {
+    # about 0.25 M parameters: the tests
+    "tiny": ReducedPI0Sizes(
+        vlm=GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=8, num_kv_heads=1, head_dim=16),
+        expert=GemmaConfig(width=32, depth=2, mlp_dim=64, num_heads=8, num_kv_heads=1, head_dim=16),
+        vision={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2},
+    ),
+    # about 6 M parameters, a step about 5x the tiny one on a CPU: the benchmarks' second size
+    "small": ReducedPI0Sizes(
+        vlm=GemmaConfig(width=256, depth=4, mlp_dim=1024, num_heads=8, num_kv_heads=1, head_dim=32),
+        expert=GemmaConfig(width=128, depth=4, mlp_dim=512, num_heads=8, num_kv_heads=1, head_dim=32),
+        vision={"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4},
+    ),
 }
-MODEL_SIZES = ("full", "tiny")
+MODEL_SIZES = ("full", *REDUCED_SIZES)
 
 
 @contextlib.contextmanager
-def tiny_pi0_sizes() -> Iterator[None]:
-    """While active, LeRobot's pi0 classes build with the tiny sizes above."""
+def reduced_pi0_sizes(model_size: str) -> Iterator[None]:
+    """While active, LeRobot's pi0 classes build with the sizes `REDUCED_SIZES[model_size]`."""
+    sizes = REDUCED_SIZES[model_size]
     original_get_config = modeling_pi0.get_gemma_config
     original_vlm_cls = modeling_pi0.PaliGemmaForConditionalGenerationWithPiGemma
     original_expert_cls = modeling_pi0.PiGemmaForCausalLM
 
-    def tiny_gemma_config(variant: str) -> GemmaConfig:
+    def reduced_gemma_config(variant: str) -> GemmaConfig:
         original_get_config(variant)  # keeps LeRobot's own check of the variant name
-        return TINY_VLM if variant == "gemma_2b" else TINY_EXPERT
+        return sizes.vlm if variant == "gemma_2b" else sizes.expert
 
-    def tiny_vlm(config: Any) -> Any:
+    def reduced_vlm(config: Any) -> Any:
         config._vocab_size = TINY_VOCAB_SIZE
         config.text_config.vocab_size = TINY_VOCAB_SIZE
         config.image_token_index = TINY_VOCAB_SIZE - 1
-        for key, value in TINY_VISION.items():
+        for key, value in {**sizes.vision, "patch_size": 16}.items():
             setattr(config.vision_config, key, value)
         config.vision_config.projection_dim = config.text_config.hidden_size
         return original_vlm_cls(config=config)
 
-    def tiny_expert(config: Any) -> Any:
+    def reduced_expert(config: Any) -> Any:
         config.vocab_size = TINY_VOCAB_SIZE
         return original_expert_cls(config=config)
 
-    modeling_pi0.get_gemma_config = tiny_gemma_config
-    modeling_pi0.PaliGemmaForConditionalGenerationWithPiGemma = tiny_vlm
-    modeling_pi0.PiGemmaForCausalLM = tiny_expert
+    modeling_pi0.get_gemma_config = reduced_gemma_config
+    modeling_pi0.PaliGemmaForConditionalGenerationWithPiGemma = reduced_vlm
+    modeling_pi0.PiGemmaForCausalLM = reduced_expert
     try:
         yield
     finally:
@@ -90,15 +106,15 @@ def tiny_pi0_sizes() -> Iterator[None]:
 
 
 def model_size_context(model_size: str) -> contextlib.AbstractContextManager:
-    """The context a policy of `model_size` ("full" or "tiny") must be built in."""
+    """The context a policy of `model_size` ("full", "small" or "tiny") must be built in."""
     if model_size not in MODEL_SIZES:
         raise ValueError(f"model_size must be one of {MODEL_SIZES}, got {model_size!r}")
-    return tiny_pi0_sizes() if model_size == "tiny" else contextlib.nullcontext()
+    return contextlib.nullcontext() if model_size == "full" else reduced_pi0_sizes(model_size)
 
 
 @dataclass
 class SizedPI0Config(PI0Config):
-    """`PI0Config` plus the size its network is built at ("full" or "tiny"): saved in config.json,
+    """`PI0Config` plus the size its network is built at ("full", "small" or "tiny"): saved in config.json,
     so `from_pretrained` rebuilds a tiny checkpoint at the tiny size."""
 
     model_size: str = "full"
@@ -329,8 +345,8 @@ def make_pi0_policy(
     config: PI0Config | None = None,
     policy_cls: type[PI0Policy] = PI0Policy,
 ) -> PI0Policy:
-    """A pi0 policy from `model`: "tiny" (fresh, small, random init), "full" (fresh, full-size,
-    random init) or a pretrained local path / hub id such as `lerobot/pi0_base` (checked:
+    """A pi0 policy from `model`: "tiny" or "small" (fresh, reduced sizes, random init), "full"
+    (fresh, full-size, random init) or a pretrained local path / hub id such as `lerobot/pi0_base` (checked:
     `load_pretrained_policy`).
 
     `config` (an instance of `policy_cls.config_class`) sets features, chunk size, dtype, ...; with

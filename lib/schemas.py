@@ -23,7 +23,7 @@ OBJECTIVES = ("cfg_rl", "advantage_filtered", "behavior_cloning", "flow_noise")
 
 @dataclass
 class PolicySourceConfig:
-    pretrained: str = "tiny"  # "tiny" / "full" (random init), or a local path / hub id of a pi0 checkpoint
+    pretrained: str = "tiny"  # "tiny" / "small" / "full" (random init), or a local path / hub id of a pi0 checkpoint
     tokenizer: str = "artifacts/tokenizer"  # local dir or hub id (google/paligemma-3b-pt-224)
     dtype: str = "float32"  # storage dtype of the VLM and expert weights: float32 or bfloat16
 
@@ -105,7 +105,7 @@ def validate_lora_modes(model: Any) -> None:
             model.lora_rank,
         )
         check(
-            model.pretrained not in ("tiny", "full"),
+            model.pretrained not in ("tiny", "small", "full"),
             "model.lora_rank",
             "0 when model.pretrained is a fresh size (adapters fine-tune pretrained weights)",
             model.lora_rank,

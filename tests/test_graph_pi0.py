@@ -6,7 +6,7 @@ from lerobot.configs import FeatureType, PolicyFeature
 from lerobot.policies.pi0.modeling_pi0 import PI0Pytorch
 
 from lib.graph_pi0 import GRAPH_KEY, PI0GraphConfig, PI0GraphPolicy, SimpleGraphEncoder
-from lib.pi0 import CheckpointError, make_pi0_policy, seeded_noise_and_time, tiny_pi0_sizes
+from lib.pi0 import CheckpointError, make_pi0_policy, reduced_pi0_sizes, seeded_noise_and_time
 
 BATCH, CHUNK, IMAGE = 2, 16, 224
 
@@ -75,7 +75,7 @@ def test_encoder_rejects_wrong_shape():
 def test_without_graph_equals_parent_pi0():
     torch.manual_seed(0)
     graph_policy = PI0GraphPolicy(make_config())
-    with tiny_pi0_sizes():
+    with reduced_pi0_sizes("tiny"):
         parent = PI0Pytorch(graph_policy.config)
     missing, unexpected = parent.load_state_dict(graph_policy.model.state_dict(), strict=False)
     assert not missing and all(key.startswith("graph_encoder.") for key in unexpected)
