@@ -96,6 +96,8 @@ ript-soft-arm: $(TOKENIZER_DIR)/tokenizer.json
 		output_dir=$(RIPT_ARM_DIR)/cfg_rl_w2_dist0.1
 	$(RIPT_ARM) rl.objective=cfg_rl model.guidance_weight=2 rl.rollouts_per_state=8 rl.states_per_draw=4 \
 		rl.target_groups=4 output_dir=$(RIPT_ARM_DIR)/cfg_rl_w2_k8
+	$(RIPT_ARM) rl.objective=cfg_rl model.guidance_weight=2 rl.states_per_draw=16 rl.target_groups=16 \
+		rl.minibatch_size=32 output_dir=$(RIPT_ARM_DIR)/cfg_rl_w2_g16
 	# the same recipe from a weaker start: 10 demonstrations
 	$(PY) data_prep/simulate_soft_arm.py --output_dir artifacts/soft_arm_raw_few10 --episodes 10 --seed 0 --workers 2
 	$(PY) data_prep/soft_arm_to_lerobot.py --raw_dir artifacts/soft_arm_raw_few10 --output_dir artifacts/soft_arm_lerobot_few10
