@@ -6,19 +6,19 @@ from lerobot.configs import FeatureType, PolicyFeature
 from lerobot.policies.pi0.modeling_pi0 import PI0Pytorch
 
 from lib.graph_pi0 import GRAPH_KEY, PI0GraphConfig, PI0GraphPolicy, SimpleGraphEncoder
-from lib.pi0 import CheckpointError, make_pi0_policy, reduced_pi0_sizes, seeded_noise_and_time
+from lib.pi0 import REDUCED_SIZES, CheckpointError, make_pi0_policy, reduced_pi0_sizes, seeded_noise_and_time
 
 BATCH, CHUNK, IMAGE = 2, 16, 224
 
 
-def make_config(chunk: int = CHUNK, image: int = IMAGE, **overrides) -> PI0GraphConfig:
+def make_config(chunk: int = CHUNK, image: int = IMAGE, model_size: str = "tiny", **overrides) -> PI0GraphConfig:
     features = {
         "observation.images.front": PolicyFeature(type=FeatureType.VISUAL, shape=(3, image, image)),
         "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(10,)),
         GRAPH_KEY: PolicyFeature(type=FeatureType.STATE, shape=(10, 19)),
     }
     return PI0GraphConfig(
-        model_size="tiny",
+        model_size=model_size,
         chunk_size=chunk,
         n_action_steps=chunk,
         device="cpu",
@@ -128,13 +128,16 @@ def test_without_graph_use_graph_false_has_no_encoder():
     assert torch.isfinite(loss)
 
 
-def test_save_load_round_trip(tmp_path):
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_save_load_round_trip(tmp_path, size):
     torch.manual_seed(0)
-    policy = make_pi0_policy("tiny", make_config(), PI0GraphPolicy)
+    policy = make_pi0_policy(size, make_config(model_size=size), PI0GraphPolicy)
+    vlm_width = policy.model.paligemma_with_expert.paligemma.config.text_config.hidden_size
+    assert vlm_width == REDUCED_SIZES[size].vlm.width
     policy.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     loaded = PI0GraphPolicy.from_pretrained(tmp_path)
-    assert loaded.config.model_size == "tiny" and loaded.config.use_graph
+    assert loaded.config.model_size == size and loaded.config.use_graph
     original, reloaded = policy.state_dict(), loaded.state_dict()
     assert original.keys() == reloaded.keys() and any(k.startswith("model.graph_encoder.") for k in original)
     assert all(torch.equal(original[key], reloaded[key]) for key in original)
@@ -144,7 +147,7 @@ def test_save_load_round_trip(tmp_path):
     expected = policy.model.sample_actions(*inputs, noise=noise, graph=batch[GRAPH_KEY])
     assert torch.equal(loaded.model.sample_actions(*inputs, noise=noise, graph=batch[GRAPH_KEY]), expected)
     # The loader also works through lib.pi0 (reads the size from config.json).
-    assert make_pi0_policy(tmp_path, policy_cls=PI0GraphPolicy).config.model_size == "tiny"
+    assert make_pi0_policy(tmp_path, policy_cls=PI0GraphPolicy).config.model_size == size
 
 
 def test_unknown_model_name_is_a_clear_error():
