@@ -10,7 +10,10 @@ executes the first `--replan_steps` actions of each 16-step chunk before it is c
 Held-out seeds start at 10_000_000 (training data from data_prep/simulate_soft_arm.py with
 `--seed` < 10 never uses them). Writes `summary.json` (rates and per-episode results),
 `distance.png` (tip-to-ball distance over each episode) and `videos/seed<S>_<success|failure>.mp4`
-for the first `--videos` episodes. Accepts checkpoints written by scripts/train_soft_arm.py.
+for the first `--videos` episodes. Accepts checkpoints written by scripts/train_soft_arm.py and
+scripts/ript_soft_arm.py. `--attempts N` runs every seed N times on fresh noise and adds pass@N
+(seeds solved at least once) and the seeds solved every time or never: what sharpening the policy
+could reach without learning anything new.
 """
 
 import argparse
@@ -54,11 +57,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--videos", type=int, default=3, help="record the first N episodes")
     parser.add_argument("--seed", type=int, default=0, help="torch seed of the flow-matching noise")
+    parser.add_argument(
+        "--attempts",
+        type=int,
+        default=1,
+        help="episodes per seed, each on its own flow-matching noise: adds pass@attempts (a seed solved at least "
+        "once) and how many seeds are solved every time or never",
+    )
     parser.add_argument("--label", default=None, help="name in the plot title (default: policy or expert)")
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/eval_soft_arm"))
     args = parser.parse_args()
-    if args.num_episodes < 1 or args.num_envs < 1 or args.replan_steps < 1 or args.max_steps < 1:
-        parser.error("--num_episodes, --num_envs, --replan_steps and --max_steps must be >= 1")
+    if min(args.num_episodes, args.num_envs, args.replan_steps, args.max_steps, args.attempts) < 1:
+        parser.error("--num_episodes, --num_envs, --replan_steps, --max_steps and --attempts must be >= 1")
     return args
 
 
@@ -83,6 +93,21 @@ def plot_distances(episodes, png: Path, title: str) -> None:
     plt.close(figure)
 
 
+def attempts_summary(episodes, attempts: int) -> dict:
+    """How the successes spread over the seeds when each seed ran `attempts` times."""
+    successes_by_seed: dict[int, int] = {}
+    for episode in episodes:
+        successes_by_seed[episode.seed] = successes_by_seed.get(episode.seed, 0) + int(episode.success)
+    counts = list(successes_by_seed.values())
+    return {
+        "attempts": attempts,
+        "pass_at_attempts": sum(count > 0 for count in counts) / len(counts),
+        "seeds_solved_every_attempt": sum(count == attempts for count in counts),
+        "seeds_never_solved": sum(count == 0 for count in counts),
+        "seeds_by_successes": {k: counts.count(k) for k in range(attempts + 1)},
+    }
+
+
 def main() -> int:
     args = parse_args()
     torch.manual_seed(args.seed)
@@ -92,15 +117,16 @@ def main() -> int:
     replan_steps = 1 if args.expert else args.replan_steps
     seeds = list(range(args.seed_start, args.seed_start + args.num_episodes))
     started = time.perf_counter()
-    with tqdm(total=len(seeds), desc="soft-arm episodes", unit="ep") as bar:
+    with tqdm(total=len(seeds) * args.attempts, desc="soft-arm episodes", unit="ep") as bar:
+        # the attempts at a seed differ only in the noise, drawn on from the one torch seed
         episodes = run_soft_arm_episodes(
-            seeds,
+            seeds * args.attempts,
             policy_fn,
             num_envs=args.num_envs,
             replan_steps=replan_steps,
             max_steps=args.max_steps,
             image_size=args.image_size,
-            record=range(args.videos),
+            record=range(min(args.videos, len(seeds))),  # first attempts only: one video per seed
             progress=bar.update,
         )
     elapsed = time.perf_counter() - started
@@ -140,9 +166,16 @@ def main() -> int:
             for e in episodes
         ],
     }
+    if args.attempts > 1:
+        summary.update(attempts_summary(episodes, args.attempts))
     (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     name = args.label or ("scripted expert" if args.expert else "policy")
     plot_distances(episodes, args.output_dir / "distance.png", f"{name}: {summary['success_rate']:.0%} success")
+    if args.attempts > 1:
+        print(
+            f"pass@{args.attempts} {summary['pass_at_attempts']:.1%}: {summary['seeds_solved_every_attempt']} seeds "
+            f"solved every attempt, {summary['seeds_never_solved']} never"
+        )
     print(
         f"success {summary['success_rate']:.1%} over {len(episodes)} episodes, final distance "
         f"{summary['mean_final_distance_m'] * 100:.1f} cm, length {summary['mean_length']:.1f} steps; "

@@ -277,8 +277,14 @@ def test_eval_and_ript_soft_arm_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     rl_eval = tmp_path / "rl_eval"
     eval_args = ["--num_episodes", "2", "--num_envs", "2", "--max_steps", "6", "--image_size", "64", "--videos", "0"]
     checkpoint_args = ["--checkpoint", str(ript_dir / "seed0" / "pretrained_model"), "--output_dir", str(rl_eval)]
-    run([PYTHON, "scripts/eval_soft_arm.py", *checkpoint_args, *eval_args])
-    assert json.loads((rl_eval / "summary.json").read_text())["episodes"] == 2
+    run([PYTHON, "scripts/eval_soft_arm.py", *checkpoint_args, *eval_args, "--attempts", "2"])
+    summary = json.loads((rl_eval / "summary.json").read_text())
+    assert summary["episodes"] == 4 and [e["seed"] for e in summary["per_episode"]] == [10_000_000, 10_000_001] * 2
+    solved = {
+        seed: [e["success"] for e in summary["per_episode"] if e["seed"] == seed] for seed in (10_000_000, 10_000_001)
+    }
+    assert summary["pass_at_attempts"] == sum(any(s) for s in solved.values()) / 2
+    assert summary["seeds_by_successes"] == {str(k): sum(sum(s) == k for s in solved.values()) for k in range(3)}
     # A larger `iterations` with --resume latest extends the finished seed from its checkpoint,
     # exactly as a run that never stopped: same rollouts (the policy noise and the sampler
     # position decide them), same held-out scores, same outcome history, same weights.
