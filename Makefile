@@ -107,6 +107,11 @@ ript-soft-arm: $(TOKENIZER_DIR)/tokenizer.json
 	$(RIPT_ARM) rl.objective=cfg_rl model.guidance_weight=2 output_dir=$(RIPT_ARM_DIR)/few10_cfg_rl_w2 \
 		model.pretrained=$(RIPT_ARM_DIR)/bc_few10/checkpoints/last/pretrained_model
 	$(PY) scripts/ript_soft_arm_results.py --runs_dir $(RIPT_ARM_DIR)
+	# why it levels off: each held-out seed 8 times, the BC start and the w=2 policies
+	$(PY) scripts/eval_soft_arm.py --checkpoint $(RIPT_ARM_DIR)/bc_few20/checkpoints/last/pretrained_model \
+		--num_episodes 100 --num_envs 16 --attempts 8 --videos 0 --output_dir $(RIPT_ARM_DIR)/pass_at_8/bc_few20
+	for seed in 0 1 2; do $(PY) scripts/eval_soft_arm.py --checkpoint $(RIPT_ARM_DIR)/cfg_rl_w2/seed$$seed/pretrained_model \
+		--num_episodes 100 --num_envs 16 --attempts 8 --videos 0 --output_dir $(RIPT_ARM_DIR)/pass_at_8/cfg_rl_w2_seed$$seed; done
 
 # The project's own speed (scripts/benchmark.py): writes BENCHMARKS.md and BENCHMARKS.json.
 $(DEBUG_DATASET_DIR)/meta/info.json:
