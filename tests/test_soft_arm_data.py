@@ -98,7 +98,7 @@ def test_conversion_skips_and_counts_bad_episodes_and_resumes(raw_dir, tmp_path,
     # Too many bad episodes fail the run (after saving what is good).
     args = ["--raw_dir", str(raw), "--output_dir", str(output), "--max_bad_fraction", "0.1"]
     code, error = exit_in_process(monkeypatch, capsys, CONVERTER, *args)
-    assert code == 2 and "max_bad_fraction" in error
+    assert code == 2 and "max_bad_fraction" in error and "Traceback" not in error
 
 
 def test_conversion_refuses_foreign_output(raw_dir, tmp_path, monkeypatch, capsys):
@@ -172,7 +172,8 @@ def test_a_push_that_cannot_happen_is_refused_before_the_work(raw_dir, tmp_path,
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     args = ["--raw_dir", str(raw_dir), "--output_dir", str(output), "--push_to_hub", "someone/soft-arm"]
     code, error = exit_in_process(monkeypatch, capsys, CONVERTER, *args)
-    assert code == 2 and "--push_to_hub=someone/soft-arm needs the network, and HF_HUB_OFFLINE=1 is set" in error
+    assert code == 2 and "Traceback" not in error, error
+    assert "--push_to_hub=someone/soft-arm needs the network, and HF_HUB_OFFLINE=1 is set" in error
     assert not output.exists()
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)

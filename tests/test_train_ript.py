@@ -234,6 +234,7 @@ def test_eval_libero_writes_summary_plot_and_video(tokenizer_dir, tmp_path, monk
 
     code, error = exit_in_process(monkeypatch, capsys, "scripts/eval_libero.py", f"--checkpoint={tmp_path / 'nowhere'}")
     assert code == 2 and f"pretrained path {tmp_path / 'nowhere'} does not exist" in error
+    assert "Traceback" not in error
     (tmp_path / "empty").mkdir()
     code, error = exit_in_process(monkeypatch, capsys, "scripts/eval_libero.py", f"--checkpoint={tmp_path / 'empty'}")
     assert code == 2 and "has no config.json" in error
