@@ -98,6 +98,8 @@ def validate_lora_modes(model: Any) -> None:
     """Ranges of a `LoraModeConfig` section beyond `validate_finetune_modes`'."""
     check(model.lora_rank >= 0, "model.lora_rank", ">= 0", model.lora_rank)
     if model.lora_rank:
+        from lib.pi0 import MODEL_SIZES  # here, not at the top: lib.pi0 imports torch and LeRobot
+
         check(
             not (model.train_expert_only or model.freeze_vision_encoder),
             "model.lora_rank",
@@ -105,7 +107,7 @@ def validate_lora_modes(model: Any) -> None:
             model.lora_rank,
         )
         check(
-            model.pretrained not in ("tiny", "small", "full"),
+            model.pretrained not in MODEL_SIZES,
             "model.lora_rank",
             "0 when model.pretrained is a fresh size (adapters fine-tune pretrained weights)",
             model.lora_rank,
