@@ -1,7 +1,7 @@
 # Set-up: `make install` then `make test` (see README.md).
 SHELL := /bin/bash
 VENV := .venv
-PY := $(VENV)/bin/python
+PY ?= $(VENV)/bin/python
 ACCELERATE := $(VENV)/bin/accelerate
 # Built on demand by `make debug` and the tests; see data_prep/.
 TOKENIZER_DIR := artifacts/tokenizer
@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install debug bench soak soft-arm-ablation ript-soft-arm test test-all lint format clean stage-08 stage-09 stage-10 stage-11 stage-12 stage-13
+.PHONY: install debug bench plan gpu-check soak soft-arm-ablation ript-soft-arm test test-all lint format clean stage-08 stage-09 stage-10 stage-11 stage-12 stage-13
 
 # Python 3.12 is required: try `python3.12`, then pyenv's 3.12 (its shim fails when the global
 # version is another one), then give up with a clear message.
@@ -120,6 +120,22 @@ $(DEBUG_DATASET_DIR)/meta/info.json:
 
 bench: $(TOKENIZER_DIR)/tokenizer.json $(DEBUG_DATASET_DIR)/meta/info.json
 	$(PY) scripts/benchmark.py --dataset $(DEBUG_DATASET_DIR) --tokenizer $(TOKENIZER_DIR)
+
+# Predicted GPU memory of every shipped production config x launcher x fine-tuning mode, computed on
+# fake tensors (scripts/plan_memory.py; docs/memory.md): docs/results/memory_plan/plan.md and .json.
+plan:
+	$(PY) scripts/plan_memory.py
+
+# The full-size figures on one GPU (scripts/gpu_check.py, about 8 minutes): the GPU section of
+# BENCHMARKS.md/json. On a bare GPU machine without .venv: `make gpu-check PY=python3` with the
+# project's wheels on PYTHONPATH. Its dataset keeps PNG frames, so no video decoder is needed.
+GPU_CHECK_DATASET_DIR := artifacts/soft_arm_lerobot_debug_frames
+$(GPU_CHECK_DATASET_DIR)/meta/info.json:
+	$(PY) data_prep/make_fake_soft_arm.py --output_dir $(DEBUG_RAW_DIR) --episodes 12 --seed 0
+	$(PY) data_prep/soft_arm_to_lerobot.py --raw_dir $(DEBUG_RAW_DIR) --output_dir $(GPU_CHECK_DATASET_DIR) --no_videos
+
+gpu-check: $(TOKENIZER_DIR)/tokenizer.json $(GPU_CHECK_DATASET_DIR)/meta/info.json
+	$(PY) scripts/gpu_check.py --dataset $(GPU_CHECK_DATASET_DIR) --tokenizer $(TOKENIZER_DIR)
 
 # Leak check (README "Faults and what happens"): 30 minutes of tiny training and RIPT side by side,
 # memory, file descriptors and child processes sampled each minute; soak.json, soak.png, the slopes.

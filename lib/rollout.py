@@ -12,6 +12,7 @@ import contextlib
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -36,6 +37,28 @@ class PolicyOutput:
 
 # Observations in; action chunks (n, chunk, action_dim) out, or a `PolicyOutput`.
 PolicyFn = Callable[[list[dict[str, Any]]], "np.ndarray | PolicyOutput"]
+
+
+class TimedPolicy:
+    """A policy function that adds up the wall time spent in its calls: a rollout's inference share
+    (the rest of a rollout is simulation). Its calls return host arrays, so the time includes the
+    device's work."""
+
+    def __init__(self, policy_fn: PolicyFn) -> None:
+        self.policy_fn = policy_fn
+        self.seconds = 0.0
+
+    def __call__(self, observations: list[dict[str, Any]]) -> np.ndarray | PolicyOutput:
+        started = time.perf_counter()
+        try:
+            return self.policy_fn(observations)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def pop_seconds(self) -> float:
+        """The seconds since the last call of this method."""
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
 
 
 def split_policy_output(output: np.ndarray | PolicyOutput) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:

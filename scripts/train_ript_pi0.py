@@ -67,7 +67,7 @@ from lib.ript import (
     set_iteration_lr,
     windows_with_advantages,
 )
-from lib.rollout import save_rollout_video
+from lib.rollout import TimedPolicy, save_rollout_video
 from lib.run_logging import append_metrics, finish_run, init_trackers, plot_metrics, tee_output
 from lib.schemas import TrainRIPTConfig, validate_train_ript_config
 
@@ -174,7 +174,7 @@ def main() -> int:
     policy, optimizer, state_loader = accelerator.prepare(policy, optimizer, state_loader)
     write_weights_once(accelerator)  # the weights live in pretrained_model/ only
     unwrapped = base_policy(accelerator.unwrap_model(policy))  # the LeRobot policy (inside peft's wrapper)
-    policy_fn = make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast)
+    policy_fn = TimedPolicy(make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast))
     history = StateOutcomeHistory(skip_after=config.rl.skip_after, skip_for=config.rl.skip_for)
     print(
         f"{len(dataset)} init states, {len(state_loader)} batches per epoch and rank; "
@@ -250,6 +250,7 @@ def main() -> int:
         for iteration in range(progress_state.iteration + 1, last_iteration + 1):
             # Rollouts with smart sampling: keep only groups whose K outcomes differ.
             started = time.perf_counter()
+            policy_fn.pop_seconds()  # the last iteration's evaluation is not this iteration's inference
             # A video of one rollout every `tracking.video_every` iterations.
             record_video = (
                 not args.dry_run
@@ -268,6 +269,7 @@ def main() -> int:
                     record_first=record_video,
                 )
             rollout_time = time.perf_counter() - started
+            inference_time = policy_fn.pop_seconds()  # the policy calls inside the rollouts
             if record_video:
                 print(f"video: {save_rollout_video(rollouts.episodes, output_dir / 'videos', iteration)}")
 
@@ -299,6 +301,7 @@ def main() -> int:
                 "nonfinite_skipped": nonfinite.pop_skipped(),  # update steps skipped (non-finite gradient)
                 "loss": accelerator.reduce(torch.stack(losses).mean(), "mean").item() if losses else None,
                 "rollout_time_s": rollout_time,
+                "inference_time_s": inference_time,
                 # Performance and memory monitoring.
                 "update_time_s": update_time,
                 "env_steps_per_s": statistics["env_steps"] / max(rollout_time, 1e-9),

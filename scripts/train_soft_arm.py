@@ -314,6 +314,8 @@ def main() -> int:
                     "train/epoch": epoch,
                     "train/nonfinite_skipped": nonfinite.pop_skipped(),
                 }
+                if torch.cuda.is_available():
+                    metrics["train/gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 accelerator.log(metrics, step=step)
                 if accelerator.is_main_process:
                     append_metrics(metrics_file, step, metrics)

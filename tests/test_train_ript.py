@@ -28,7 +28,14 @@ def iterations_logged(output_dir) -> list[dict]:
 
 
 # What a re-run measures differently (wall time, memory); everything else must repeat exactly.
-MEASURED = {"ript/rollout_time_s", "ript/update_time_s", "ript/env_steps_per_s", "ript/rss_gib", "ript/gpu_peak_gib"}
+MEASURED = {
+    "ript/rollout_time_s",
+    "ript/inference_time_s",
+    "ript/update_time_s",
+    "ript/env_steps_per_s",
+    "ript/rss_gib",
+    "ript/gpu_peak_gib",
+}
 
 
 @TWO_RANK_LAUNCH
@@ -47,6 +54,7 @@ def test_two_process_launch_and_bit_exact_resume(args, tmp_path):
     rows = iterations_logged(tmp_path)
     assert [row["step"] for row in rows] == [1, 2]
     assert all(row["ript/episodes"] == 4 for row in rows)  # 2 ranks x K=2, gathered
+    assert all(0 < row["ript/inference_time_s"] < row["ript/rollout_time_s"] for row in rows)  # the policy's share
     step_1, step_2 = (tmp_path / "checkpoints" / f"step_0000000{i}" for i in (1, 2))
     state = json.loads((step_1 / "training_state" / "state.json").read_text())["progress"]
     assert state == {"iteration": 1, "draws_by_rank": [1, 1]}  # one draw per rank and iteration
