@@ -160,6 +160,8 @@ def main() -> int:
         config.env.replan_steps,
         seed=config.seed + 1000 * rank,
         settle_steps=config.env.settle_steps,
+        # Each rank's simulators render on that rank's GPU, not all on EGL's default one.
+        render_gpu_device_id=torch.cuda.current_device() if torch.cuda.is_available() else -1,
     )
     all_results = []  # every episode rolled out in the current iteration
     try:

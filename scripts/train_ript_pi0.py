@@ -55,7 +55,7 @@ from lib.libero import (
     split_state_batch,
 )
 from lib.lora import add_lora_adapters, base_policy
-from lib.pi0 import count_parameters, make_optimizer, make_policy_fn
+from lib.pi0 import MODEL_SIZES, count_parameters, load_tokenizer, make_optimizer, make_policy_fn, resolve_pretrained
 from lib.ript import (
     RL_IDENTITY_KEYS,
     RIPTProgress,
@@ -100,8 +100,12 @@ def main() -> int:
     # A dry run (one iteration, nothing saved) writes only its log.
     resume = args.resume or config.resume
     checkpoint = None if args.dry_run else check_output_dir(config.output_dir, resume, args.overwrite)
-    # The init states, and so `env.task_names`, are checked before anything is written too.
+    # The init states, and so `env.task_names`, are checked before anything is written too, and so
+    # are the model source and the tokenizer (an uncached hub id: one line, before any tracker starts).
     dataset = LiberoInitStateDataset(config.env.benchmark, config.env.task_names)
+    if config.model.pretrained not in MODEL_SIZES:
+        resolve_pretrained(config.model.pretrained)
+    load_tokenizer(config.model.tokenizer)
     # The seed's setup_distributed(). `cpu=` because a launcher config with
     # `use_cpu: true` starts processes that never connect on a machine without a GPU (docs/dependencies.md).
     accelerator = Accelerator(

@@ -100,6 +100,12 @@ def main() -> int:
     checkpoint = None if args.dry_run else check_output_dir(output_dir, resume, args.overwrite)
     if config.hub.repo_id and not args.dry_run:
         check_hub_push(config.hub.repo_id, "hub.repo_id")  # before training, not after it
+    # The model source and the tokenizer, resolved before any data is read: an uncached hub id is one
+    # line here, not after the dataset and its loader workers. A hub id resolves once, through the
+    # Hugging Face cache, for its size and its weights.
+    fresh = config.model.pretrained in MODEL_SIZES
+    source = config.model.pretrained if fresh else resolve_pretrained(config.model.pretrained)
+    tokenizer = load_tokenizer(config.model.tokenizer)
 
     # ------------------------------------------------------------------------------------------
     # Accelerator. `cpu=` because on a machine without a GPU, a launcher config with
@@ -153,9 +159,6 @@ def main() -> int:
     # Policy: graph pi0 from a pretrained checkpoint or a fresh size, and its processors.
     state_dim = train_dataset.meta.features[STATE_KEY]["shape"][0]
     image_shape = (3, config.data.image_size, config.data.image_size)
-    # A hub id is resolved once (through the Hugging Face cache) for its size and its weights.
-    fresh = config.model.pretrained in MODEL_SIZES
-    source = config.model.pretrained if fresh else resolve_pretrained(config.model.pretrained)
     policy_config = PI0GraphConfig(
         model_size=config.model.pretrained if fresh else saved_model_size(source),
         use_graph=config.model.use_graph,
@@ -178,7 +181,6 @@ def main() -> int:
     # Loading is checked (lib/pi0.py): a plain pi0 checkpoint gets a fresh graph encoder and
     # nothing else may be missing.
     policy = make_pi0_policy(source, policy_config, PI0GraphPolicy)
-    tokenizer = load_tokenizer(config.model.tokenizer)
     preprocessor, postprocessor = make_pi0_processors(policy.config, tokenizer, dataset_stats(train_dataset))
     if config.model.lora_rank:  # LoRA: adapters train, the pretrained weights stay frozen
         policy = add_lora_adapters(policy, config.model.lora_rank)

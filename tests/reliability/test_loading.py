@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, run
+from conftest import PYTHON, exit_in_process, run
 from lerobot.configs import FeatureType, PolicyFeature
 from lerobot.policies.pi0.configuration_pi0 import PI0Config
 from lerobot.policies.pi0.modeling_pi0 import PI0Policy
@@ -220,6 +220,7 @@ def test_scripts_exit_2_with_one_line(graph_checkpoint, tmp_path, train_args):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "hub id 'lerobot/pi0_base' is not in the Hugging Face cache" in result.stderr
     assert "HF_HUB_OFFLINE=1" in result.stderr
+    assert not (tmp_path / "run").exists()  # resolved before the dataset, its loader workers and the output_dir
 
     # A fresh RIPT run into a directory that holds a run: refused before anything is written.
     run_dir = tmp_path / "ript"
@@ -290,3 +291,24 @@ def test_a_resume_with_another_objective_is_refused(tmp_path):
             RunIdentity(other, RL_IDENTITY_KEYS).check(checkpoint)
     state_file.write_text(json.dumps({"progress": {"iteration": 1}}))  # saved before RunIdentity existed
     RunIdentity(OmegaConf.merge(saved, {"rl": {"objective": "behavior_cloning"}}), RL_IDENTITY_KEYS).check(checkpoint)
+
+
+def test_train_ript_resolves_its_model_before_any_tracker_starts(monkeypatch, capsys, tmp_path):
+    """An uncached hub id for train_ript_pi0.py: one line, exit 2, and no output_dir (no wandb run,
+    no log) - the model source is checked with the config, not after the trackers start."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    run_dir = tmp_path / "ript"
+    code, err = exit_in_process(
+        monkeypatch,
+        capsys,
+        "scripts/train_ript_pi0.py",
+        "--config",
+        "configs/minimal_test.yaml",
+        f"output_dir={run_dir}",
+        "model.pretrained=lerobot/pi0_libero_finetuned",
+    )
+    assert code == 2 and "Traceback" not in err, err
+    assert "hub id 'lerobot/pi0_libero_finetuned' is not in the Hugging Face cache" in err
+    assert not run_dir.exists()
