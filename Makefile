@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install debug bench plan gpu-check soak soft-arm-ablation ript-soft-arm test test-all lint format clean stage-08 stage-09 stage-10 stage-11 stage-12 stage-13
+.PHONY: install debug bench plan gpu-check soak soft-arm-ablation ript-soft-arm test test-slow test-all lint format clean stage-08 stage-09 stage-10 stage-11 stage-12 stage-13
 
 # Python 3.12 is required: try `python3.12`, then pyenv's 3.12 (its shim fails when the global
 # version is another one), then give up with a clear message.
@@ -172,6 +172,9 @@ PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 test:
 	$(PYTEST) -m "not slow" --durations=15 tests
+
+test-slow:
+	$(PYTEST) -m slow --durations=10 tests
 
 test-all:
 	$(PYTEST) tests

@@ -360,6 +360,18 @@ def predict(case: Case, size: str) -> Prediction:
     return prediction
 
 
+def steady_state_optimizer(policy: torch.nn.Module) -> torch.optim.AdamW:
+    """AdamW over the trained parameters with its moments already made (one step on zero
+    gradients): a step tracked after it is a steady-state step, not the first one."""
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01, foreach=False)
+    for parameter in trained:
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer
+
+
 def fake_step(case: Case, size: str) -> Prediction:
     """The step of `case` on fake tensors under MemTracker."""
     start = time.perf_counter()
@@ -368,12 +380,8 @@ def fake_step(case: Case, size: str) -> Prediction:
     with FakeTensorMode(shape_env=ShapeEnv()):  # a ShapeEnv lets LeRobot's `.item()` calls through
         materialize_fake(policy, device)
         policy.train()
+        optimizer = steady_state_optimizer(policy)
         trained = [p for p in policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trained, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01, foreach=False)
-        for parameter in trained:  # the moments exist from the first step on: a steady-state step
-            parameter.grad = torch.zeros_like(parameter)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         tracker = FrozenAwareMemTracker()
         tracker.track_external(policy, optimizer)
         with tracker:

@@ -20,12 +20,7 @@ def real_step_peak(case, size: str) -> float:
     with PLAN["model_size_context"](size):
         policy = PLAN["POLICY_CLASSES"][case.policy](config)
     policy.train()
-    trained = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01, foreach=False)
-    for parameter in trained:
-        parameter.grad = torch.zeros_like(parameter)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer = PLAN["steady_state_optimizer"](policy)
     tracker = MemTracker()
     tracker.track_external(policy, optimizer)
     with tracker:

@@ -38,6 +38,7 @@ MEASURED = {
 }
 
 
+@pytest.mark.slow  # 130 s; CI runs the slow suite after make test (.ci/run)
 @TWO_RANK_LAUNCH
 def test_two_process_launch_and_bit_exact_resume(args, tmp_path):
     """2 ranks, 2 iterations; then resumed from iteration 1's checkpoint in the same output_dir:
