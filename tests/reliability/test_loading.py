@@ -60,11 +60,31 @@ def damaged_copy(source: Path, destination: Path, change) -> Path:
     return destination
 
 
-def test_a_good_checkpoint_loads_exactly(graph_checkpoint):
+def test_a_good_checkpoint_loads_exactly(graph_checkpoint, tmp_path):
     policy = PI0GraphPolicy.from_pretrained(graph_checkpoint)
     saved = load_file(graph_checkpoint / "model.safetensors")
     assert saved.keys() == policy.state_dict().keys()
     assert all(torch.equal(saved[key], value) for key, value in policy.state_dict().items())
+
+    # The backbone is built without random init (`backbone_built_uninitialised`, minutes at full size):
+    # every parameter and buffer, the non-persistent rotary frequencies too, still ends as the saved
+    # policy's, and so do its actions.
+    original = make_pi0_policy("tiny", graph_config(), PI0GraphPolicy).eval()
+    original.save_pretrained(tmp_path)
+    loaded = PI0GraphPolicy.from_pretrained(tmp_path)
+    for kind in ("named_parameters", "named_buffers"):
+        expected, got = dict(getattr(original, kind)()), dict(getattr(loaded, kind)())
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected), kind
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "observation.images.front": torch.rand(2, 3, 64, 64, generator=generator),
+        "observation.state": torch.randn(2, 10, generator=generator),
+        GRAPH_KEY: torch.randn(2, 10, 19, generator=generator),
+        "observation.language.tokens": torch.randint(0, 500, (2, 12), generator=generator),
+        "observation.language.attention_mask": torch.ones(2, 12, dtype=torch.bool),
+    }
+    noise = torch.randn(2, 8, 32, generator=generator)
+    assert torch.equal(loaded.predict_action_chunk(batch, noise=noise), original.predict_action_chunk(batch, noise=noise))
 
 
 def test_truncated_weights_are_an_error(graph_checkpoint, tmp_path):
