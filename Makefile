@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install debug bench plan gpu-check soak soft-arm-ablation ript-soft-arm test test-slow test-all lint format clean stage-08 stage-09 stage-10 stage-11 stage-12 stage-13
+.PHONY: install debug bench plan gpu-check soak soft-arm-ablation ript-soft-arm smoke-full test test-slow test-all lint format clean stage-08 stage-09 stage-10 stage-11 stage-12 stage-13
 
 # Python 3.12 is required: try `python3.12`, then pyenv's 3.12 (its shim fails when the global
 # version is another one), then give up with a clear message.
@@ -171,13 +171,19 @@ TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 test:
-	$(PYTEST) -m "not slow" --durations=15 tests
+	$(PYTEST) -m "not slow and not full_size" --durations=15 tests
 
 test-slow:
-	$(PYTEST) -m slow --durations=10 tests
+	$(PYTEST) -m "slow and not full_size" --durations=10 tests
 
 test-all:
-	$(PYTEST) tests
+	$(PYTEST) -m "not full_size" tests
+
+# The real 4 B pi0 on the CPU in bf16 (tests/full_size, marker full_size; about 40 minutes on 2 cores,
+# 18 GB of memory): train, save, checked load, resume, LoRA, guided sampling, RIPT on LIBERO, export.
+# Writes docs/results/full_size_cpu/report.{md,json}. One process at a time: no xdist workers.
+smoke-full:
+	$(PY) -m pytest -q -p no:xdist -m full_size --durations=0 tests/full_size
 
 lint:
 	$(VENV)/bin/ruff check .

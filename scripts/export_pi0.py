@@ -34,6 +34,7 @@ from lib.pi0 import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     CheckpointError,
+    backbone_built_uninitialised,
     load_weights_into,
     model_size_context,
     resolve_pretrained,
@@ -106,7 +107,9 @@ def main() -> int:
         state_dict[STATE_BIAS_KEY] = (bias.float() + flag.float()).to(bias.dtype)
 
     config = plain_pi0_config(source)
-    with model_size_context(saved.get("model_size", "full")):
+    # Built without random init: the strict load below fills every weight (at full size the random
+    # init alone would take minutes and, beside the loaded state dict, more memory than the weights).
+    with model_size_context(saved.get("model_size", "full")), backbone_built_uninitialised():
         policy = PI0Policy(config)
     load_weights_into(policy, weights_file, state_dict)  # strict: every key of plain pi0 filled, none left over
 
