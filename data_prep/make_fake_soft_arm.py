@@ -19,7 +19,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from lib.soft_arm import ACTION_DIM, NODE_FEATURES, NUM_NODES, RawEpisode, save_raw_episode
+from lib.data.soft_arm import RawEpisode, save_raw_episode
+from lib.envs.soft_arm.features import ACTION_DIM, NODE_FEATURES, NUM_NODES
 
 SEGMENT_LENGTH = 0.05  # m
 RESPONSE = 0.25  # fraction of the commanded curvature change reached per step

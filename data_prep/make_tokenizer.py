@@ -11,7 +11,7 @@ Deterministic: the same corpus and vocab size give the same files.
 import argparse
 from pathlib import Path
 
-from lib.pi0 import build_local_tokenizer
+from lib.policies.processors import build_local_tokenizer
 
 
 def main() -> None:

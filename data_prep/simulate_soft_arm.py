@@ -1,5 +1,5 @@
-"""Record scripted-expert demonstrations of the simulated soft arm (MuJoCo; lib/soft_arm_sim.py)
-as raw soft-arm episodes (format: lib/soft_arm.py).
+"""Record scripted-expert demonstrations of the simulated soft arm (MuJoCo; lib/envs/soft_arm/sim.py)
+as raw soft-arm episodes (format: lib/data/soft_arm.py).
 
     python data_prep/simulate_soft_arm.py --output_dir artifacts/soft_arm_raw --episodes 100 --workers 2
 
@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from lib.soft_arm import ACTION_KEY, GRAPH_KEY, IMAGE_KEY, STATE_KEY, RawEpisode, save_raw_episode
-from lib.soft_arm_sim import CONTROL_HZ, MAX_STEPS, ScriptedExpert, SoftArmSim
+from lib.data.soft_arm import RawEpisode, save_raw_episode
+from lib.envs.soft_arm.features import ACTION_KEY, GRAPH_KEY, IMAGE_KEY, STATE_KEY
+from lib.envs.soft_arm.sim import CONTROL_HZ, MAX_STEPS, ScriptedExpert, SoftArmSim
 
 MAX_ATTEMPTS = 5
 _simulator: SoftArmSim | None = None  # one per worker process, reused across episodes

@@ -1,4 +1,4 @@
-"""Convert a folder of raw soft-arm episodes (format: lib/soft_arm.py) into a local LeRobotDataset.
+"""Convert a folder of raw soft-arm episodes (format: lib/data/soft_arm.py) into a local LeRobotDataset.
 
 Features: `observation.images.front` (H, W, 3), `observation.state` (S,), `observation.graph`
 (10, 19), `action` (10,), and the instruction as the frame's task. Camera frames are stored as MP4
@@ -22,22 +22,19 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lib.errors import UserError, exit_code_of
-from lib.hub import check_hub_push
-from lib.soft_arm import (
+from lib.data.soft_arm import EpisodeError, RawEpisode, list_raw_episodes, load_raw_episode
+from lib.envs.soft_arm.features import (
     ACTION_DIM,
     ACTION_KEY,
+    ACTION_NAMES,
     GRAPH_KEY,
     IMAGE_KEY,
     NODE_FEATURES,
     NUM_NODES,
     STATE_KEY,
-    EpisodeError,
-    RawEpisode,
-    list_raw_episodes,
-    load_raw_episode,
 )
-from lib.soft_arm_features import ACTION_NAMES
+from lib.run.errors import UserError, exit_code_of
+from lib.run.hub import check_hub_push
 
 SOURCES_FILE = "meta/soft_arm_sources.json"
 REPORT_FILE = "meta/soft_arm_conversion.json"

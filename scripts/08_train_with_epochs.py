@@ -23,13 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.libero import (
-    VectorLiberoRollout,
-    get_suite,
-    make_ript_policy,
-)
-from lib.pi0 import make_policy_fn, seeded_noise_and_time
-from lib.ript import (
+from lib.envs.libero.rollout import VectorLiberoRollout
+from lib.envs.libero.worker import get_suite
+from lib.policies.factories import make_ript_policy
+from lib.policies.noise import seeded_noise_and_time
+from lib.policies.policy_fn import make_policy_fn
+from lib.rl.ript import (
     StateOutcomeHistory,
     collect_informative_groups,
     init_state_key,
@@ -38,7 +37,7 @@ from lib.ript import (
     window_batch,
     windows_with_advantages,
 )
-from lib.schemas import EnvConfig, ModelConfig, OptimConfig, RIPTConfig, RLConfig, TrainConfig
+from lib.run.schemas import EnvConfig, ModelConfig, OptimConfig, RIPTConfig, RLConfig, TrainConfig
 
 TASK = "pick_up_the_black_bowl_between_the_plate_and_the_ramekin_and_place_it_on_the_plate"
 
@@ -47,7 +46,7 @@ TASK = "pick_up_the_black_bowl_between_the_plate_and_the_ramekin_and_place_it_on
 class AdvancedTrainingConfig(RIPTConfig):
     """The hard-coded training config (the seed's AdvancedTrainingConfig): the tiny pi0 on one
     LIBERO task, one simulator, short episodes. The fields are the shared schema's
-    (lib/schemas.py), which stage 09 fills from a YAML file instead."""
+    (lib/run/schemas.py), which stage 09 fills from a YAML file instead."""
 
     output_dir: str = "outputs/stage08"
     seed: int = 0

@@ -2,7 +2,7 @@
 
 New: the config comes from a YAML file (`--config`, alias `--config_path`, e.g. configs/debug_train_pi0.yaml for
 development, configs/train_pi0_cfg_rl.yaml for production) on top of the schema's defaults
-(lib/schemas.py), with `key=value` overrides; `validate_config` names any bad key.
+(lib/run/schemas.py), with `key=value` overrides; `validate_config` names any bad key.
 
     python scripts/09_train_with_config.py --config configs/debug_train_pi0.yaml
     python scripts/09_train_with_config.py --config configs/minimal_test.yaml train.iterations=1
@@ -20,14 +20,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lib.config import ConfigError, load_config
-from lib.libero import (
-    VectorLiberoRollout,
-    get_suite,
-    make_ript_policy,
-)
-from lib.pi0 import make_policy_fn, seeded_noise_and_time
-from lib.ript import (
+from lib.envs.libero.rollout import VectorLiberoRollout
+from lib.envs.libero.worker import get_suite
+from lib.policies.factories import make_ript_policy
+from lib.policies.noise import seeded_noise_and_time
+from lib.policies.policy_fn import make_policy_fn
+from lib.rl.ript import (
     StateOutcomeHistory,
     collect_informative_groups,
     init_state_key,
@@ -36,12 +34,13 @@ from lib.ript import (
     window_batch,
     windows_with_advantages,
 )
-from lib.schemas import RIPTConfig, validate_config
+from lib.run.config import ConfigError, load_config
+from lib.run.schemas import RIPTConfig, validate_config
 
 
 # New in stage 09: YAML config + CLI overrides + validation, replacing the hard-coded config.
 def load_config_from_yaml(path: Path, overrides: list[str]) -> DictConfig:
-    """The schema's defaults (lib/schemas.py), then the YAML file, then `key=value` overrides."""
+    """The schema's defaults (lib/run/schemas.py), then the YAML file, then `key=value` overrides."""
     config = load_config(RIPTConfig, path, overrides)
     validate_config(config)
     return config

@@ -27,14 +27,12 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from omegaconf import DictConfig, OmegaConf
 
-from lib.config import ConfigError, load_config
-from lib.libero import (
-    VectorLiberoRollout,
-    get_suite,
-    make_ript_policy,
-)
-from lib.pi0 import make_policy_fn, seeded_noise_and_time
-from lib.ript import (
+from lib.envs.libero.rollout import VectorLiberoRollout
+from lib.envs.libero.worker import get_suite
+from lib.policies.factories import make_ript_policy
+from lib.policies.noise import seeded_noise_and_time
+from lib.policies.policy_fn import make_policy_fn
+from lib.rl.ript import (
     StateOutcomeHistory,
     collect_informative_groups,
     init_state_key,
@@ -43,12 +41,13 @@ from lib.ript import (
     window_batch,
     windows_with_advantages,
 )
-from lib.schemas import RIPTConfig, validate_config
+from lib.run.config import ConfigError, load_config
+from lib.run.schemas import RIPTConfig, validate_config
 
 
 # YAML config + CLI overrides + validation, replacing the hard-coded config.
 def load_config_from_yaml(path: Path, overrides: list[str]) -> DictConfig:
-    """The schema's defaults (lib/schemas.py), then the YAML file, then `key=value` overrides."""
+    """The schema's defaults (lib/run/schemas.py), then the YAML file, then `key=value` overrides."""
     config = load_config(RIPTConfig, path, overrides)
     validate_config(config)
     return config

@@ -2,7 +2,7 @@
 scripts/STAGES.md).
 
 New: everything each rank prints is also written to `output_dir/train_rank{R}.log` (the seed's
-`_TeeIO`: `lib.run_logging.TeeIO`); metrics go to the trackers (tensorboard, and wandb offline
+`_TeeIO`: `lib.run.logs.TeeIO`); metrics go to the trackers (tensorboard, and wandb offline
 unless `tracking.wandb_mode=online`; the wandb run id is kept in `output_dir`, so a re-run with the
 same output_dir continues the same run) and to `metrics.jsonl`; `success.png` plots them.
 
@@ -25,14 +25,13 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from omegaconf import DictConfig, OmegaConf
 
-from lib.config import ConfigError, load_config, to_flat_dict
-from lib.libero import (
-    VectorLiberoRollout,
-    get_suite,
-    make_ript_policy,
-)
-from lib.pi0 import make_policy_fn, seeded_noise_and_time
-from lib.ript import (
+from lib.envs.libero.rollout import VectorLiberoRollout
+from lib.envs.libero.worker import get_suite
+from lib.envs.vector_rollout import save_rollout_video
+from lib.policies.factories import make_ript_policy
+from lib.policies.noise import seeded_noise_and_time
+from lib.policies.policy_fn import make_policy_fn
+from lib.rl.ript import (
     StateOutcomeHistory,
     collect_informative_groups,
     init_state_key,
@@ -41,14 +40,14 @@ from lib.ript import (
     window_batch,
     windows_with_advantages,
 )
-from lib.rollout import save_rollout_video
-from lib.run_logging import append_metrics, init_trackers, plot_metrics, tee_output
-from lib.schemas import RIPTConfig, validate_config
+from lib.run.config import ConfigError, load_config, to_flat_dict
+from lib.run.logs import append_metrics, init_trackers, plot_metrics, tee_output
+from lib.run.schemas import RIPTConfig, validate_config
 
 
 # YAML config + CLI overrides + validation, replacing the hard-coded config.
 def load_config_from_yaml(path: Path, overrides: list[str]) -> DictConfig:
-    """The schema's defaults (lib/schemas.py), then the YAML file, then `key=value` overrides."""
+    """The schema's defaults (lib/run/schemas.py), then the YAML file, then `key=value` overrides."""
     config = load_config(RIPTConfig, path, overrides)
     validate_config(config)
     return config

@@ -28,18 +28,12 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataPara
 from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
 
-from lib.checkpoint import GracefulStop, check_output_dir, checkpoint_as_json, save_policy_checkpoint, start_output_dir
-from lib.config import load_config, run_overrides, to_flat_dict
-from lib.errors import exit_code_of
-from lib.libero import (
-    LiberoInitStateDataset,
-    VectorLiberoRollout,
-    collate_fn_state,
-    make_ript_policy,
-    split_state_batch,
-)
-from lib.pi0 import keyed_noise_and_time, make_policy_fn
-from lib.ript import (
+from lib.envs.libero.rollout import LiberoInitStateDataset, VectorLiberoRollout, collate_fn_state, split_state_batch
+from lib.envs.vector_rollout import save_rollout_video
+from lib.policies.factories import make_ript_policy
+from lib.policies.noise import keyed_noise_and_time
+from lib.policies.policy_fn import make_policy_fn
+from lib.rl.ript import (
     RIPTProgress,
     StateOutcomeHistory,
     collect_informative_groups,
@@ -50,14 +44,17 @@ from lib.ript import (
     window_noise_keys,
     windows_with_advantages,
 )
-from lib.rollout import save_rollout_video
-from lib.run_logging import append_metrics, init_trackers, plot_metrics, tee_output
-from lib.schemas import RIPTConfig, validate_config
+from lib.run.checkpoint import check_output_dir, checkpoint_as_json, save_policy_checkpoint, start_output_dir
+from lib.run.config import load_config, run_overrides, to_flat_dict
+from lib.run.errors import exit_code_of
+from lib.run.guards import GracefulStop
+from lib.run.logs import append_metrics, init_trackers, plot_metrics, tee_output
+from lib.run.schemas import RIPTConfig, validate_config
 
 
 # YAML config + CLI overrides + validation, replacing the hard-coded config.
 def load_config_from_yaml(path: Path, overrides: list[str]) -> DictConfig:
-    """The schema's defaults (lib/schemas.py), then the YAML file, then `key=value` overrides."""
+    """The schema's defaults (lib/run/schemas.py), then the YAML file, then `key=value` overrides."""
     config = load_config(RIPTConfig, path, overrides)
     validate_config(config)
     return config

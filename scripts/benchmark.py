@@ -39,14 +39,9 @@ import torch
 from lerobot.configs import FeatureType, PolicyFeature
 from omegaconf import OmegaConf
 
-from lib.cfg_pi0 import PI0GraphCFGConfig, PI0GraphCFGPolicy
-from lib.errors import UserError, exit_code_of
-from lib.graph_pi0 import PI0GraphConfig, PI0GraphPolicy
-from lib.libero import LiberoInitStateDataset, VectorLiberoRollout
-from lib.pi0 import load_tokenizer, make_optimizer, make_pi0_processors, make_policy_fn, seeded_noise_and_time
-from lib.ript import StateOutcomeHistory, collect_iteration, iteration_statistics, run_update
-from lib.schemas import OptimConfig, SoftArmRIPTConfig
-from lib.soft_arm import (
+from lib.data.soft_arm import dataset_stats, make_soft_arm_datasets
+from lib.envs.libero.rollout import LiberoInitStateDataset, VectorLiberoRollout
+from lib.envs.soft_arm.features import (
     ACTION_DIM,
     ACTION_KEY,
     CHUNK_SIZE,
@@ -55,10 +50,17 @@ from lib.soft_arm import (
     NODE_FEATURES,
     NUM_NODES,
     STATE_KEY,
-    dataset_stats,
-    make_soft_arm_datasets,
 )
-from lib.soft_arm_sim import SoftArmVectorRollout
+from lib.envs.soft_arm.sim import SoftArmVectorRollout
+from lib.policies.flag_pi0 import PI0GraphCFGConfig, PI0GraphCFGPolicy
+from lib.policies.graph_pi0 import PI0GraphConfig, PI0GraphPolicy
+from lib.policies.noise import seeded_noise_and_time
+from lib.policies.policy_fn import make_policy_fn
+from lib.policies.processors import load_tokenizer, make_pi0_processors
+from lib.rl.ript import StateOutcomeHistory, collect_iteration, iteration_statistics, run_update
+from lib.run.errors import UserError, exit_code_of
+from lib.run.optim import make_optimizer
+from lib.run.schemas import OptimConfig, SoftArmRIPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CORES = os.cpu_count() or 1

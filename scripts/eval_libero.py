@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lib.cfg_pi0 import PI0CFGPolicy
-from lib.checkpoint import check_writable_dir
-from lib.errors import exit_code_of
-from lib.libero import LiberoInitStateDataset, VectorLiberoRollout, max_steps_of
-from lib.pi0 import load_policy_fn
-from lib.schemas import LIBERO_BENCHMARKS
+from lib.envs.libero.rollout import LiberoInitStateDataset, VectorLiberoRollout
+from lib.envs.libero.worker import max_steps_of
+from lib.policies.flag_pi0 import PI0CFGPolicy
+from lib.policies.policy_fn import load_policy_fn
+from lib.run.checkpoint import check_writable_dir
+from lib.run.errors import exit_code_of
+from lib.run.schemas import LIBERO_BENCHMARKS
 
 
 def parse_args() -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""Closed-loop evaluation on the simulated soft arm (lib/soft_arm_sim.py): success rate, final
+"""Closed-loop evaluation on the simulated soft arm (lib/envs/soft_arm/sim.py): success rate, final
 tip-to-ball distance and episode length of a checkpoint (or the scripted expert) on held-out seeds.
 
     python scripts/eval_soft_arm.py --checkpoint outputs/soft_arm_sim/checkpoints/last/pretrained_model \
@@ -26,18 +26,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lib.cfg_pi0 import PI0GraphCFGPolicy
-from lib.checkpoint import check_writable_dir
-from lib.errors import exit_code_of
-from lib.graph_pi0 import PI0GraphPolicy
-from lib.pi0 import load_policy_fn
-from lib.soft_arm_sim import (
-    CONTROL_HZ,
-    MAX_STEPS,
-    SUCCESS_RADIUS,
-    expert_policy_fn,
-    run_soft_arm_episodes,
-)
+from lib.envs.soft_arm.sim import CONTROL_HZ, MAX_STEPS, SUCCESS_RADIUS, expert_policy_fn, run_soft_arm_episodes
+from lib.policies.flag_pi0 import PI0GraphCFGPolicy
+from lib.policies.graph_pi0 import PI0GraphPolicy
+from lib.policies.policy_fn import load_policy_fn
+from lib.run.checkpoint import check_writable_dir
+from lib.run.errors import exit_code_of
 
 HELD_OUT_SEED_START = 10_000_000
 # train_soft_arm.py's graph pi0, and the RL-trained graph pi0 with the flag of ript_soft_arm.py.
@@ -160,7 +154,7 @@ def main() -> int:
                 "length": e.length,
                 "final_distance_m": e.final_distance,
                 # minus the tip-to-ball distance summed over the steps: the return of the same
-                # episode under the Gymnasium env (lib/soft_arm_env.py), whose reward that is
+                # episode under the Gymnasium env (lib/envs/soft_arm/gym_env.py), whose reward that is
                 "return": -float(np.sum(e.distances)),
             }
             for e in episodes

@@ -27,19 +27,18 @@ from lerobot.policies.pi0.configuration_pi0 import PI0Config
 from lerobot.policies.pi0.modeling_pi0 import PI0Policy
 from safetensors.torch import load_file
 
-from lib.cfg_pi0 import OPTIMAL_FLAG
-from lib.errors import UserError, exit_code_of
-from lib.graph_pi0 import GRAPH_KEY
-from lib.pi0 import (
+from lib.policies.flag_pi0 import OPTIMAL_FLAG
+from lib.policies.graph_pi0 import GRAPH_KEY
+from lib.policies.loading import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     CheckpointError,
-    backbone_built_uninitialised,
     load_weights_into,
-    model_size_context,
     resolve_pretrained,
     saved_config,
 )
+from lib.policies.sizes import backbone_built_uninitialised, model_size_context
+from lib.run.errors import UserError, exit_code_of
 
 EXPORTABLE_TYPES = ("pi0_cfg", "pi0_graph", "pi0_graph_cfg")
 FLAG_KEY = "model.condition_embedding.weight"

@@ -41,11 +41,11 @@ from lerobot.policies.pi0 import modeling_pi0
 from lerobot.policies.pi0.modeling_pi0 import PI0Policy
 from torch.utils.flop_counter import FlopCounterMode
 
-from lib.cfg_pi0 import PI0CFGConfig, PI0CFGPolicy
-from lib.errors import UserError, exit_code_of
-from lib.graph_pi0 import GRAPH_KEY, PI0GraphConfig, PI0GraphPolicy
-from lib.pi0 import MODEL_SIZES, SizedPI0Config, model_size_context
-from lib.soft_arm import ACTION_DIM, ACTION_KEY, IMAGE_KEY, NODE_FEATURES, NUM_NODES, STATE_KEY
+from lib.envs.soft_arm.features import ACTION_DIM, ACTION_KEY, IMAGE_KEY, NODE_FEATURES, NUM_NODES, STATE_KEY
+from lib.policies.flag_pi0 import PI0CFGConfig, PI0CFGPolicy
+from lib.policies.graph_pi0 import GRAPH_KEY, PI0GraphConfig, PI0GraphPolicy
+from lib.policies.sizes import MODEL_SIZES, SizedPI0Config, model_size_context
+from lib.run.errors import UserError, exit_code_of
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30

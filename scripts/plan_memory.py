@@ -49,24 +49,24 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from lib.cfg_pi0 import PI0CFGConfig, PI0CFGPolicy
-from lib.config import load_config
-from lib.errors import UserError, exit_code_of
-from lib.graph_pi0 import GRAPH_KEY, PI0GraphConfig, PI0GraphPolicy
-from lib.libero import ACTION_DIM as LIBERO_ACTION_DIM
-from lib.libero import AGENTVIEW_KEY, WRIST_KEY
-from lib.libero import STATE_DIM as LIBERO_STATE_DIM
-from lib.libero import STATE_KEY as LIBERO_STATE_KEY
-from lib.lora import add_lora_adapters
-from lib.pi0 import MODEL_SIZES, SizedPI0Config, model_size_context
-from lib.schemas import SoftArmTrainConfig, TrainRIPTConfig
-from lib.soft_arm import ACTION_DIM, ACTION_KEY, IMAGE_KEY, NODE_FEATURES, NUM_NODES, STATE_KEY
+from lib.envs.libero.worker import ACTION_DIM as LIBERO_ACTION_DIM
+from lib.envs.libero.worker import AGENTVIEW_KEY, WRIST_KEY
+from lib.envs.libero.worker import STATE_DIM as LIBERO_STATE_DIM
+from lib.envs.libero.worker import STATE_KEY as LIBERO_STATE_KEY
+from lib.envs.soft_arm.features import ACTION_DIM, ACTION_KEY, IMAGE_KEY, NODE_FEATURES, NUM_NODES, STATE_KEY
+from lib.policies.flag_pi0 import PI0CFGConfig, PI0CFGPolicy
+from lib.policies.graph_pi0 import GRAPH_KEY, PI0GraphConfig, PI0GraphPolicy
+from lib.policies.lora import add_lora_adapters
+from lib.policies.sizes import MODEL_SIZES, SizedPI0Config, model_size_context
+from lib.run.config import load_config
+from lib.run.errors import UserError, exit_code_of
+from lib.run.schemas import SoftArmTrainConfig, TrainRIPTConfig
 
 GIB = 2**30
 # Card memory as the driver reports it (nvidia-smi, MiB), and the share a step may plan to use.
 GPUS = {"H100 80GB": 81_559 * 2**20, "H200 141GB": 143_771 * 2**20}
 USABLE_SHARE = 0.95  # the CUDA context and allocator fragmentation take the rest
-SOFT_ARM_STATE_DIM = 10  # lib/soft_arm_sim.py's state (the previous command): its raw format fixes only the size
+SOFT_ARM_STATE_DIM = 10  # lib/envs/soft_arm/sim.py's state (the previous command): its raw format fixes only the size
 LORA_RANK = 16
 
 
@@ -147,7 +147,7 @@ def shipped_cases(root: Path) -> list[Case]:
         (
             "train_pi0_cfg_rl.yaml",
             ript.model,
-            # cfg_rl runs both branches as one forward over the doubled minibatch (lib/cfg_pi0.py)
+            # cfg_rl runs both branches as one forward over the doubled minibatch (lib/rl/objectives.py)
             {"policy": "cfg", "batch_size": ript.rl.minibatch_size, "chunk_size": ript.model.chunk_size},
         ),
     ]

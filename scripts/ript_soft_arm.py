@@ -1,12 +1,12 @@
 """Does the RIPT loop learn? RL post-training of a behaviour-cloned graph pi0 on the simulated soft
-arm (lib/soft_arm_sim.py), where a tiny pi0 reaches a middling success rate on a CPU, unlike LIBERO.
+arm (lib/envs/soft_arm/sim.py), where a tiny pi0 reaches a middling success rate on a CPU, unlike LIBERO.
 
     python scripts/ript_soft_arm.py --config configs/ript_soft_arm.yaml                # advantage_filtered
     python scripts/ript_soft_arm.py --config configs/ript_soft_arm.yaml rl.objective=cfg_rl \
         model.guidance_weight=2 output_dir=outputs/ript_soft_arm/cfg_rl_w2
     make ript-soft-arm                                  # BC start, every objective, 3 seeds each
 
-The loop is train_ript_pi0.py's, from the same engine (lib/ript.py: `collect_iteration`,
+The loop is train_ript_pi0.py's, from the same engine (lib/rl/ript.py: `collect_iteration`,
 `run_update`, `iteration_statistics`), with the soft-arm simulators as the rollout backend: each
 iteration draws task seeds (the "init states": a pool of `env.train_states` training seeds,
 reshuffled every pass), rolls out K episodes from each, keeps the groups whose outcomes differ
@@ -48,32 +48,14 @@ from accelerate.utils import gather_object, set_seed
 from lerobot.configs import PreTrainedConfig
 from tqdm.auto import tqdm
 
-from lib.cfg_pi0 import PI0GraphCFGConfig, PI0GraphCFGPolicy, exploration_noise
-from lib.checkpoint import (
-    STATE_DIR,
-    GracefulStop,
-    NonFiniteGuard,
-    RunIdentity,
-    check_writable_dir,
-    checkpoint_as_json,
-    checkpoint_dirs,
-    save_policy_checkpoint,
-    start_output_dir,
-    write_weights_once,
-)
-from lib.config import add_run_arguments, load_config, run_overrides
-from lib.errors import UserError, exit_code_of
-from lib.graph_pi0 import PI0GraphConfig
-from lib.pi0 import (
-    CheckpointError,
-    load_pi0_processors,
-    load_pretrained_policy,
-    load_tokenizer,
-    make_optimizer,
-    make_policy_fn,
-    resolve_pretrained,
-)
-from lib.ript import (
+from lib.envs.soft_arm.sim import SoftArmVectorRollout, distance_shaped_reward
+from lib.policies.flag_pi0 import PI0GraphCFGConfig, PI0GraphCFGPolicy
+from lib.policies.graph_pi0 import PI0GraphConfig
+from lib.policies.loading import CheckpointError, load_pretrained_policy, resolve_pretrained
+from lib.policies.policy_fn import make_policy_fn
+from lib.policies.processors import load_pi0_processors, load_tokenizer
+from lib.rl.objectives import exploration_noise
+from lib.rl.ript import (
     RL_IDENTITY_KEYS,
     RIPTProgress,
     StateOutcomeHistory,
@@ -83,9 +65,22 @@ from lib.ript import (
     set_iteration_lr,
     windows_with_advantages,
 )
-from lib.run_logging import append_metrics
-from lib.schemas import SoftArmRIPTConfig, validate_soft_arm_ript_config
-from lib.soft_arm_sim import SoftArmVectorRollout, distance_shaped_reward
+from lib.run.checkpoint import (
+    STATE_DIR,
+    RunIdentity,
+    check_writable_dir,
+    checkpoint_as_json,
+    checkpoint_dirs,
+    save_policy_checkpoint,
+    start_output_dir,
+    write_weights_once,
+)
+from lib.run.config import add_run_arguments, load_config, run_overrides
+from lib.run.errors import UserError, exit_code_of
+from lib.run.guards import GracefulStop, NonFiniteGuard
+from lib.run.logs import append_metrics
+from lib.run.optim import make_optimizer
+from lib.run.schemas import SoftArmRIPTConfig, validate_soft_arm_ript_config
 
 HELD_OUT_SEED_START = 10_000_000  # eval_soft_arm.py's
 TRAIN_SEED_START = 20_000_000  # the RL "init states"; never in the demonstrations or the held-out set

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.errors import UserError, exit_code_of
+from lib.run.errors import UserError, exit_code_of
 
 
 def parse_args() -> argparse.Namespace:

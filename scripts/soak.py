@@ -24,7 +24,7 @@ import numpy as np
 import psutil
 from tqdm.auto import tqdm
 
-from lib.errors import UserError, exit_code_of
+from lib.run.errors import UserError, exit_code_of
 
 SERIES = ("rss_mib", "children_rss_mib", "open_fds", "children", "zombies")
 

@@ -4,7 +4,7 @@ Each iteration: draw init states (a DataLoader that accelerate shards across ran
 episodes from each in vectorized LIBERO envs, keep the groups whose outcomes differ (dynamic
 sampling), give every rollout its leave-one-out advantage, and update the flag-conditioned pi0
 with `rl.objective` (CFG-RL by default) for a few epochs over the rollout windows: one iteration
-of the engine in lib/ript.py. Statistics are reduced across ranks; every `train.eval_every`
+of the engine in lib/rl/ript.py. Statistics are reduced across ranks; every `train.eval_every`
 iterations the policy is evaluated on fixed init states. Checkpoints hold weights, processors,
 optimizer, RNG, sampler position and per-state outcome history; `--resume latest` continues
 exactly; SIGTERM/SIGINT finish the iteration, save and exit 0. Each rank logs to
@@ -33,30 +33,16 @@ from accelerate.utils import DistributedType, gather_object, parse_flag_from_env
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from lib.cfg_pi0 import exploration_noise
-from lib.checkpoint import (
-    GracefulStop,
-    NonFiniteGuard,
-    RunIdentity,
-    check_output_dir,
-    checkpoint_as_json,
-    raising_at_first_call_if_injected,
-    save_policy_checkpoint,
-    start_output_dir,
-    write_weights_once,
-)
-from lib.config import add_run_arguments, load_config, run_overrides, to_flat_dict
-from lib.errors import UserError, exit_code_of
-from lib.libero import (
-    LiberoInitStateDataset,
-    VectorLiberoRollout,
-    collate_fn_state,
-    make_ript_policy,
-    split_state_batch,
-)
-from lib.lora import add_lora_adapters, base_policy
-from lib.pi0 import MODEL_SIZES, count_parameters, load_tokenizer, make_optimizer, make_policy_fn, resolve_pretrained
-from lib.ript import (
+from lib.envs.libero.rollout import LiberoInitStateDataset, VectorLiberoRollout, collate_fn_state, split_state_batch
+from lib.envs.vector_rollout import TimedPolicy, save_rollout_video
+from lib.policies.factories import make_ript_policy
+from lib.policies.loading import resolve_pretrained
+from lib.policies.lora import add_lora_adapters, base_policy
+from lib.policies.policy_fn import make_policy_fn
+from lib.policies.processors import load_tokenizer
+from lib.policies.sizes import MODEL_SIZES, count_parameters
+from lib.rl.objectives import exploration_noise
+from lib.rl.ript import (
     RL_IDENTITY_KEYS,
     RIPTProgress,
     StateOutcomeHistory,
@@ -67,20 +53,32 @@ from lib.ript import (
     set_iteration_lr,
     windows_with_advantages,
 )
-from lib.rollout import TimedPolicy, save_rollout_video
-from lib.run_logging import append_metrics, finish_run, init_trackers, plot_metrics, tee_output
-from lib.schemas import TrainRIPTConfig, validate_train_ript_config
+from lib.run.checkpoint import (
+    RunIdentity,
+    check_output_dir,
+    checkpoint_as_json,
+    save_policy_checkpoint,
+    start_output_dir,
+    write_weights_once,
+)
+from lib.run.config import add_run_arguments, load_config, run_overrides, to_flat_dict
+from lib.run.errors import UserError, exit_code_of
+from lib.run.faults import raising_at_first_call_if_injected
+from lib.run.guards import GracefulStop, NonFiniteGuard
+from lib.run.logs import append_metrics, finish_run, init_trackers, plot_metrics, tee_output
+from lib.run.optim import make_optimizer
+from lib.run.schemas import TrainRIPTConfig, validate_train_ript_config
 
 
 # YAML config + CLI overrides + validation, replacing the hard-coded config.
 def load_config_from_yaml(path: Path, overrides: list[str]) -> DictConfig:
-    """The schema's defaults (lib/schemas.py), then the YAML file, then `key=value` overrides."""
+    """The schema's defaults (lib/run/schemas.py), then the YAML file, then `key=value` overrides."""
     config = load_config(TrainRIPTConfig, path, overrides)
     validate_train_ript_config(config)
     return config
 
 
-# The iteration record's statistics (lib.ript.iteration_statistics), in stage 13's order.
+# The iteration record's statistics (lib.rl.ript.iteration_statistics), in stage 13's order.
 ITERATION_KEYS = ("success_rate", "episodes", "groups_kept", "dropped_all_success", "dropped_all_failure")
 ADVANTAGE_KEYS = ("advantage_mean", "advantage_std", "advantage_positive_fraction", "skipped_states")
 

@@ -27,46 +27,29 @@ from lerobot.configs import FeatureType, PolicyFeature
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from lib.checkpoint import (
-    GracefulStop,
-    NonFiniteGuard,
+from lib.data.soft_arm import dataset_stats, make_soft_arm_datasets
+from lib.envs.soft_arm.features import ACTION_DIM, ACTION_KEY, GRAPH_KEY, IMAGE_KEY, NODE_FEATURES, NUM_NODES, STATE_KEY
+from lib.policies.graph_pi0 import PI0GraphConfig, PI0GraphPolicy
+from lib.policies.loading import make_pi0_policy, resolve_pretrained, saved_model_size
+from lib.policies.lora import add_lora_adapters, base_policy
+from lib.policies.noise import keyed_noise_and_time
+from lib.policies.processors import load_tokenizer, make_pi0_processors
+from lib.policies.sizes import MODEL_SIZES, count_parameters
+from lib.run.checkpoint import (
     check_output_dir,
     checkpoint_as_json,
-    raise_if_injected,
     save_policy_checkpoint,
     start_output_dir,
     write_weights_once,
 )
-from lib.config import add_run_arguments, load_config, run_overrides, to_flat_dict
-from lib.errors import UserError, exit_code_of
-from lib.graph_pi0 import PI0GraphConfig, PI0GraphPolicy
-from lib.hub import check_hub_push, push_folder
-from lib.lora import add_lora_adapters, base_policy
-from lib.pi0 import (
-    MODEL_SIZES,
-    cosine_with_warmup,
-    count_parameters,
-    keyed_noise_and_time,
-    load_tokenizer,
-    make_optimizer,
-    make_pi0_policy,
-    make_pi0_processors,
-    resolve_pretrained,
-    saved_model_size,
-)
-from lib.run_logging import append_metrics, finish_run, init_trackers, plot_metrics, setup_logging
-from lib.schemas import SoftArmTrainConfig, validate_soft_arm_train_config
-from lib.soft_arm import (
-    ACTION_DIM,
-    ACTION_KEY,
-    GRAPH_KEY,
-    IMAGE_KEY,
-    NODE_FEATURES,
-    NUM_NODES,
-    STATE_KEY,
-    dataset_stats,
-    make_soft_arm_datasets,
-)
+from lib.run.config import add_run_arguments, load_config, run_overrides, to_flat_dict
+from lib.run.errors import UserError, exit_code_of
+from lib.run.faults import raise_if_injected
+from lib.run.guards import GracefulStop, NonFiniteGuard
+from lib.run.hub import check_hub_push, push_folder
+from lib.run.logs import append_metrics, finish_run, init_trackers, plot_metrics, setup_logging
+from lib.run.optim import cosine_with_warmup, make_optimizer
+from lib.run.schemas import SoftArmTrainConfig, validate_soft_arm_train_config
 
 
 def parse_args() -> argparse.Namespace:
@@ -90,7 +73,7 @@ class TrainingProgress:
 
 def main() -> int:
     args = parse_args()
-    # Config: the schema's defaults (lib/schemas.py), then the YAML file, then `key=value` overrides.
+    # Config: the schema's defaults (lib/run/schemas.py), then the YAML file, then `key=value` overrides.
     config = load_config(SoftArmTrainConfig, args.config, run_overrides(args))
     validate_soft_arm_train_config(config)
     output_dir = Path(config.output_dir)
@@ -178,7 +161,7 @@ def main() -> int:
         },
         output_features={ACTION_KEY: PolicyFeature(type=FeatureType.ACTION, shape=(ACTION_DIM,))},
     )
-    # Loading is checked (lib/pi0.py): a plain pi0 checkpoint gets a fresh graph encoder and
+    # Loading is checked (lib/policies/loading.py): a plain pi0 checkpoint gets a fresh graph encoder and
     # nothing else may be missing.
     policy = make_pi0_policy(source, policy_config, PI0GraphPolicy)
     preprocessor, postprocessor = make_pi0_processors(policy.config, tokenizer, dataset_stats(train_dataset))

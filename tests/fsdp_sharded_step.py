@@ -21,8 +21,8 @@ from test_graph_pi0 import make_batch, make_config  # this script's directory is
 from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from lib.graph_pi0 import PI0GraphPolicy
-from lib.pi0 import seeded_noise_and_time
+from lib.policies.graph_pi0 import PI0GraphPolicy
+from lib.policies.noise import seeded_noise_and_time
 
 PER_RANK, CHUNK, IMAGE = 2, 4, 64
 

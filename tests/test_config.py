@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 import pytest
 from conftest import exit_in_process
 
-from lib.config import ConfigError, load_config
-from lib.schemas import SoftArmTrainConfig, validate_soft_arm_train_config
+from lib.run.config import ConfigError, load_config
+from lib.run.schemas import SoftArmTrainConfig, validate_soft_arm_train_config
 
 
 @dataclass

@@ -14,9 +14,10 @@ from lerobot.policies.pi0.modeling_pi0 import PI0Policy
 from test_graph_pi0 import CHUNK, make_batch, make_config
 from test_lerobot_plugin import cfg_config
 
-from lib.cfg_pi0 import PI0CFGPolicy, PI0GraphCFGConfig, PI0GraphCFGPolicy
-from lib.graph_pi0 import GRAPH_KEY, PI0GraphPolicy
-from lib.pi0 import make_pi0_policy, model_size_context
+from lib.policies.flag_pi0 import PI0CFGPolicy, PI0GraphCFGConfig, PI0GraphCFGPolicy
+from lib.policies.graph_pi0 import GRAPH_KEY, PI0GraphPolicy
+from lib.policies.loading import make_pi0_policy
+from lib.policies.sizes import model_size_context
 
 
 def export(monkeypatch, capsys, checkpoint, output_dir) -> tuple[int, str]:

@@ -7,9 +7,10 @@ import pytest
 import torch
 from test_graph_pi0 import CHUNK, make_batch, make_config
 
-from lib.graph_pi0 import PI0GraphPolicy
-from lib.pi0 import make_optimizer, make_pi0_policy
-from lib.schemas import OptimConfig
+from lib.policies.graph_pi0 import PI0GraphPolicy
+from lib.policies.loading import make_pi0_policy
+from lib.run.optim import make_optimizer
+from lib.run.schemas import OptimConfig
 
 PALIGEMMA = "model.paligemma_with_expert.paligemma."
 VISION_TOWER = PALIGEMMA + "model.vision_tower."
@@ -67,9 +68,9 @@ def test_lora_trains_adapters_only_and_saves_merged_and_as_adapter(tmp_path):
     from accelerate import Accelerator
     from peft import PeftModel
 
-    from lib.checkpoint import save_policy_checkpoint
-    from lib.lora import ADAPTER_DIR, add_lora_adapters, load_adapter_into
-    from lib.pi0 import CheckpointError
+    from lib.policies.loading import CheckpointError
+    from lib.policies.lora import ADAPTER_DIR, add_lora_adapters, load_adapter_into
+    from lib.run.checkpoint import save_policy_checkpoint
 
     torch.manual_seed(0)
     make_pi0_policy("tiny", make_config(), PI0GraphPolicy).save_pretrained(tmp_path / "base")
@@ -107,8 +108,8 @@ def test_lora_trains_adapters_only_and_saves_merged_and_as_adapter(tmp_path):
 def test_ript_policy_takes_the_same_modes(mode, tokenizer_dir):
     """train_ript_pi0.py's `model` section has the same switches: they reach the flag-conditioned
     pi0, which freezes the same part; the optimality flag's embedding trains."""
-    from lib.libero import make_ript_policy
-    from lib.schemas import ModelConfig
+    from lib.policies.factories import make_ript_policy
+    from lib.run.schemas import ModelConfig
 
     model = ModelConfig(tokenizer=str(tokenizer_dir), chunk_size=4, image_size=32, **{mode: True})
     policy, *_ = make_ript_policy(model, "cpu")

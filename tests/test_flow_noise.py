@@ -1,5 +1,5 @@
-"""The flow_noise objective (lib/cfg_pi0.py): exact log-probabilities of Flow-Noise sampling, and
-real RL updates from real soft-arm rollouts through the engine (lib/ript.py), in this process."""
+"""The flow_noise objective (lib/rl/objectives.py): exact log-probabilities of Flow-Noise sampling, and
+real RL updates from real soft-arm rollouts through the engine (lib/rl/ript.py), in this process."""
 
 import copy
 
@@ -9,12 +9,15 @@ from accelerate import Accelerator
 from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature
 from omegaconf import OmegaConf
 
-from lib.cfg_pi0 import PI0GraphCFGConfig, PI0GraphCFGPolicy, exploration_noise
-from lib.pi0 import load_tokenizer, make_pi0_policy, make_pi0_processors, make_policy_fn, observations_to_batch
-from lib.ript import rollout_groups, run_update
-from lib.schemas import RLConfig
-from lib.soft_arm import ACTION_DIM, GRAPH_KEY, IMAGE_KEY, NODE_FEATURES, NUM_NODES, STATE_KEY
-from lib.soft_arm_sim import SoftArmSim, SoftArmVectorRollout
+from lib.envs.soft_arm.features import ACTION_DIM, GRAPH_KEY, IMAGE_KEY, NODE_FEATURES, NUM_NODES, STATE_KEY
+from lib.envs.soft_arm.sim import SoftArmSim, SoftArmVectorRollout
+from lib.policies.flag_pi0 import PI0GraphCFGConfig, PI0GraphCFGPolicy
+from lib.policies.loading import make_pi0_policy
+from lib.policies.policy_fn import make_policy_fn, observations_to_batch
+from lib.policies.processors import load_tokenizer, make_pi0_processors
+from lib.rl.objectives import exploration_noise
+from lib.rl.ript import rollout_groups, run_update
+from lib.run.schemas import RLConfig
 
 IMAGE, CHUNK, STD = 64, 8, 0.1
 

@@ -1,12 +1,12 @@
-"""The graph pi0 with the optimality flag (lib/cfg_pi0.py), composed from the two extensions."""
+"""The graph pi0 with the optimality flag (lib/policies/flag_pi0.py), composed from the two extensions."""
 
 import pytest
 import torch
 from test_graph_pi0 import make_batch, make_config
 
-from lib.cfg_pi0 import PI0GraphCFGConfig, PI0GraphCFGPolicy
-from lib.graph_pi0 import GRAPH_KEY, PI0GraphPolicy
-from lib.pi0 import load_pretrained_policy, make_pi0_policy
+from lib.policies.flag_pi0 import PI0GraphCFGConfig, PI0GraphCFGPolicy
+from lib.policies.graph_pi0 import GRAPH_KEY, PI0GraphPolicy
+from lib.policies.loading import load_pretrained_policy, make_pi0_policy
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,10 @@ import torch
 from lerobot.configs import FeatureType, PolicyFeature
 from lerobot.policies.pi0.modeling_pi0 import PI0Pytorch
 
-from lib.graph_pi0 import GRAPH_KEY, PI0GraphConfig, PI0GraphPolicy, SimpleGraphEncoder
-from lib.pi0 import REDUCED_SIZES, CheckpointError, make_pi0_policy, reduced_pi0_sizes, seeded_noise_and_time
+from lib.policies.graph_pi0 import GRAPH_KEY, PI0GraphConfig, PI0GraphPolicy, SimpleGraphEncoder
+from lib.policies.loading import CheckpointError, make_pi0_policy
+from lib.policies.noise import seeded_noise_and_time
+from lib.policies.sizes import REDUCED_SIZES, reduced_pi0_sizes
 
 BATCH, CHUNK, IMAGE = 2, 16, 224
 
@@ -146,7 +148,7 @@ def test_save_load_round_trip(tmp_path, size):
     noise, _ = seeded_noise_and_time(policy.model, BATCH, seed=5, device="cpu")
     expected = policy.model.sample_actions(*inputs, noise=noise, graph=batch[GRAPH_KEY])
     assert torch.equal(loaded.model.sample_actions(*inputs, noise=noise, graph=batch[GRAPH_KEY]), expected)
-    # The loader also works through lib.pi0 (reads the size from config.json).
+    # The loader also works through lib.policies.loading (reads the size from config.json).
     assert make_pi0_policy(tmp_path, policy_cls=PI0GraphPolicy).config.model_size == size
 
 

@@ -12,9 +12,9 @@ from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature
 from safetensors.torch import load_file, save_file
 from test_graph_pi0 import CHUNK, make_batch, make_config
 
-from lib.cfg_pi0 import PI0CFGConfig, PI0CFGPolicy
-from lib.graph_pi0 import GRAPH_KEY, PI0GraphPolicy
-from lib.pi0 import make_pi0_policy
+from lib.policies.flag_pi0 import PI0CFGConfig, PI0CFGPolicy
+from lib.policies.graph_pi0 import GRAPH_KEY, PI0GraphPolicy
+from lib.policies.loading import make_pi0_policy
 
 # A process as LeRobot's scripts run it: no import of this repository's `lib` by hand; LeRobot's
 # discovery imports the installed plugin, its registry gives the config type and its factory the class.
@@ -78,8 +78,8 @@ def test_lerobot_discovery_and_factory_load_both_checkpoint_kinds(checkpoints, t
         arguments += [str(checkpoints / kind), str(tmp_path / f"{kind}_inputs.safetensors"), str(tmp_path / kind)]
 
     result = run([PYTHON, "-c", LEROBOT_SIDE, *arguments])
-    assert "pi0_graph lib.graph_pi0 PI0GraphPolicy" in result.stdout
-    assert "pi0_cfg lib.cfg_pi0 PI0CFGPolicy" in result.stdout
+    assert "pi0_graph lib.policies.graph_pi0 PI0GraphPolicy" in result.stdout
+    assert "pi0_cfg lib.policies.flag_pi0 PI0CFGPolicy" in result.stdout
     for kind in ours:
         torch.testing.assert_close(load_file(tmp_path / kind)["actions"], expected[kind], rtol=1e-6, atol=1e-6)
 
@@ -94,8 +94,8 @@ from lerobot.configs import NormalizationMode
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.policies.factory import make_pre_post_processors
 from safetensors.torch import load_file
-from lib.cfg_pi0 import PI0CFGConfig
-from lib.pi0 import load_pi0_processors, load_tokenizer, make_pi0_processors
+from lib.policies.flag_pi0 import PI0CFGConfig
+from lib.policies.processors import load_pi0_processors, load_tokenizer, make_pi0_processors
 
 checkpoint, inputs_file = sys.argv[1:]
 tokenizer = load_tokenizer("someone/tiny-tokenizer")

@@ -7,15 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lib.libero import (
-    AGENTVIEW_KEY,
-    STATE_KEY,
-    WRIST_KEY,
-    LiberoInitStateDataset,
-    VectorLiberoRollout,
-    collate_fn_state,
-    max_steps_of,
-)
+from lib.envs.libero.rollout import LiberoInitStateDataset, VectorLiberoRollout, collate_fn_state
+from lib.envs.libero.worker import AGENTVIEW_KEY, STATE_KEY, WRIST_KEY, max_steps_of
 
 TASK = "pick_up_the_black_bowl_between_the_plate_and_the_ramekin_and_place_it_on_the_plate"
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from lerobot.configs import FeatureType, PolicyFeature
 
-from lib.cfg_pi0 import NULL_FLAG, OPTIMAL_FLAG, PI0CFGConfig, PI0CFGPolicy
-from lib.pi0 import seeded_noise_and_time
-from lib.ript import (
+from lib.policies.flag_pi0 import NULL_FLAG, OPTIMAL_FLAG, PI0CFGConfig, PI0CFGPolicy
+from lib.policies.noise import seeded_noise_and_time
+from lib.rl.ript import (
     RIPTProgress,
     StateOutcomeHistory,
     collect_informative_groups,
@@ -190,9 +190,10 @@ def test_save_load_round_trip(policy, tmp_path):
 
 
 def test_windows_carry_their_rollouts_leave_one_out_advantage():
-    from lib.libero import AGENTVIEW_KEY, STATE_KEY, WRIST_KEY, EpisodeResult
-    from lib.ript import minibatch_order, window_batch, windows_with_advantages
-    from lib.rollout import Window
+    from lib.envs.libero.rollout import EpisodeResult
+    from lib.envs.libero.worker import AGENTVIEW_KEY, STATE_KEY, WRIST_KEY
+    from lib.envs.vector_rollout import Window
+    from lib.rl.ript import minibatch_order, window_batch, windows_with_advantages
 
     def window(executed):
         observation = {

@@ -1,4 +1,4 @@
-"""The RIPT engine's update step (lib.ript.run_update) on the real tiny flag-conditioned pi0, in
+"""The RIPT engine's update step (lib.rl.ript.run_update) on the real tiny flag-conditioned pi0, in
 this process: no simulator, no launcher."""
 
 import copy
@@ -10,11 +10,13 @@ import torch
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 
-from lib.checkpoint import NONFINITE_LOSS_ENV, NonFiniteError, NonFiniteGuard
-from lib.libero import AGENTVIEW_KEY, STATE_KEY, WRIST_KEY, make_ript_policy
-from lib.ript import run_update, set_iteration_lr
-from lib.rollout import Window
-from lib.schemas import ModelConfig, RLConfig, RLOptimConfig
+from lib.envs.libero.worker import AGENTVIEW_KEY, STATE_KEY, WRIST_KEY
+from lib.envs.vector_rollout import Window
+from lib.policies.factories import make_ript_policy
+from lib.rl.ript import run_update, set_iteration_lr
+from lib.run.faults import NONFINITE_LOSS_ENV
+from lib.run.guards import NonFiniteError, NonFiniteGuard
+from lib.run.schemas import ModelConfig, RLConfig, RLOptimConfig
 
 CHUNK = 8
 
@@ -154,10 +156,11 @@ def test_lora_moves_the_adapters_and_the_flag_only_and_saves_a_plain_policy(poli
     (LeRobot's pi0 targets) and the optimality flag's embedding (new on a pi0, so it trains in
     full); the checkpoint is a plain pi0_cfg policy with the adapters merged, acting as the LoRA
     model did."""
-    from lib.cfg_pi0 import PI0CFGPolicy
-    from lib.checkpoint import save_policy_checkpoint
-    from lib.lora import add_lora_adapters, base_policy
-    from lib.pi0 import make_optimizer, observations_to_batch
+    from lib.policies.flag_pi0 import PI0CFGPolicy
+    from lib.policies.lora import add_lora_adapters, base_policy
+    from lib.policies.policy_fn import observations_to_batch
+    from lib.run.checkpoint import save_policy_checkpoint
+    from lib.run.optim import make_optimizer
 
     policy, preprocessor = policy_and_preprocessor
     lora = add_lora_adapters(copy.deepcopy(policy), rank=4)

@@ -8,15 +8,9 @@ import pytest
 import torch
 from conftest import PYTHON, exit_in_process, run
 
-from lib.errors import UserError
-from lib.soft_arm import (
-    GRAPH_KEY,
-    IMAGE_KEY,
-    EpisodeError,
-    load_raw_episode,
-    make_soft_arm_datasets,
-    split_episodes,
-)
+from lib.data.soft_arm import EpisodeError, load_raw_episode, make_soft_arm_datasets, split_episodes
+from lib.envs.soft_arm.features import GRAPH_KEY, IMAGE_KEY
+from lib.run.errors import UserError
 
 CONVERTER = "data_prep/soft_arm_to_lerobot.py"
 
@@ -166,7 +160,7 @@ def test_a_push_that_cannot_happen_is_refused_before_the_work(raw_dir, tmp_path,
     import huggingface_hub
     import huggingface_hub.constants
 
-    from lib.hub import check_hub_push
+    from lib.run.hub import check_hub_push
 
     output = tmp_path / "dataset"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

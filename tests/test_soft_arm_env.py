@@ -9,10 +9,10 @@ import numpy as np
 from conftest import PYTHON, REPO, fake_hub_tokenizer, run
 from gymnasium.utils.env_checker import check_env
 
-from lib.graph_pi0 import GRAPH_KEY
-from lib.soft_arm import IMAGE_KEY
-from lib.soft_arm_env import ENV_ID, SoftArmEnv, register
-from lib.soft_arm_sim import SoftArmSim
+from lib.envs.soft_arm.features import IMAGE_KEY
+from lib.envs.soft_arm.gym_env import ENV_ID, SoftArmEnv, register
+from lib.envs.soft_arm.sim import SoftArmSim
+from lib.policies.graph_pi0 import GRAPH_KEY
 
 IMAGE = 64
 
@@ -22,9 +22,10 @@ MAKE_CHECKPOINT = """
 import sys
 import torch
 from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature
-from lib.graph_pi0 import GRAPH_KEY, PI0GraphConfig, PI0GraphPolicy
-from lib.pi0 import load_tokenizer, make_pi0_policy, make_pi0_processors
-from lib.soft_arm import IMAGE_KEY
+from lib.policies.graph_pi0 import GRAPH_KEY, PI0GraphConfig, PI0GraphPolicy
+from lib.policies.loading import make_pi0_policy
+from lib.policies.processors import load_tokenizer, make_pi0_processors
+from lib.data.soft_arm import IMAGE_KEY
 
 checkpoint, image, n_action_steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 config = PI0GraphConfig(

@@ -15,10 +15,9 @@ import torch
 from conftest import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, run
 from safetensors.torch import load_file
 
-from lib.cfg_pi0 import PI0GraphCFGPolicy
-from lib.ript import rollout_groups
-from lib.soft_arm import GRAPH_KEY, IMAGE_KEY, NODE_FEATURES, STATE_KEY, load_raw_episode, make_soft_arm_datasets
-from lib.soft_arm_sim import (
+from lib.data.soft_arm import load_raw_episode, make_soft_arm_datasets
+from lib.envs.soft_arm.features import GRAPH_KEY, IMAGE_KEY, NODE_FEATURES, STATE_KEY
+from lib.envs.soft_arm.sim import (
     NUM_SEGMENTS,
     SEGMENT_LENGTH,
     SUCCESS_RADIUS,
@@ -28,6 +27,8 @@ from lib.soft_arm_sim import (
     expert_policy_fn,
     run_soft_arm_episodes,
 )
+from lib.policies.flag_pi0 import PI0GraphCFGPolicy
+from lib.rl.ript import rollout_groups
 
 IMAGE_SIZE = 48
 
@@ -92,7 +93,7 @@ def test_expert_succeeds_on_at_least_90_percent_of_20_seeds():
 
 
 def test_ript_rollout_groups_run_on_the_soft_arm():
-    """The RIPT loop's K-rollouts-per-state step (lib.ript.rollout_groups) on the soft-arm simulators."""
+    """The RIPT loop's K-rollouts-per-state step (lib.rl.ript.rollout_groups) on the soft-arm simulators."""
     expert, idle = expert_policy_fn(), lambda observations: np.zeros((len(observations), 1, NUM_SEGMENTS))
     # An expert whose arm stays idle on the second state's episodes: one solved state, one failed.
     states = [{"seed": 100}, {"seed": 101}]

@@ -11,9 +11,9 @@ import torch
 from conftest import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, exit_in_process, run
 from safetensors.torch import load_file
 
-from lib.cfg_pi0 import PI0CFGPolicy
-from lib.libero_env import AGENTVIEW_KEY, WRIST_KEY
-from lib.pi0 import load_pi0_processors, load_tokenizer
+from lib.envs.libero.worker import AGENTVIEW_KEY, WRIST_KEY
+from lib.policies.flag_pi0 import PI0CFGPolicy
+from lib.policies.processors import load_pi0_processors, load_tokenizer
 
 SCRIPT = "scripts/train_ript_pi0.py"
 
@@ -153,7 +153,7 @@ def test_lora_run_saves_merged_and_adapters_and_resumes(tokenizer_dir, tmp_path)
     (a plain pi0_cfg checkpoint) and its adapters, and resumes by loading the adapters back. What
     an update moves is checked in test_ript_engine.py (the tiny policy rarely succeeds in LIBERO's
     6 steps here, so an iteration may keep no group to update on)."""
-    from lib.lora import ADAPTER_DIR
+    from lib.policies.lora import ADAPTER_DIR
 
     base_dir, lora_dir = tmp_path / "base", tmp_path / "lora"
     common = ["--config_path", "configs/minimal_test.yaml", f"model.tokenizer={tokenizer_dir}"]
@@ -181,8 +181,8 @@ def test_lora_run_saves_merged_and_adapters_and_resumes(tokenizer_dir, tmp_path)
 def test_eval_libero_writes_summary_plot_and_video(tokenizer_dir, tmp_path, monkeypatch, capsys):
     from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature
 
-    from lib.cfg_pi0 import PI0CFGConfig
-    from lib.pi0 import make_pi0_processors
+    from lib.policies.flag_pi0 import PI0CFGConfig
+    from lib.policies.processors import make_pi0_processors
 
     image = PolicyFeature(type=FeatureType.VISUAL, shape=(3, 64, 64))
     config = PI0CFGConfig(

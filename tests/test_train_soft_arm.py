@@ -12,8 +12,8 @@ import torch
 from conftest import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, run
 from safetensors.torch import load_file
 
-from lib.graph_pi0 import PI0GraphPolicy
-from lib.pi0 import load_pi0_processors, load_tokenizer
+from lib.policies.graph_pi0 import PI0GraphPolicy
+from lib.policies.processors import load_pi0_processors, load_tokenizer
 
 SCRIPT = "scripts/train_soft_arm.py"
 

@@ -23,9 +23,11 @@ from lerobot.configs import FeatureType, PreTrainedConfig
 from lerobot.policies.pi0.modeling_pi0 import PI0Policy
 from safetensors import safe_open
 
-from lib.cfg_pi0 import PI0CFGPolicy, PI0GraphCFGConfig, PI0GraphCFGPolicy
-from lib.graph_pi0 import PI0GraphPolicy
-from lib.pi0 import CheckpointError, load_pi0_processors, load_pretrained_policy, load_tokenizer, model_size_context
+from lib.policies.flag_pi0 import PI0CFGPolicy, PI0GraphCFGConfig, PI0GraphCFGPolicy
+from lib.policies.graph_pi0 import PI0GraphPolicy
+from lib.policies.loading import CheckpointError, load_pretrained_policy
+from lib.policies.processors import load_pi0_processors, load_tokenizer
+from lib.policies.sizes import model_size_context
 
 pytestmark = pytest.mark.full_size
 

@@ -2,7 +2,7 @@
 wrong types, out-of-range and odd values) either loads and validates or fails with a `ConfigError`
 naming the key; never another exception (which the scripts would show as a traceback).
 Derandomized: the same examples every run, so CI is reproducible; raise `max_examples` locally
-to search further (400 per config found nothing more after the fix of lib/config.py)."""
+to search further (400 per config found nothing more after the fix of lib/run/config.py)."""
 
 from pathlib import Path
 
@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from lib.config import ConfigError, load_config
-from lib.schemas import (
+from lib.run.config import ConfigError, load_config
+from lib.run.schemas import (
     RIPTConfig,
     SoftArmRIPTConfig,
     SoftArmTrainConfig,

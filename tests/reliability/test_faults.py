@@ -14,7 +14,7 @@ import torch
 from conftest import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, run
 from safetensors.torch import load_file
 
-from lib.checkpoint import DISK_FULL_ENV, HOLD_SAVE_ENV, NONFINITE_LOSS_ENV, RAISE_AT_ENV, RAISE_IN_LOADER_ENV
+from lib.run.faults import DISK_FULL_ENV, HOLD_SAVE_ENV, NONFINITE_LOSS_ENV, RAISE_AT_ENV, RAISE_IN_LOADER_ENV
 
 
 def test_kill_9_while_a_checkpoint_is_written(train_args, tmp_path):

@@ -1,7 +1,7 @@
 """Weights that fail to load never become a silent random start (README "Faults and what happens").
 
 LeRobot 0.6.1's `PI0Policy.from_pretrained` prints load errors and returns the random model; every
-loader of this project (`lib.pi0.load_pretrained_policy`, and so `PI0GraphPolicy.from_pretrained`,
+loader of this project (`lib.policies.loading.load_pretrained_policy`, and so `PI0GraphPolicy.from_pretrained`,
 `PI0CFGPolicy.from_pretrained`, `make_pi0_policy`, the scripts) must raise instead."""
 
 import json
@@ -17,14 +17,14 @@ from lerobot.policies.pi0.modeling_pi0 import PI0Policy
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from lib.cfg_pi0 import PI0CFGConfig, PI0CFGPolicy
-from lib.checkpoint import JSON_STATE_FILE, STATE_DIR, RunIdentity, check_output_dir, start_output_dir
-from lib.errors import UserError
-from lib.graph_pi0 import GRAPH_KEY, PI0GraphConfig, PI0GraphPolicy
-from lib.libero import make_ript_policy
-from lib.pi0 import CheckpointError, load_pretrained_policy, make_pi0_policy, resolve_pretrained
-from lib.ript import RL_IDENTITY_KEYS
-from lib.schemas import ModelConfig
+from lib.policies.factories import make_ript_policy
+from lib.policies.flag_pi0 import PI0CFGConfig, PI0CFGPolicy
+from lib.policies.graph_pi0 import GRAPH_KEY, PI0GraphConfig, PI0GraphPolicy
+from lib.policies.loading import CheckpointError, load_pretrained_policy, make_pi0_policy, resolve_pretrained
+from lib.rl.ript import RL_IDENTITY_KEYS
+from lib.run.checkpoint import JSON_STATE_FILE, STATE_DIR, RunIdentity, check_output_dir, start_output_dir
+from lib.run.errors import UserError
+from lib.run.schemas import ModelConfig
 
 FEATURES = {
     "observation.images.front": PolicyFeature(type=FeatureType.VISUAL, shape=(3, 64, 64)),
@@ -84,7 +84,9 @@ def test_a_good_checkpoint_loads_exactly(graph_checkpoint, tmp_path):
         "observation.language.attention_mask": torch.ones(2, 12, dtype=torch.bool),
     }
     noise = torch.randn(2, 8, 32, generator=generator)
-    assert torch.equal(loaded.predict_action_chunk(batch, noise=noise), original.predict_action_chunk(batch, noise=noise))
+    assert torch.equal(
+        loaded.predict_action_chunk(batch, noise=noise), original.predict_action_chunk(batch, noise=noise)
+    )
 
 
 def test_truncated_weights_are_an_error(graph_checkpoint, tmp_path):

@@ -1,5 +1,5 @@
 """Nothing the project loads runs code from a file: weights are safetensors, configs JSON/YAML, the
-training state's own objects JSON (`lib.checkpoint.checkpoint_as_json`), and what accelerate loads
+training state's own objects JSON (`lib.run.checkpoint.checkpoint_as_json`), and what accelerate loads
 itself (optimizer, RNG states, sampler) goes through `torch.load(weights_only=True)`."""
 
 import re

@@ -1,7 +1,7 @@
 """LeRobot env plugin for this repository's simulated soft arm.
 
 Importing it registers the env type `soft_arm` with LeRobot's `EnvConfig` registry and the
-Gymnasium id `gym_soft_arm/SoftArm-v0` (`lib.soft_arm_env.SoftArmEnv`), so
+Gymnasium id `gym_soft_arm/SoftArm-v0` (`lib.envs.soft_arm.gym_env.SoftArmEnv`), so
 
     lerobot-eval --policy.path=CHECKPOINT --env.type=soft_arm --eval.n_episodes=50 --eval.batch_size=10
 
@@ -16,9 +16,9 @@ from lerobot.configs.types import FeatureType, PolicyFeature
 from lerobot.envs.configs import EnvConfig
 from lerobot.utils.constants import ACTION, OBS_STATE
 
-from lib.soft_arm import GRAPH_KEY, IMAGE_KEY, NODE_FEATURES
-from lib.soft_arm_env import CAMERA, ENV_ID, register
-from lib.soft_arm_sim import CONTROL_HZ, MAX_STEPS, NUM_SEGMENTS
+from lib.envs.soft_arm.features import GRAPH_KEY, IMAGE_KEY, NODE_FEATURES
+from lib.envs.soft_arm.gym_env import CAMERA, ENV_ID, register
+from lib.envs.soft_arm.sim import CONTROL_HZ, MAX_STEPS, NUM_SEGMENTS
 
 register()
 

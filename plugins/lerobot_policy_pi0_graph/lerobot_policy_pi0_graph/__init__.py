@@ -8,8 +8,8 @@ this project writes. LeRobot's scripts import the plugin themselves (`register_t
 a Python session calls that function, or imports this package, before loading.
 """
 
-from lib.cfg_pi0 import PI0CFGConfig, PI0CFGPolicy, PI0GraphCFGConfig, PI0GraphCFGPolicy
-from lib.graph_pi0 import PI0GraphConfig, PI0GraphPolicy
+from lib.policies.flag_pi0 import PI0CFGConfig, PI0CFGPolicy, PI0GraphCFGConfig, PI0GraphCFGPolicy
+from lib.policies.graph_pi0 import PI0GraphConfig, PI0GraphPolicy
 
 __all__ = [
     "PI0CFGConfig",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lib.errors import UserError
+from lib.run.errors import UserError
 
 
 def check_hub_push(repo_id: str, flag: str) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lib.pi0 import CheckpointError
+from lib.policies.loading import CheckpointError
 
 ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # peft's name

@@ -31,7 +31,7 @@ Node features (19 per segment i, world frame, table plane z = 0):
 The proprioceptive state (`state`) is the command applied at the previous step (10 values).
 
 Rollouts (`SoftArmVectorRollout`, `run_soft_arm_episodes`) run each simulator in a worker process
-(`python -m lib.soft_arm_sim`): this module imports no torch, so a worker starts in about half a
+(`python -m lib.envs.soft_arm.sim`): this module imports no torch, so a worker starts in about half a
 second.
 """
 
@@ -51,8 +51,8 @@ os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 
 import mujoco  # noqa: E402
 
-from lib.rollout import PolicyFn, VectorRollout, Window, serve_simulator  # noqa: E402
-from lib.soft_arm_features import GRAPH_KEY, IMAGE_KEY, NUM_NODES, STATE_KEY  # noqa: E402
+from lib.envs.soft_arm.features import GRAPH_KEY, IMAGE_KEY, NUM_NODES, STATE_KEY
+from lib.envs.vector_rollout import PolicyFn, VectorRollout, Window, serve_simulator
 
 NUM_SEGMENTS = NUM_NODES  # one graph node per segment
 SEGMENT_LENGTH = 0.04  # m; the arm is 0.4 m long
@@ -347,7 +347,7 @@ class SoftArmEpisode:
 
 
 def distance_shaped_reward(distance_penalty: float) -> Callable[[SoftArmEpisode], float]:
-    """An RL reward (`lib.ript.rollout_groups`' `reward_of`): 1 for a success; a failure
+    """An RL reward (`lib.rl.ript.rollout_groups`' `reward_of`): 1 for a success; a failure
     -distance_penalty x (final tip distance / SUCCESS_RADIUS), so that among failures the ones that
     came closer rank higher (distance_penalty 0: the seed's success-only reward)."""
 
@@ -360,15 +360,15 @@ def distance_shaped_reward(distance_penalty: float) -> Callable[[SoftArmEpisode]
 
 
 class SoftArmVectorRollout(VectorRollout):
-    """`num_envs` soft-arm simulators in worker processes (`python -m lib.soft_arm_sim`), stepped in
-    parallel by `lib.rollout.VectorRollout` (the LIBERO rollouts' machinery: one batched policy call
+    """`num_envs` soft-arm simulators in worker processes (`python -m lib.envs.soft_arm.sim`), stepped in
+    parallel by `lib.envs.vector_rollout.VectorRollout` (the LIBERO rollouts' machinery: one batched policy call
     per round, dead or hung simulators replaced and their episodes re-run), so the RIPT loop's
-    pieces (`lib.ript.rollout_groups`) run on either. `run(requests, policy_fn)` rolls out one
+    pieces (`lib.rl.ript.rollout_groups`) run on either. `run(requests, policy_fn)` rolls out one
     episode per request (a dict with the task `seed`, and optionally `record` to keep its frames)
     and returns the `SoftArmEpisode`s in order. An episode depends on its seed and the policy only.
     A simulator answers a step in milliseconds, so one silent for `worker_timeout_s` has hung."""
 
-    worker_module = "lib.soft_arm_sim"
+    worker_module = "lib.envs.soft_arm.sim"
 
     def __init__(
         self,
@@ -421,7 +421,7 @@ def run_soft_arm_episodes(
 
 
 def serve(connection: Connection, image_size: int) -> None:
-    """Worker loop (`lib.rollout.serve_simulator`): ("reset", seed) -> (observation, instruction);
+    """Worker loop (`lib.envs.vector_rollout.serve_simulator`): ("reset", seed) -> (observation, instruction);
     ("step", commands, record) -> (observation, success, tip distance after each step executed,
     frames); stops at a success. ("close",) ends it."""
     sim = SoftArmSim(image_size)

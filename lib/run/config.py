@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from lib.errors import UserError
+from lib.run.errors import UserError
 
 
 class ConfigError(UserError, ValueError):

@@ -1,7 +1,7 @@
-"""One LIBERO simulator in its own process: the worker side of `lib.libero.VectorLiberoRollout`,
+"""One LIBERO simulator in its own process: the worker side of `lib.envs.libero.rollout.VectorLiberoRollout`,
 with the suite, env and observation helpers it needs.
 
-The worker is started as `python -m lib.libero_env FD BENCHMARK CAMERA_SIZE SEED SETTLE_STEPS GPU` with
+The worker is started as `python -m lib.envs.libero.worker FD BENCHMARK CAMERA_SIZE SEED SETTLE_STEPS GPU` with
 one end of a socket pair as FD, not through `multiprocessing`'s spawn: spawn runs the parent's
 main script again in every child, and a training script's imports (LeRobot, transformers, torch)
 cost more than the simulator itself. This module imports neither torch nor the policy code.
@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from lib.config import ConfigError
-from lib.rollout import serve_simulator
+from lib.envs.vector_rollout import serve_simulator
+from lib.run.config import ConfigError
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
@@ -91,7 +91,7 @@ def scene_seed(seed: int, init_state: np.ndarray) -> int:
 def serve(
     connection: Any, benchmark_name: str, camera_size: int, seed: int, settle_steps: int, render_gpu_device_id: int
 ) -> None:
-    """Worker loop (`lib.rollout.serve_simulator`): ("reset", task_id, init_state) -> observation;
+    """Worker loop (`lib.envs.vector_rollout.serve_simulator`): ("reset", task_id, init_state) -> observation;
     ("step", actions, record) -> (observation, success, steps executed, frames); ("close",) ends it."""
     env, env_task = None, None
 

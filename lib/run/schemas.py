@@ -1,5 +1,5 @@
 """Every config schema of the project: defaults and types here, values from `configs/*.yaml` and
-`key=value` overrides (lib/config.py), range checks in the `validate_*` functions.
+`key=value` overrides (lib/run/config.py), range checks in the `validate_*` functions.
 
 - `RIPTConfig`: RIPT on LIBERO (`train_ript_pi0.py`, the stage scripts 09-13);
 - `SoftArmRIPTConfig`: RIPT on the simulated soft arm (`ript_soft_arm.py`);
@@ -10,9 +10,9 @@ They share the common sections: model source, optimizer, checkpointing, tracking
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from lib.config import check
+from lib.run.config import check
 
-# The update objectives (lib/cfg_pi0.py): the seed's CFG-RL, the advantage-filtered baseline,
+# The update objectives (lib/rl/objectives.py): the seed's CFG-RL, the advantage-filtered baseline,
 # behaviour cloning on every window (reward ignored: the no-reward control), and a PPO update on the
 # exact log-probabilities of Flow-Noise sampling (stochastic denoising steps, as in piRL).
 OBJECTIVES = ("cfg_rl", "advantage_filtered", "behavior_cloning", "flow_noise")
@@ -47,7 +47,7 @@ class LoraModeConfig(FinetuneModeConfig):
     train_ript_pi0.py)."""
 
     # > 0: LoRA adapters of this rank (peft, LeRobot's pi0 targets) train, the pretrained weights
-    # stay frozen; parts new on the source (graph encoder, flag embedding) train fully (lib/lora.py).
+    # stay frozen; parts new on the source (graph encoder, flag embedding) train fully (lib/policies/lora.py).
     lora_rank: int = 0
 
 
@@ -98,7 +98,7 @@ def validate_lora_modes(model: Any) -> None:
     """Ranges of a `LoraModeConfig` section beyond `validate_finetune_modes`'."""
     check(model.lora_rank >= 0, "model.lora_rank", ">= 0", model.lora_rank)
     if model.lora_rank:
-        from lib.pi0 import MODEL_SIZES  # here, not at the top: lib.pi0 imports torch and LeRobot
+        from lib.policies.sizes import MODEL_SIZES
 
         check(
             not (model.train_expert_only or model.freeze_vision_encoder),
@@ -177,7 +177,7 @@ class ModelConfig(FinetuneModeConfig):
     guidance_weight: float = 1.0  # w in v = v_null + w (v_cond - v_null); 1 = plain conditional
 
 
-# The LIBERO suites (their step limits are lib.libero.MAX_STEPS).
+# The LIBERO suites (their step limits are lib.envs.libero.worker.MAX_STEPS).
 LIBERO_BENCHMARKS = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 
 

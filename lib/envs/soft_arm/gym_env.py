@@ -1,4 +1,4 @@
-"""The simulated soft arm (`lib.soft_arm_sim`) as a Gymnasium environment, the way LeRobot's
+"""The simulated soft arm (`lib.envs.soft_arm.sim`) as a Gymnasium environment, the way LeRobot's
 evaluation (`lerobot-eval --env.type=soft_arm`, plugin `plugins/lerobot_env_soft_arm`) and any
 Gymnasium tool drive a simulator.
 
@@ -21,8 +21,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from lib.soft_arm import GRAPH_KEY, IMAGE_KEY, NODE_FEATURES, STATE_KEY
-from lib.soft_arm_sim import CONTROL_HZ, NUM_SEGMENTS, SoftArmSim
+from lib.envs.soft_arm.features import GRAPH_KEY, IMAGE_KEY, NODE_FEATURES, STATE_KEY
+from lib.envs.soft_arm.sim import CONTROL_HZ, NUM_SEGMENTS, SoftArmSim
 
 ENV_ID = "gym_soft_arm/SoftArm-v0"
 CAMERA = "front"  # observation.images.front

@@ -27,9 +27,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from lib.checkpoint import raise_in_loader_if_injected
-from lib.errors import UserError
-from lib.soft_arm_features import (
+from lib.envs.soft_arm.features import (
     ACTION_DIM,
     ACTION_KEY,
     CHUNK_SIZE,
@@ -40,6 +38,8 @@ from lib.soft_arm_features import (
     NUM_NODES,
     STATE_KEY,
 )
+from lib.run.errors import UserError
+from lib.run.faults import raise_in_loader_if_injected
 
 
 class EpisodeError(ValueError):

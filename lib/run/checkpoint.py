@@ -9,22 +9,19 @@ replaces a good checkpoint.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 import shutil
-import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from lib.errors import UserError
+from lib.run.errors import UserError
+from lib.run.faults import fill_disk_if_injected, hold_save_if_injected
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "pretrained_model"
@@ -60,10 +57,10 @@ def save_checkpoint(
     error = None
     try:
         accelerator.save_state(str(tmp / STATE_DIR))  # (under FSDP it gathers across ranks first)
-        _fill_disk_for_fault_injection(accelerator.process_index, step)
+        fill_disk_if_injected(accelerator.process_index, step)
         if accelerator.is_main_process:
             save_model(tmp / MODEL_DIR)
-            _hold_for_fault_injection(tmp, step)
+            hold_save_if_injected(tmp, step)
     # A full disk, a file-size limit, lost permissions: the earlier checkpoints stand. torch.save's
     # zip writer reports a failed write as a RuntimeError ("iostream error"), the rest as OSError.
     except (OSError, RuntimeError) as caught:
@@ -98,12 +95,12 @@ def save_checkpoint(
 def write_weights_once(accelerator: Accelerator) -> None:
     """`save_state` leaves the model out of `training_state/`: its weights are already in
     `pretrained_model/model.safetensors` beside it (at full size a second copy is ~14 GB per
-    checkpoint), and `load_state` loads them from there, checked (`lib.pi0.load_weights_into`); a
-    LoRA model's adapters from `pretrained_model/adapter/` (`lib.lora.load_adapter_into`).
+    checkpoint), and `load_state` loads them from there, checked (`lib.policies.loading.load_weights_into`); a
+    LoRA model's adapters from `pretrained_model/adapter/` (`lib.policies.lora.load_adapter_into`).
     Call once after `prepare`. Under FSDP and DeepSpeed accelerate saves the model its own way
     and the hooks see no model."""
-    from lib.lora import ADAPTER_DIR, is_lora_model, load_adapter_into
-    from lib.pi0 import WEIGHTS_FILE, load_weights_into
+    from lib.policies.loading import WEIGHTS_FILE, load_weights_into
+    from lib.policies.lora import ADAPTER_DIR, is_lora_model, load_adapter_into
 
     def leave_out_weights(models: list, weights: list, output_dir: str) -> None:
         weights.clear()
@@ -184,40 +181,14 @@ def checkpoint_as_json(accelerator: Accelerator, **objects: Any) -> None:
     accelerator.register_load_state_pre_hook(load)
 
 
-# Fault-injection tests (tests/reliability): the save of this step stops half-written, before the
-# rename, and waits there to be killed. Unset in every real run.
-HOLD_SAVE_ENV = "PI0_FAULT_HOLD_SAVE_AT_STEP"
-
-
-def _hold_for_fault_injection(tmp: Path, step: int) -> None:
-    if os.environ.get(HOLD_SAVE_ENV) == str(step):
-        (tmp / "HOLDING").touch()
-        time.sleep(600)
-
-
-def _injected(variable: str, rank: int, at: int) -> bool:
-    """Whether the fault-injection variable `variable` ("RANK:AT") names this rank and point."""
-    return os.environ.get(variable) == f"{rank}:{at}"
-
-
-# Fault-injection tests: "RANK:STEP" makes that rank's write of that step's checkpoint fail as on a
-# full disk (ENOSPC). Unset in every real run.
-DISK_FULL_ENV = "PI0_FAULT_DISK_FULL_AT"
-
-
-def _fill_disk_for_fault_injection(rank: int, step: int) -> None:
-    if _injected(DISK_FULL_ENV, rank, step):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
 def save_policy_checkpoint(
     accelerator: Accelerator, output_dir: str | Path, step: int, model: Any, extras: list[Any], keep_last: int = 3
 ) -> Path:
     """`save_checkpoint` of a (prepared) LeRobot policy: its weights are gathered on every rank (a
     collective under FSDP) and written as safetensors by `save_pretrained`, beside each of
     `extras` (processors, tokenizer: anything with `save_pretrained(directory)`). A LoRA model
-    (`lib.lora`) is written merged into a full policy, with its adapters in `adapter/` beside."""
-    from lib.lora import ADAPTER_DIR, is_lora_model, merged_state_dict
+    (`lib.policies.lora`) is written merged into a full policy, with its adapters in `adapter/` beside."""
+    from lib.policies.lora import ADAPTER_DIR, is_lora_model, merged_state_dict
 
     unwrapped = accelerator.unwrap_model(model)
     lora = unwrapped if is_lora_model(unwrapped) else None
@@ -319,111 +290,3 @@ def step_of(checkpoint: Path) -> int:
     if not match:
         raise ValueError(f"{checkpoint} is not a step_<N> checkpoint directory")
     return int(match.group(1))
-
-
-# Fault-injection tests (tests/reliability): the loss is made NaN at these optimizer steps
-# (comma-separated). Unset in every real run.
-NONFINITE_LOSS_ENV = "PI0_FAULT_NONFINITE_LOSS_AT_STEPS"
-
-
-# Fault-injection tests: "RANK:STEP" makes that rank raise at that optimizer step. Unset in every
-# real run.
-RAISE_AT_ENV = "PI0_FAULT_RAISE_AT"
-
-
-def raise_if_injected(rank: int, step: int) -> None:
-    if _injected(RAISE_AT_ENV, rank, step):
-        raise RuntimeError(f"fault injected on rank {rank} at step {step}")
-
-
-def raising_at_first_call_if_injected(function: Callable, rank: int, step: int) -> Callable:
-    """`function`, or, where `RAISE_AT_ENV` names this rank and step, one that raises when first
-    called: handed to a rollout as its policy, the rank fails mid-rollout, its simulators running."""
-    if not _injected(RAISE_AT_ENV, rank, step):
-        return function
-
-    def raising(*args: Any, **kwargs: Any) -> Any:
-        raise_if_injected(rank, step)
-
-    return raising
-
-
-# Fault-injection tests: "RANK:N" makes the data loader of that rank (its worker process, if it
-# has one) raise when it loads its N-th item; the rank is the launcher's RANK, which loader
-# workers inherit. Unset in every real run.
-RAISE_IN_LOADER_ENV = "PI0_FAULT_RAISE_IN_LOADER"
-
-
-def raise_in_loader_if_injected(items_loaded: int) -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    if _injected(RAISE_IN_LOADER_ENV, rank, items_loaded):
-        raise RuntimeError(f"fault injected in the data loader of rank {rank} at item {items_loaded}")
-
-
-class NonFiniteError(UserError):
-    """Too many optimizer steps in a row had a non-finite gradient."""
-
-
-class NonFiniteGuard:
-    """Optimizer steps whose gradient norm is not finite (a NaN or inf loss, an overflow) are
-    skipped, so no NaN ever reaches the weights or a checkpoint; `max_in_a_row` skipped steps in a
-    row stop the run with a `NonFiniteError` (the checkpoints already written stay as they are).
-
-    The decision reads one scalar per optimizer step. It uses the norm of the gradients after
-    they are reduced across ranks, so every rank decides the same."""
-
-    def __init__(self, max_in_a_row: int, config_key: str = "train.max_nonfinite_steps") -> None:
-        self.max_in_a_row = max_in_a_row
-        self.config_key = config_key
-        self.in_a_row = 0
-        self.skipped = 0  # since the last `pop_skipped`
-        self._poisoned_steps = {int(step) for step in os.environ.get(NONFINITE_LOSS_ENV, "").split(",") if step}
-
-    def inject(self, loss: torch.Tensor, step: int) -> torch.Tensor:
-        """`loss`, or NaN at the steps a fault-injection test names."""
-        return loss * float("nan") if step in self._poisoned_steps else loss
-
-    def is_finite(self, grad_norm: torch.Tensor, step: int) -> bool:
-        """Whether optimizer step `step` may apply its gradient."""
-        if bool(torch.isfinite(grad_norm)):
-            self.in_a_row = 0
-            return True
-        self.in_a_row += 1
-        self.skipped += 1
-        if self.in_a_row >= self.max_in_a_row:
-            raise NonFiniteError(
-                f"{self.in_a_row} optimizer steps in a row, up to step {step}, had a non-finite loss or gradient "
-                f"({self.config_key}={self.max_in_a_row}); each was skipped, so the weights and the "
-                "checkpoints already written never saw them. Resume from the last checkpoint with a lower "
-                "optim.lr, or check the data"
-            )
-        return False
-
-    def pop_skipped(self) -> int:
-        skipped, self.skipped = self.skipped, 0
-        return skipped
-
-
-class GracefulStop:
-    """SIGTERM/SIGINT ask the loop to finish its step, save and exit 0; a second signal of the
-    same kind gets the default action (the process ends at once)."""
-
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
-        self.received: int | None = None
-        for signum in signals:
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.received = signum
-        signal.signal(signum, signal.SIG_DFL)
-
-    def should_stop(self, accelerator: Accelerator, step: int = 0, every: int = 1) -> bool:
-        """True on every rank once any rank got a signal (ranks must stop at the same step). With
-        several ranks this is a collective and a host sync: asked only when `step % every == 0`
-        (the same step on every rank), so a hot loop can check every `every` steps."""
-        if accelerator.num_processes == 1:
-            return self.received is not None
-        if step % every:
-            return False
-        flag = torch.tensor([float(self.received is not None)], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)

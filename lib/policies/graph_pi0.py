@@ -27,9 +27,9 @@ from lerobot.policies.pi0.modeling_pi0 import PI0Pytorch
 from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
 from torch import Tensor, nn
 
-from lib.pi0 import CheckedLoadPolicy, SizedPI0Config
-
-GRAPH_KEY = "observation.graph"
+from lib.envs.soft_arm.features import GRAPH_KEY
+from lib.policies.loading import CheckedLoadPolicy
+from lib.policies.sizes import SizedPI0Config
 
 
 class SimpleGraphEncoder(nn.Module):
@@ -153,7 +153,7 @@ def batch_graph(batch: dict[str, Tensor], use_graph: bool) -> Tensor | None:
 @PreTrainedConfig.register_subclass("pi0_graph")
 @dataclass
 class PI0GraphConfig(SizedPI0Config):
-    """`PI0Config` plus the graph encoder and the model size ("full", "small" or "tiny", see lib/pi0.py)."""
+    """`PI0Config` plus the graph encoder and the model size ("full", "small" or "tiny", see lib/policies/sizes.py)."""
 
     use_graph: bool = True
     graph_num_nodes: int = 10

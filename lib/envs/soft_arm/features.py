@@ -1,5 +1,5 @@
 """The soft arm's feature keys and sizes: one torch-free home for the data adapter
-(`lib/soft_arm.py`), the simulator and its worker processes (`lib/soft_arm_sim.py`)."""
+(`lib/data/soft_arm.py`), the simulator and its worker processes (`lib/envs/soft_arm/sim.py`)."""
 
 NUM_NODES = 10
 NODE_FEATURES = 19

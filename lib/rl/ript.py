@@ -25,10 +25,12 @@ import torch
 from lerobot.utils.constants import ACTION
 from torch import Tensor
 
-from lib.checkpoint import NonFiniteGuard
-from lib.lora import base_policy
-from lib.pi0 import cosine_with_warmup, keyed_noise_and_time, observations_to_batch
-from lib.rollout import PolicyFn, Window
+from lib.envs.vector_rollout import PolicyFn, Window
+from lib.policies.lora import base_policy
+from lib.policies.noise import keyed_noise_and_time
+from lib.policies.policy_fn import observations_to_batch
+from lib.run.guards import NonFiniteGuard
+from lib.run.optim import cosine_with_warmup
 
 
 def leave_one_out_advantages(rewards: Tensor) -> Tensor:
@@ -100,7 +102,7 @@ class StateOutcomeHistory:
 
 class RIPTProgress:
     """Iterations done and init-state batches drawn (the sampler position): saved with the training
-    state (`lib.checkpoint.checkpoint_as_json`), so a resumed run draws the next batch in order.
+    state (`lib.run.checkpoint.checkpoint_as_json`), so a resumed run draws the next batch in order.
 
     Dynamic sampling makes ranks draw different numbers of batches, so the checkpoint keeps every
     rank's count: call `gather_draws` on every rank before saving (the main process writes)."""
@@ -268,7 +270,7 @@ class EpisodeOutcome(Protocol):
 
 class RolloutBackend(Protocol):
     """Simulators that roll out one episode per request with one batched policy call per control
-    step (`lib.libero.VectorLiberoRollout`, `lib.soft_arm_sim.SoftArmVectorRollout`). A request is
+    step (`lib.envs.libero.rollout.VectorLiberoRollout`, `lib.envs.soft_arm.sim.SoftArmVectorRollout`). A request is
     an init state (a dict) plus `record` to keep its frames; results come back in request order."""
 
     def run(
@@ -276,7 +278,7 @@ class RolloutBackend(Protocol):
     ) -> Sequence[EpisodeOutcome]: ...
 
 
-# What makes an RL run the experiment it is: a resume may not change them (`lib.checkpoint.RunIdentity`).
+# What makes an RL run the experiment it is: a resume may not change them (`lib.run.checkpoint.RunIdentity`).
 RL_IDENTITY_KEYS = ["rl.objective", "model.guidance_weight"]
 
 
@@ -290,7 +292,7 @@ def window_noise_keys(
     rank: int = 0,
     world: int = 1,
 ) -> list[int]:
-    """The flow-matching noise keys (`lib.pi0.keyed_noise_and_time`) of update step `step`'s picked
+    """The flow-matching noise keys (`lib.policies.noise.keyed_noise_and_time`) of update step `step`'s picked
     windows: one per window and pass over the windows (`minibatch_order`), so a window draws the
     same noise and time whatever minibatch or accumulation step it falls in, and a resumed run
     draws what the uninterrupted one drew."""
@@ -376,7 +378,7 @@ def run_update(
     `clip_fraction`) are appended there by name.
 
     `policy` is the (prepared) policy whose `forward(batch, advantages, noise, time, objective,
-    alpha, std, clip_epsilon)` gives the loss (lib/cfg_pi0.py); what the sampling recorded in the
+    alpha, std, clip_epsilon)` gives the loss (lib/rl/objectives.py); what the sampling recorded in the
     windows (`Window.extras`, e.g. flow_noise's chains) joins the pre-processed batch. Every rank
     runs the same number of steps (the rank with the most windows sets it, the others cycle through
     theirs: DDP needs matching collectives); no rank updates if one has no window. Window order and

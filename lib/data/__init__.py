@@ -1,0 +1,1 @@
+"""Datasets: the soft arm's recorded episodes as training samples."""

@@ -1,0 +1,1 @@
+"""Simulators behind one vector rollout: LIBERO and the simulated soft arm."""

@@ -1,0 +1,1 @@
+"""LIBERO: the simulator worker and its vector rollout."""

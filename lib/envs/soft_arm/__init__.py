@@ -1,0 +1,1 @@
+"""The simulated soft arm: its features, its simulator workers, its Gymnasium env."""
