@@ -19,6 +19,7 @@ and `--dry_run`; a parity test checks that the two agree.
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
@@ -55,7 +56,15 @@ from lib.libero import (
     split_state_batch,
 )
 from lib.lora import add_lora_adapters, base_policy
-from lib.pi0 import MODEL_SIZES, count_parameters, load_tokenizer, make_optimizer, make_policy_fn, resolve_pretrained
+from lib.pi0 import (
+    MODEL_SIZES,
+    backbone_built_uninitialised,
+    count_parameters,
+    load_tokenizer,
+    make_optimizer,
+    make_policy_fn,
+    resolve_pretrained,
+)
 from lib.ript import (
     RL_IDENTITY_KEYS,
     RIPTProgress,
@@ -158,7 +167,11 @@ def main() -> int:
 
     # Policy: the flag-conditioned pi0 and its processors.
     device = accelerator.device.type
-    policy, preprocessor, postprocessor, tokenizer = make_ript_policy(config.model, device)
+    # A resumed run gets every weight from its checkpoint (`load_state`, checked), so a fresh size skips
+    # the random init (at full size minutes and twice the weights' memory); LoRA rebuilds its base.
+    weights_from_checkpoint = checkpoint is not None and not config.model.lora_rank
+    with backbone_built_uninitialised() if weights_from_checkpoint else contextlib.nullcontext():
+        policy, preprocessor, postprocessor, tokenizer = make_ript_policy(config.model, device)
     if config.model.lora_rank:  # LoRA: adapters and the flag embedding train, the pretrained weights stay frozen
         policy = add_lora_adapters(policy, config.model.lora_rank)
     optimizer = make_optimizer(policy, config.optim)

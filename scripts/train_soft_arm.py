@@ -16,6 +16,7 @@ SIGTERM/SIGINT finish the current step, save a checkpoint and exit 0.
 """
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ from lib.hub import check_hub_push, push_folder
 from lib.lora import add_lora_adapters, base_policy
 from lib.pi0 import (
     MODEL_SIZES,
+    backbone_built_uninitialised,
     cosine_with_warmup,
     count_parameters,
     keyed_noise_and_time,
@@ -180,7 +182,11 @@ def main() -> int:
     )
     # Loading is checked (lib/pi0.py): a plain pi0 checkpoint gets a fresh graph encoder and
     # nothing else may be missing.
-    policy = make_pi0_policy(source, policy_config, PI0GraphPolicy)
+    # A resumed run gets every weight from its checkpoint (`load_state`, checked), so a fresh size skips
+    # the random init (at full size minutes and twice the weights' memory); LoRA rebuilds its base.
+    weights_from_checkpoint = fresh and checkpoint is not None and not config.model.lora_rank
+    with backbone_built_uninitialised() if weights_from_checkpoint else contextlib.nullcontext():
+        policy = make_pi0_policy(source, policy_config, PI0GraphPolicy)
     preprocessor, postprocessor = make_pi0_processors(policy.config, tokenizer, dataset_stats(train_dataset))
     if config.model.lora_rank:  # LoRA: adapters train, the pretrained weights stay frozen
         policy = add_lora_adapters(policy, config.model.lora_rank)
