@@ -19,6 +19,7 @@ and `--dry_run`; a parity test checks that the two agree.
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
@@ -40,7 +41,7 @@ from lib.policies.loading import resolve_pretrained
 from lib.policies.lora import add_lora_adapters, base_policy
 from lib.policies.policy_fn import make_policy_fn
 from lib.policies.processors import load_tokenizer
-from lib.policies.sizes import MODEL_SIZES, count_parameters
+from lib.policies.sizes import MODEL_SIZES, backbone_built_uninitialised, count_parameters
 from lib.rl.objectives import exploration_noise
 from lib.rl.ript import (
     RL_IDENTITY_KEYS,
@@ -156,7 +157,11 @@ def main() -> int:
 
     # Policy: the flag-conditioned pi0 and its processors.
     device = accelerator.device.type
-    policy, preprocessor, postprocessor, tokenizer = make_ript_policy(config.model, device)
+    # A resumed run gets every weight from its checkpoint (`load_state`, checked), so a fresh size skips
+    # the random init (at full size minutes and twice the weights' memory); LoRA rebuilds its base.
+    weights_from_checkpoint = checkpoint is not None and not config.model.lora_rank
+    with backbone_built_uninitialised() if weights_from_checkpoint else contextlib.nullcontext():
+        policy, preprocessor, postprocessor, tokenizer = make_ript_policy(config.model, device)
     if config.model.lora_rank:  # LoRA: adapters and the flag embedding train, the pretrained weights stay frozen
         policy = add_lora_adapters(policy, config.model.lora_rank)
     optimizer = make_optimizer(policy, config.optim)

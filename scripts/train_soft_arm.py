@@ -16,6 +16,7 @@ SIGTERM/SIGINT finish the current step, save a checkpoint and exit 0.
 """
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ from lib.policies.loading import make_pi0_policy, resolve_pretrained, saved_mode
 from lib.policies.lora import add_lora_adapters, base_policy
 from lib.policies.noise import keyed_noise_and_time
 from lib.policies.processors import load_tokenizer, make_pi0_processors
-from lib.policies.sizes import MODEL_SIZES, count_parameters
+from lib.policies.sizes import MODEL_SIZES, backbone_built_uninitialised, count_parameters
 from lib.run.checkpoint import (
     check_output_dir,
     checkpoint_as_json,
@@ -163,7 +164,11 @@ def main() -> int:
     )
     # Loading is checked (lib/policies/loading.py): a plain pi0 checkpoint gets a fresh graph encoder and
     # nothing else may be missing.
-    policy = make_pi0_policy(source, policy_config, PI0GraphPolicy)
+    # A resumed run gets every weight from its checkpoint (`load_state`, checked), so a fresh size skips
+    # the random init (at full size minutes and twice the weights' memory); LoRA rebuilds its base.
+    weights_from_checkpoint = fresh and checkpoint is not None and not config.model.lora_rank
+    with backbone_built_uninitialised() if weights_from_checkpoint else contextlib.nullcontext():
+        policy = make_pi0_policy(source, policy_config, PI0GraphPolicy)
     preprocessor, postprocessor = make_pi0_processors(policy.config, tokenizer, dataset_stats(train_dataset))
     if config.model.lora_rank:  # LoRA: adapters train, the pretrained weights stay frozen
         policy = add_lora_adapters(policy, config.model.lora_rank)

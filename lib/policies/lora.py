@@ -56,17 +56,16 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     base = model.get_base_model()
     adapter = model.active_adapter
-    deltas = {
-        f"{name}.weight": module.get_delta_weight(adapter)
-        for name, module in base.named_modules()
-        if isinstance(module, LoraLayer)
-    }
+    # One delta at a time: at full size the deltas of every adapted layer together are 16 GB (fp32).
+    lora_layers = {f"{name}.weight": module for name, module in base.named_modules() if isinstance(module, LoraLayer)}
     merged: dict[str, torch.Tensor] = {}
     for key, value in base.state_dict().items():
         if ".lora_" in key or ".original_module." in key:
             continue  # the adapters themselves; the untrained copy of a fully trained module
         key = key.replace(".base_layer.", ".").replace(f".modules_to_save.{adapter}.", ".")
-        merged[key] = value + deltas[key].to(value.dtype) if key in deltas else value
+        if key in lora_layers:
+            value = value + lora_layers[key].get_delta_weight(adapter).to(value.dtype)
+        merged[key] = value
     return merged
 
 

@@ -8,6 +8,8 @@ its report goes to outputs/full_size_smoke_tiny/).
 """
 
 import contextlib
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -150,6 +152,14 @@ def report():
 # ---- helpers ----
 
 
+def release_memory() -> None:
+    """Give freed tensors' memory back to the OS before the next child process needs it: glibc keeps
+    freed heap chunks (most weight tensors are below its mmap threshold), and this process would hold
+    a full-size policy's 8 GB beside the next script's."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -250,6 +260,7 @@ def test_train_save_checked_load_sample_and_resume_exactly(soft_arm_run, train_a
         row["median_s"] = round(seconds, 2)
     assert actions.shape == (1, policy.config.chunk_size, 10) and torch.isfinite(actions).all()
     del policy
+    release_memory()
 
     # --resume latest from the step-2 checkpoint (hard links: no 12 GB copy) continues exactly.
     resumed = tmp_path / "resumed"
@@ -326,6 +337,8 @@ def test_guided_sampling_of_the_flag_policy(soft_arm_run, report):
         guided, guided_s = timed_chunks(policy, batch, noise)
         row.update(median_s=round(guided_s, 2), guided_over_plain=round(guided_s / plain_s, 2))
     assert torch.isfinite(guided).all() and not torch.equal(guided, plain)
+    del policy
+    release_memory()
 
 
 @pytest.fixture(scope="module")
@@ -372,6 +385,7 @@ def test_export_loads_in_lerobots_own_pi0_with_the_same_actions(ript_run, report
         with torch.no_grad():
             expected = source.predict_action_chunk(batch, noise=noise)
     del source
+    release_memory()
     with report.measured("LeRobot's PI0Policy.from_pretrained (no size context) + one chunk"):
         with model_size_context(SIZE):  # at full size no context at all: LeRobot's own classes as they are
             plain = PI0Policy.from_pretrained(plain_dir)
