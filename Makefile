@@ -166,7 +166,7 @@ stage-13: $(TOKENIZER_DIR)/tokenizer.json
 		--config configs/debug_train_pi0.yaml
 
 # Two pytest-xdist workers: most tests wait on one process at a time (imports, a simulator), so two
-# fill CI's 2 cores; two-rank launches share one worker (tests/conftest.py, TWO_RANK_LAUNCH).
+# fill CI's 2 cores; two-rank launches share one worker (tests/helpers.py, TWO_RANK_LAUNCH).
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 

@@ -44,7 +44,7 @@ import numpy as np
 import psutil
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from lerobot.configs import PreTrainedConfig
 from tqdm.auto import tqdm
 
@@ -54,30 +54,24 @@ from lib.policies.graph_pi0 import PI0GraphConfig
 from lib.policies.loading import CheckpointError, load_pretrained_policy, resolve_pretrained
 from lib.policies.policy_fn import make_policy_fn
 from lib.policies.processors import load_pi0_processors, load_tokenizer
-from lib.rl.objectives import exploration_noise
+from lib.rl.iteration import RIPTIteration, metrics_of
 from lib.rl.ript import (
     RL_IDENTITY_KEYS,
-    RIPTProgress,
-    StateOutcomeHistory,
-    collect_iteration,
-    iteration_statistics,
-    run_update,
-    set_iteration_lr,
-    windows_with_advantages,
 )
 from lib.run.checkpoint import (
+    CHECKPOINTS_DIR,
+    MODEL_DIR,
     STATE_DIR,
     RunIdentity,
     check_writable_dir,
     checkpoint_as_json,
     checkpoint_dirs,
-    save_policy_checkpoint,
     start_output_dir,
     write_weights_once,
 )
 from lib.run.config import add_run_arguments, load_config, run_overrides
 from lib.run.errors import UserError, exit_code_of
-from lib.run.guards import GracefulStop, NonFiniteGuard
+from lib.run.guards import GracefulStop
 from lib.run.logs import append_metrics
 from lib.run.optim import make_optimizer
 from lib.run.schemas import SoftArmRIPTConfig, validate_soft_arm_ript_config
@@ -208,11 +202,29 @@ def run_seed(
             for start in range(0, len(order) - config.rl.states_per_draw + 1, config.rl.states_per_draw):
                 yield [dict(state) for state in order[start : start + config.rl.states_per_draw]]
 
-    history = StateOutcomeHistory(skip_after=config.rl.skip_after, skip_for=config.rl.skip_for)
-    nonfinite = NonFiniteGuard(config.rl.max_nonfinite_steps, "rl.max_nonfinite_steps")
+    def next_draw() -> list[dict]:
+        progress.draws += 1
+        return next(draws)
+
+    # One RIPT iteration end to end (lib/rl/iteration.py), the same engine as train_ript_pi0.py's.
+    engine = RIPTIteration(
+        accelerator,
+        policy,
+        optimizer,
+        preprocessor,
+        policy_fn,
+        next_draw,
+        lambda state: state["seed"],
+        config.rl,
+        config.optim,
+        seed,
+        config.iterations,
+        reward_of=distance_shaped_reward(config.rl.distance_penalty),
+        stop=stop,
+    )
     # What a checkpoint restores besides weights, optimizer and RNG (training_state/state.json).
-    progress, run = RIPTProgress(), SeedRun()
-    checkpoint_as_json(accelerator, progress=progress, history=history, run=run, identity=identity)
+    progress, run = engine.progress, SeedRun()
+    checkpoint_as_json(accelerator, progress=progress, history=engine.history, run=run, identity=identity)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint / STATE_DIR))
         print(f"seed {seed}: resumed from {checkpoint} at iteration {progress.iteration}")
@@ -220,51 +232,9 @@ def run_seed(
     for _ in range(progress.draws):  # the pool order is a function of the seed: replay it
         next(draws)
 
-    def next_draw() -> list[dict]:
-        progress.draws += 1
-        return next(draws)
-
-    reward_of = distance_shaped_reward(config.rl.distance_penalty)
-
-    def rl_iteration(iteration: int) -> tuple:
-        """The engine's two calls: rollouts with dynamic sampling, then the update; the update's loss
-        terms (means over its steps) and the two times."""
-        started = time.perf_counter()
-        with exploration_noise(unwrapped, config.rl):  # Flow-Noise sampling for flow_noise
-            rollouts = collect_iteration(
-                config.rl,
-                next_draw,
-                envs,
-                policy_fn,
-                history,
-                key_of=lambda state: state["seed"],
-                reward_of=reward_of,
-            )
-        rollout_time = time.perf_counter() - started
-        windows, advantages = windows_with_advantages(rollouts.kept)
-        lr = set_iteration_lr(optimizer, config.optim, iteration, config.iterations)  # warm-up, decay
-        diagnostics = {}
-        losses = run_update(
-            accelerator,
-            policy,
-            optimizer,
-            preprocessor,
-            windows,
-            advantages,
-            config.rl,
-            config.optim.grad_clip_norm,
-            seed,
-            iteration,
-            nonfinite,
-            diagnostics,
-        )
-        terms = {f"update/{name}": torch.stack(values).float().mean().item() for name, values in diagnostics.items()}
-        terms["update/lr"] = lr
-        return rollouts, advantages, losses, terms, rollout_time, time.perf_counter() - started - rollout_time
-
     if dry_run:
-        rollouts, _, losses, _, _, _ = rl_iteration(1)
-        print(f"dry run ok: one iteration, {len(rollouts.episodes)} episodes, {len(losses)} updates")
+        record = engine.run(1, envs).record
+        print(f"dry run ok: one iteration, {record['episodes']} episodes, {record['update_steps']} updates")
         return None
     # A fresh start clears what an unfinished run without a checkpoint left; a resume drops the
     # metrics rows logged after its checkpoint.
@@ -273,7 +243,7 @@ def run_seed(
     curve = run.curve
     if checkpoint is None:
         curve[0] = held_out_success(envs, policy_fn, held_out, f"seed {seed} iteration 0")
-        append_metrics(metrics_file, 0, {"eval/success_rate": curve[0]})
+        append_metrics(metrics_file, 0, metrics_of({"eval_success_rate": curve[0]}))
         print(f"seed {seed}: success {curve[0]:.1%} on {len(held_out)} held-out seeds before RL")
 
     earlier_wall_s, earlier_cpu_s = run.wall_s, run.cpu_s  # of the sessions before a resume
@@ -282,53 +252,43 @@ def run_seed(
         """Wall and CPU seconds of the whole run, the sessions before a resume included."""
         return earlier_wall_s + time.perf_counter() - started, earlier_cpu_s + cpu_seconds() - cpu_started
 
-    def save(iteration: int) -> None:
+    def save() -> None:
         run.wall_s, run.cpu_s = time_spent()
-        progress.gather_draws(gather_object)
-        save_policy_checkpoint(
-            accelerator, output_dir, iteration, policy, [preprocessor, postprocessor, tokenizer], config.keep_last
-        )
+        engine.save(output_dir, [preprocessor, postprocessor, tokenizer], config.keep_last)
 
     first = progress.iteration + 1
     iterations = tqdm(
         range(first, config.iterations + 1), desc=f"seed {seed} iterations", initial=first - 1, total=config.iterations
     )
     for iteration in iterations:
-        rollouts, advantages, losses, update_terms, rollout_time, update_time = rl_iteration(iteration)
-        statistics = iteration_statistics(accelerator, rollouts, advantages)
-        run.episodes_used += statistics["episodes"]
-        metrics = {
-            **{f"rollout/{key}": value for key, value in statistics.items()},
-            # A dense signal beside success: how close the tip ended, over this iteration's episodes.
-            "rollout/final_distance_m": float(np.mean([e.final_distance for e in rollouts.episodes])),
-            "rollout/worker_restarts": envs.worker_restarts,  # simulators replaced so far (died or hung)
-            "update/steps": len(losses),
-            "update/nonfinite_skipped": nonfinite.pop_skipped(),
-            "update/loss": torch.stack(losses).mean().item() if losses else float("nan"),
-            **{name: value for name, value in update_terms.items() if name != "update/loss"},
-            "time/rollout_s": rollout_time,
-            "time/update_s": update_time,
-        }
+        result = engine.run(iteration, envs)
+        # A dense signal beside success: how close the tip ended, over this iteration's episodes.
+        record = {**result.record, "final_distance_m": float(np.mean([e.final_distance for e in result.episodes]))}
+        run.episodes_used += record["episodes"]
         if iteration % config.eval_every == 0 or iteration == config.iterations:
             curve[iteration] = held_out_success(envs, policy_fn, held_out, f"seed {seed} iteration {iteration}")
-            metrics["eval/success_rate"] = curve[iteration]
-        append_metrics(metrics_file, iteration, metrics)
+            record["eval_success_rate"] = curve[iteration]
+        append_metrics(metrics_file, iteration, metrics_of(record))
         tqdm.write(
-            f"seed {seed} iteration {iteration}: rollout success {statistics['success_rate']:.2f}, "
-            f"{statistics['groups_kept']} groups kept, {len(losses)} updates, loss {metrics['update/loss']:.4f}"
+            f"seed {seed} iteration {iteration}: rollout success {record['success_rate']:.2f}, "
+            f"{record['groups_kept']} groups kept, {record['update_steps']} updates, "
+            f"loss {float('nan') if record['loss'] is None else record['loss']:.4f}"
             + (f", held-out {curve[iteration]:.1%}" if iteration in curve else "")
         )
-        progress.iteration = iteration
-        stopped = stop.received is not None
+        del result
+        stopped = engine.should_stop()
         if iteration % config.save_every == 0 or iteration == config.iterations or stopped:
-            save(iteration)
+            save()
         if stopped:
             print(f"seed {seed}: signal {stop.received} received, saved at iteration {iteration}; --resume latest")
             return None
 
-    unwrapped.save_pretrained(output_dir / "pretrained_model")
-    for extra in (preprocessor, postprocessor, tokenizer):
-        extra.save_pretrained(output_dir / "pretrained_model")
+    # The policy after RL is the last checkpoint's (the last iteration is always saved).
+    final_policy = output_dir / MODEL_DIR
+    if final_policy.is_dir() and not final_policy.is_symlink():
+        shutil.rmtree(final_policy)  # what a run of an earlier version of this script saved here
+    final_policy.unlink(missing_ok=True)
+    final_policy.symlink_to(Path(CHECKPOINTS_DIR) / "last" / MODEL_DIR)
     wall_s, cpu_s = time_spent()
     result = {
         "seed": seed,

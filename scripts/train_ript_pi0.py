@@ -23,14 +23,12 @@ import contextlib
 import gc
 import json
 import sys
-import time
 import traceback
 from pathlib import Path
 
-import psutil
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-from accelerate.utils import DistributedType, gather_object, parse_flag_from_env
+from accelerate.utils import DistributedType, parse_flag_from_env
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -42,30 +40,20 @@ from lib.policies.lora import add_lora_adapters, base_policy
 from lib.policies.policy_fn import make_policy_fn
 from lib.policies.processors import load_tokenizer
 from lib.policies.sizes import MODEL_SIZES, backbone_built_uninitialised, count_parameters
-from lib.rl.objectives import exploration_noise
+from lib.rl.iteration import RIPTIteration, metrics_of
 from lib.rl.ript import (
     RL_IDENTITY_KEYS,
-    RIPTProgress,
-    StateOutcomeHistory,
-    collect_iteration,
     init_state_key,
-    iteration_statistics,
-    run_update,
-    set_iteration_lr,
-    windows_with_advantages,
 )
 from lib.run.checkpoint import (
     RunIdentity,
     check_output_dir,
     checkpoint_as_json,
-    save_policy_checkpoint,
     start_output_dir,
     write_weights_once,
 )
 from lib.run.config import add_run_arguments, load_config, run_overrides, to_flat_dict
 from lib.run.errors import UserError, exit_code_of
-from lib.run.faults import raising_at_first_call_if_injected
-from lib.run.guards import GracefulStop, NonFiniteGuard
 from lib.run.logs import append_metrics, finish_run, init_trackers, plot_metrics, tee_output
 from lib.run.optim import make_optimizer
 from lib.run.schemas import TrainRIPTConfig, validate_train_ript_config
@@ -77,11 +65,6 @@ def load_config_from_yaml(path: Path, overrides: list[str]) -> DictConfig:
     config = load_config(TrainRIPTConfig, path, overrides)
     validate_train_ript_config(config)
     return config
-
-
-# The iteration record's statistics (lib.rl.ript.iteration_statistics), in stage 13's order.
-ITERATION_KEYS = ("success_rate", "episodes", "groups_kept", "dropped_all_success", "dropped_all_failure")
-ADVANTAGE_KEYS = ("advantage_mean", "advantage_std", "advantage_positive_fraction", "skipped_states")
 
 
 def parse_args() -> argparse.Namespace:
@@ -182,7 +165,6 @@ def main() -> int:
     write_weights_once(accelerator)  # the weights live in pretrained_model/ only
     unwrapped = base_policy(accelerator.unwrap_model(policy))  # the LeRobot policy (inside peft's wrapper)
     policy_fn = TimedPolicy(make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast))
-    history = StateOutcomeHistory(skip_after=config.rl.skip_after, skip_for=config.rl.skip_for)
     print(
         f"{len(dataset)} init states, {len(state_loader)} batches per epoch and rank; "
         f"{count_parameters(policy)} parameters, {count_parameters(policy, trained_only=True)} trained"
@@ -192,21 +174,34 @@ def main() -> int:
     eval_shard = [eval_states[i] for i in range(rank, len(eval_states), world)]
     print(f"{len(eval_states)} fixed init states for evaluation")
 
-    # What a checkpoint restores besides weights, optimizer and RNG.
-    progress_state = RIPTProgress(rank, world)  # per-rank sampler positions
-    checkpoint_as_json(accelerator, progress=progress_state, history=history, identity=identity)  # state.json
+    # One RIPT iteration end to end (lib/rl/iteration.py): rollouts with dynamic sampling of the init
+    # states (groups whose K outcomes all agree are dropped), the update weighted by leave-one-out
+    # advantages, the statistics over all ranks, checkpoints and the stop check.
+    last_iteration = config.train.iterations
+    engine = RIPTIteration(
+        accelerator,
+        policy,
+        optimizer,
+        preprocessor,
+        policy_fn,
+        lambda: next(state_batches),
+        init_state_key,
+        config.rl,
+        config.optim,
+        config.seed,
+        last_iteration,
+    )
+    # What a checkpoint restores besides weights, optimizer and RNG: per-rank sampler positions and
+    # the outcome history.
+    progress_state = engine.progress
+    checkpoint_as_json(accelerator, progress=progress_state, history=engine.history, identity=identity)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint / "training_state"))
         position = f"iteration {progress_state.iteration}, init-state draw {progress_state.draws}"
         print(f"resumed from {checkpoint} at {position}")
 
-    def save(iteration: int) -> Path:
-        """An atomic checkpoint; every rank's outcome history and sampler position go into it."""
-        history.merge(gather_object([history.state_dict()]))
-        progress_state.gather_draws(gather_object)  # ranks draw different numbers of batches
-        path = save_policy_checkpoint(
-            accelerator, output_dir, iteration, policy, [preprocessor, postprocessor, tokenizer], config.train.keep_last
-        )
+    def save() -> Path:
+        path = engine.save(output_dir, [preprocessor, postprocessor, tokenizer], config.train.keep_last)
         print(f"saved checkpoint {path}")
         return path
 
@@ -240,10 +235,8 @@ def main() -> int:
         # Each rank's simulators render on that rank's GPU, not all on GPU 0.
         render_gpu_device_id=torch.cuda.current_device() if torch.cuda.is_available() else -1,
     )
-    stop = GracefulStop()  # SIGTERM/SIGINT -> save and exit 0
-    nonfinite = NonFiniteGuard(config.rl.max_nonfinite_steps, "rl.max_nonfinite_steps")
-    process = psutil.Process()
-    last_iteration = progress_state.iteration + 1 if args.dry_run else config.train.iterations
+    if args.dry_run:
+        last_iteration = progress_state.iteration + 1
     # Iterations done and the ETA, on the main process's console (stderr: not in the rank logs).
     progress_bar = tqdm(
         total=last_iteration,
@@ -255,9 +248,6 @@ def main() -> int:
     )
     try:
         for iteration in range(progress_state.iteration + 1, last_iteration + 1):
-            # Rollouts with smart sampling: keep only groups whose K outcomes differ.
-            started = time.perf_counter()
-            policy_fn.pop_seconds()  # the last iteration's evaluation is not this iteration's inference
             # A video of one rollout every `tracking.video_every` iterations.
             record_video = (
                 not args.dry_run
@@ -265,63 +255,14 @@ def main() -> int:
                 and config.tracking.video_every > 0
                 and (iteration % config.tracking.video_every == 0)
             )
-            with exploration_noise(unwrapped, config.rl):  # Flow-Noise sampling for flow_noise
-                rollouts = collect_iteration(
-                    config.rl,
-                    lambda: next(state_batches),
-                    envs,
-                    raising_at_first_call_if_injected(policy_fn, rank, iteration),  # fault-injection tests only
-                    history,
-                    init_state_key,
-                    record_first=record_video,
-                )
-            rollout_time = time.perf_counter() - started
-            inference_time = policy_fn.pop_seconds()  # the policy calls inside the rollouts
+            result = engine.run(iteration, envs, record_first=record_video)
+            record = {"iteration": iteration, **result.record}
             if record_video:
-                print(f"video: {save_rollout_video(rollouts.episodes, output_dir / 'videos', iteration)}")
-
-            # Batched training on the kept rollouts' windows, weighted by leave-one-out advantage.
-            windows, advantages = windows_with_advantages(rollouts.kept)
-            lr = set_iteration_lr(optimizer, config.optim, iteration, config.train.iterations)  # warm-up, decay
-            losses = run_update(
-                accelerator,
-                policy,
-                optimizer,
-                preprocessor,
-                windows,
-                advantages,
-                config.rl,
-                config.optim.grad_clip_norm,
-                config.seed,
-                iteration,
-                nonfinite,
-            )
-            update_time = time.perf_counter() - started - rollout_time
-
-            # Statistics summed (loss averaged) over all ranks.
-            statistics = iteration_statistics(accelerator, rollouts, advantages)
-            record = {
-                "iteration": iteration,
-                **{key: statistics[key] for key in ITERATION_KEYS},
-                "update_steps": len(losses),
-                "lr": lr,
-                "nonfinite_skipped": nonfinite.pop_skipped(),  # update steps skipped (non-finite gradient)
-                "loss": accelerator.reduce(torch.stack(losses).mean(), "mean").item() if losses else None,
-                "rollout_time_s": rollout_time,
-                "inference_time_s": inference_time,
-                # Performance and memory monitoring.
-                "update_time_s": update_time,
-                "env_steps_per_s": statistics["env_steps"] / max(rollout_time, 1e-9),
-                "worker_restarts": envs.worker_restarts,
-                "rss_gib": process.memory_info().rss / 2**30,
-                "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
-                # Advantage statistics and skipped states, over all ranks.
-                **{key: statistics[key] for key in ADVANTAGE_KEYS},
-            }
+                print(f"video: {save_rollout_video(result.episodes, output_dir / 'videos', iteration)}")
             # Evaluation on the fixed init states.
             if not args.dry_run and (iteration % config.train.eval_every == 0 or iteration == last_iteration):
                 unwrapped.eval()
-                eval_results = envs.run(eval_shard, policy_fn) if eval_shard else []
+                eval_results = envs.run(eval_shard, engine.policy_fn) if eval_shard else []
                 eval_successes, eval_episodes = accelerator.reduce(
                     torch.tensor([sum(r.success for r in eval_results), len(eval_results)], device=accelerator.device),
                     "sum",
@@ -330,34 +271,32 @@ def main() -> int:
                 print(f"evaluation: success {record['eval_success_rate']:.2f} on {eval_episodes} fixed init states")
             progress["iterations"].append(record)
             # Metrics to the trackers and to metrics.jsonl.
-            metrics = {
-                f"ript/{key}": value for key, value in record.items() if key != "iteration" and value is not None
-            }
+            metrics = metrics_of({k: v for k, v in record.items() if k != "iteration"})
             accelerator.log(metrics, step=iteration)
             if accelerator.is_main_process and not args.dry_run:
                 progress_file.write_text(json.dumps(progress, indent=2))
                 append_metrics(metrics_file, iteration, metrics)
             print(
                 f"iteration {iteration}/{config.train.iterations}: success {record['success_rate']:.2f}, "
-                f"{record['groups_kept']} groups kept, {len(losses)} updates, loss {record['loss']}, "
-                f"rollout {rollout_time:.1f} s, update {update_time:.1f} s, {record['rss_gib']:.1f} GiB RSS"
+                f"{record['groups_kept']} groups kept, {record['update_steps']} updates, loss {record['loss']}, "
+                f"rollout {record['rollout_time_s']:.1f} s, update {record['update_time_s']:.1f} s, "
+                f"{record['rss_gib']:.1f} GiB RSS"
             )
-            progress_state.iteration = iteration
             progress_bar.update()
             # Free what the iteration left behind (rollout windows, frames).
-            del rollouts, windows, advantages
+            del result
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
             # Checkpoints, and a clean stop on SIGTERM/SIGINT.
-            stopped = stop.should_stop(accelerator)
+            stopped = engine.should_stop()
             if not args.dry_run and (
                 iteration % config.train.save_every == 0 or iteration == last_iteration or stopped
             ):
-                checkpoint = save(iteration)
+                checkpoint = save()
             if stopped:
-                print(f"signal {stop.received} received: stopped at iteration {iteration} after saving")
+                print(f"signal {engine.stop.received} received: stopped at iteration {iteration} after saving")
                 break
     except Exception:
         # The failure goes to this rank's log; resume from the last checkpoint.
@@ -368,7 +307,10 @@ def main() -> int:
         progress_bar.close()
         envs.close()
     if args.dry_run:
-        print(f"dry run ok: one iteration on {world} process(es), {record['episodes']} episodes, {len(losses)} updates")
+        print(
+            f"dry run ok: one iteration on {world} process(es), {record['episodes']} episodes, "
+            f"{record['update_steps']} updates"
+        )
     else:
         print(f"progress written to {progress_file}")
     # A plot of the success rate, and where the logs are.

@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import exit_in_process
+from helpers import exit_in_process
 
 from lib.run.config import ConfigError, load_config
 from lib.run.schemas import SoftArmTrainConfig, validate_soft_arm_train_config

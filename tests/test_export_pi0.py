@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import exit_in_process
+from helpers import exit_in_process
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.policies.pi0.configuration_pi0 import PI0Config
 from lerobot.policies.pi0.modeling_pi0 import PI0Policy

@@ -1,7 +1,7 @@
 """FSDP that really shards pi0: accelerate_configs/8gpu_fsdp.yaml on 2 CPU ranks (gloo)."""
 
 import pytest
-from conftest import ACCELERATE, TWO_RANK_LAUNCH, run
+from helpers import ACCELERATE, TWO_RANK_LAUNCH, run
 
 
 @TWO_RANK_LAUNCH

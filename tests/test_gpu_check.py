@@ -4,7 +4,7 @@ a GPU is at hand: the bare LeRobot step, `train_soft_arm.py`, sampling with the 
 
 import json
 
-from conftest import PYTHON, run
+from helpers import PYTHON, run
 
 
 def test_gpu_check_runs_at_the_tiny_size(tokenizer_dir, dataset_dir, tmp_path):

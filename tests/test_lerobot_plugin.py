@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import PYTHON, fake_hub_tokenizer, run
+from helpers import PYTHON, fake_hub_tokenizer, run
 from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature
 from safetensors.torch import load_file, save_file
 from test_graph_pi0 import CHUNK, make_batch, make_config

@@ -5,7 +5,7 @@ import runpy
 
 import pytest
 import torch
-from conftest import REPO, exit_in_process
+from helpers import REPO, exit_in_process
 from torch.distributed._tools.mem_tracker import MemTracker
 
 PLAN = runpy.run_path(str(REPO / "scripts/plan_memory.py"))

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import PYTHON, exit_in_process, run
+from helpers import PYTHON, exit_in_process, run
 
 from lib.data.soft_arm import EpisodeError, load_raw_episode, make_soft_arm_datasets, split_episodes
 from lib.envs.soft_arm.features import GRAPH_KEY, IMAGE_KEY

@@ -6,8 +6,8 @@ import os
 
 import gymnasium as gym
 import numpy as np
-from conftest import PYTHON, REPO, fake_hub_tokenizer, run
 from gymnasium.utils.env_checker import check_env
+from helpers import PYTHON, REPO, fake_hub_tokenizer, run
 
 from lib.envs.soft_arm.features import IMAGE_KEY
 from lib.envs.soft_arm.gym_env import ENV_ID, SoftArmEnv, register

@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, exit_in_process, run
+from helpers import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, exit_in_process, run
 from safetensors.torch import load_file
 
 

@@ -8,12 +8,13 @@ import time
 
 import pytest
 import torch
-from conftest import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, exit_in_process, run
+from helpers import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, exit_in_process, run
 from safetensors.torch import load_file
 
 from lib.envs.libero.worker import AGENTVIEW_KEY, WRIST_KEY
 from lib.policies.flag_pi0 import PI0CFGPolicy
 from lib.policies.processors import load_pi0_processors, load_tokenizer
+from lib.rl.iteration import RECORD_KEYS
 
 SCRIPT = "scripts/train_ript_pi0.py"
 
@@ -136,6 +137,12 @@ def test_compiled_model_runs_an_iteration_and_saves(args, tmp_path):
     Then a dry run in the finished run's output_dir: one iteration, the run's files untouched."""
     run([PYTHON, SCRIPT, *args, "train.iterations=1", "model.compile=true"])
     assert [row["step"] for row in iterations_logged(tmp_path)] == [1]
+    # The engine's record (lib/rl/iteration.py), as ript_soft_arm.py logs it too; the loss and the
+    # objective's terms only once an update ran (none at this size, where no rollout succeeds)
+    row = iterations_logged(tmp_path)[0]
+    optional = {"ript/loss", *(key for key in row if key.startswith("ript/update_") and key != "ript/update_steps")}
+    engine_keys = {f"ript/{key}" for key in RECORD_KEYS}
+    assert set(row) - optional == {"step", *engine_keys - optional, "ript/eval_success_rate"}
     policy = PI0CFGPolicy.from_pretrained(tmp_path / "checkpoints" / "last" / "pretrained_model")
     assert policy.config.compile_model and policy.config.compile_mode == "default"
 

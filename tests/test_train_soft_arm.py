@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, run
+from helpers import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, run
 from safetensors.torch import load_file
 
 from lib.policies.graph_pi0 import PI0GraphPolicy

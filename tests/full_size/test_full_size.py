@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, REPO
+from helpers import PYTHON, REPO
 from lerobot.configs import FeatureType, PreTrainedConfig
 from lerobot.policies.pi0.modeling_pi0 import PI0Policy
 from safetensors import safe_open

@@ -7,7 +7,7 @@ to search further (400 per config found nothing more after the fix of lib/run/co
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf

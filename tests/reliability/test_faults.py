@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, run
+from helpers import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, run
 from safetensors.torch import load_file
 
 from lib.run.faults import DISK_FULL_ENV, HOLD_SAVE_ENV, NONFINITE_LOSS_ENV, RAISE_AT_ENV, RAISE_IN_LOADER_ENV

@@ -4,7 +4,7 @@ itself (optimizer, RNG states, sampler) goes through `torch.load(weights_only=Tr
 
 import re
 
-from conftest import REPO
+from helpers import REPO
 
 # What would load a pickle with code execution: the pickle modules, NumPy's pickle switch,
 # torch.load without weights_only=True, and accelerate's registered objects (loaded with

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import PYTHON, run
+from helpers import PYTHON, run
 
 SERIES = {"rss_mib", "children_rss_mib", "open_fds", "children", "zombies"}
 

@@ -1,0 +1,53 @@
+"""What the tests share besides fixtures (those are in conftest.py): paths, the interpreter and the
+launcher, the two-rank launch group, and running a project command or a script's `main`."""
+
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+
+# `make test` runs the suite on 2 pytest-xdist workers (`--dist loadgroup`). Two-rank launches
+# rendezvous on the launch config's fixed port, so they all go to one worker, one at a time.
+TWO_RANK_LAUNCH = pytest.mark.xdist_group("two_rank_launch")
+
+
+def run(command: list[str], cwd: Path = REPO, timeout: float = 600, check: bool = True, **kwargs):
+    """Run a project command; on failure show its output."""
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
+def exit_in_process(monkeypatch, capsys, script: str, *args: str) -> tuple[int, str]:
+    """Run `python <script> <args>` in this process and return its exit code and stderr. For a
+    script's command-line error paths, which exit before anything is built: the same `main` and
+    the same exit code, without a new interpreter's 6 s of imports."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(script, run_name="__main__")
+    return exited.value.code, capsys.readouterr().err
+
+
+def fake_hub_tokenizer(tokenizer_dir: Path, hub_cache: Path, repo_id: str = "someone/tiny-tokenizer") -> Path:
+    """A Hugging Face hub cache (use as HF_HUB_CACHE) holding the local tokenizer as `repo_id`, so
+    code that loads a tokenizer by hub id runs offline."""
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in tokenizer_dir.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (snapshot / "config.json").write_text("{}")  # transformers' AutoTokenizer reads a hub repo's config first
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return hub_cache
