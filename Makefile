@@ -42,7 +42,7 @@ debug: $(TOKENIZER_DIR)/tokenizer.json
 	$(PY) data_prep/soft_arm_to_lerobot.py --raw_dir $(DEBUG_RAW_DIR) --output_dir $(DEBUG_DATASET_DIR)
 	$(PY) scripts/train_soft_arm.py --config configs/debug_config.yaml --overwrite
 
-# Graph tokens vs none on the simulated soft arm (README "Graph tokens vs none"): 100 expert
+# Graph tokens vs none on the simulated soft arm (docs/soft_arm.md "Graph tokens vs none"): 100 expert
 # demonstrations, the tiny pi0 trained with and without graph tokens for each seed, every checkpoint
 # and the expert evaluated on the same 50 held-out seeds, then the table. Each run is a file target:
 # a finished one is kept, an interrupted training resumes from its last checkpoint.
@@ -70,7 +70,7 @@ $(ABLATION_DIR)/%/eval/summary.json: $(ABLATION_DATASET_DIR)/meta/info.json $(TO
 	$(PY) scripts/eval_soft_arm.py --checkpoint $(ABLATION_DIR)/$*/checkpoints/last/pretrained_model $(ABLATION_EVAL) \
 		--seed $(lastword $(subst _seed, ,$*)) --label "$(subst _seed, seed ,$*)" --output_dir $(@D)
 
-# Does the RIPT loop learn? (README "RIPT on the simulated soft arm"): 20 demonstrations, behaviour
+# Does the RIPT loop learn? (docs/ript.md "RIPT on the simulated soft arm"): 20 demonstrations, behaviour
 # cloning to a middling policy, then RL post-training with each objective (configs/ript_soft_arm.yaml)
 # and the no-reward control, 3 seeds each. Every step keeps what an earlier run finished.
 RIPT_ARM_RAW_DIR := artifacts/soft_arm_raw_few20
@@ -137,7 +137,7 @@ $(GPU_CHECK_DATASET_DIR)/meta/info.json:
 gpu-check: $(TOKENIZER_DIR)/tokenizer.json $(GPU_CHECK_DATASET_DIR)/meta/info.json
 	$(PY) scripts/gpu_check.py --dataset $(GPU_CHECK_DATASET_DIR) --tokenizer $(TOKENIZER_DIR)
 
-# Leak check (README "Faults and what happens"): 30 minutes of tiny training and RIPT side by side,
+# Leak check (docs/faults.md): 30 minutes of tiny training and RIPT side by side,
 # memory, file descriptors and child processes sampled each minute; soak.json, soak.png, the slopes.
 soak: $(TOKENIZER_DIR)/tokenizer.json $(DEBUG_DATASET_DIR)/meta/info.json
 	$(PY) scripts/soak.py --minutes 30 --dataset $(DEBUG_DATASET_DIR) --tokenizer $(TOKENIZER_DIR)

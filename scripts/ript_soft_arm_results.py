@@ -1,4 +1,4 @@
-"""The objectives side by side (README "RIPT on the simulated soft arm"): the last step of
+"""The objectives side by side (docs/ript.md "RIPT on the simulated soft arm"): the last step of
 `make ript-soft-arm`, after `scripts/ript_soft_arm.py` has run each objective.
 
     python scripts/ript_soft_arm_results.py --runs_dir outputs/ript_soft_arm

@@ -1,4 +1,4 @@
-"""The results table of the graph-tokens ablation (README "Graph tokens vs none"): the last step
+"""The results table of the graph-tokens ablation (docs/soft_arm.md "Graph tokens vs none"): the last step
 of `make soft-arm-ablation`, which simulates the demonstrations, trains the tiny pi0 with and
 without graph tokens for each seed and evaluates every checkpoint and the scripted expert on the
 same held-out seeds (the Makefile's rules say how; finished steps are kept).

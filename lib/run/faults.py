@@ -1,4 +1,4 @@
-"""Fault injection for the reliability tests (README "Faults and what happens"): environment
+"""Fault injection for the reliability tests (docs/faults.md): environment
 variables that make a run hold a save, fill the disk, raise, or see a non-finite loss at a step."""
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ class PolicySourceConfig:
 
 @dataclass
 class FinetuneModeConfig(PolicySourceConfig):
-    """LeRobot's own pi0 switches for what trains and what memory it takes (README "Fine-tuning
+    """LeRobot's own pi0 switches for what trains and what memory it takes (docs/training.md "Fine-tuning
     modes and their memory")."""
 
     gradient_checkpointing: bool = False

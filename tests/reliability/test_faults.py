@@ -222,7 +222,7 @@ def test_one_ript_rank_raising_ends_every_rank_and_its_simulators(tokenizer_dir,
 def test_sigterm_to_the_launcher_reaches_the_ranks_which_save(train_args, tmp_path):
     """SIGTERM to `accelerate launch` itself (what a cluster scheduler sends): torch's elastic agent
     forwards it to both ranks, which finish the step, save one checkpoint and exit 0; the launcher
-    then reports the signal and exits non-zero (its own behaviour, README "Faults and what happens")."""
+    then reports the signal and exits non-zero (its own behaviour, docs/faults.md)."""
     output_dir = tmp_path / "run"
     launcher = subprocess.Popen(
         two_rank_training(train_args, output_dir, steps=500, save_every=500),

@@ -1,4 +1,4 @@
-"""Weights that fail to load never become a silent random start (README "Faults and what happens").
+"""Weights that fail to load never become a silent random start (docs/faults.md).
 
 LeRobot 0.6.1's `PI0Policy.from_pretrained` prints load errors and returns the random model; every
 loader of this project (`lib.policies.loading.load_pretrained_policy`, and so `PI0GraphPolicy.from_pretrained`,
