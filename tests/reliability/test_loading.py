@@ -84,7 +84,9 @@ def test_a_good_checkpoint_loads_exactly(graph_checkpoint, tmp_path):
         "observation.language.attention_mask": torch.ones(2, 12, dtype=torch.bool),
     }
     noise = torch.randn(2, 8, 32, generator=generator)
-    assert torch.equal(loaded.predict_action_chunk(batch, noise=noise), original.predict_action_chunk(batch, noise=noise))
+    assert torch.equal(
+        loaded.predict_action_chunk(batch, noise=noise), original.predict_action_chunk(batch, noise=noise)
+    )
 
 
 def test_truncated_weights_are_an_error(graph_checkpoint, tmp_path):
