@@ -13,8 +13,10 @@ import gc
 import json
 import os
 import platform
+import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -38,6 +40,9 @@ REPORT_DIR = REPO / ("docs/results/full_size_cpu" if SIZE == "full" else "output
 FULL_PARAMETERS, FULL_EXPERT_ONLY_TRAINED = "4028.05 M parameters", "578.07 M trained"
 # bf16 storage, the VLM frozen: what fits this project's 2-core, 24 GiB CPU machine
 FULL_SIZE_ARGS = [f"model.pretrained={SIZE}", "model.dtype=bfloat16", "model.train_expert_only=true"]
+# 4 expert-only steps at batch 1, checkpoints at steps 2 and 4
+SOFT_ARM_RUN = ["data.batch_size=1", "data.num_workers=0", "train.steps=4", "train.log_every=1", "train.val_every=4"]
+SOFT_ARM_RUN += ["train.val_batches=1", "train.save_every=2", "train.keep_last=2"]
 TIMED_CALLS = 2  # after one warm-up call; a full-size call takes seconds on a CPU
 
 
@@ -220,12 +225,11 @@ def pretrained(run_dir: Path, step: int) -> Path:
 # ---- the items ----
 
 
-@pytest.fixture(scope="module")
-def soft_arm_run(tmp_path_factory, train_args, report) -> Path:
+@pytest.fixture(scope="class")
+def soft_arm_run(tmp_path_factory, train_args, report) -> Iterator[Path]:
     """`train_soft_arm.py` from a fresh full-size graph pi0: 4 expert-only steps, saved at 2 and 4."""
     run_dir = tmp_path_factory.mktemp("full_size") / "soft_arm"
-    args = [*train_args, *FULL_SIZE_ARGS, "data.batch_size=1", "data.num_workers=0", "train.steps=4"]
-    args += ["train.log_every=1", "train.val_every=4", "train.val_batches=1", "train.save_every=2", "train.keep_last=2"]
+    args = [*train_args, *FULL_SIZE_ARGS, *SOFT_ARM_RUN]
     output = report.run(
         "train_soft_arm.py: fresh graph pi0, 4 expert-only steps, 2 saves",
         [PYTHON, "scripts/train_soft_arm.py", *args, f"output_dir={run_dir}"],
@@ -233,112 +237,116 @@ def soft_arm_run(tmp_path_factory, train_args, report) -> Path:
     )
     if SIZE == "full":
         assert FULL_PARAMETERS in output and FULL_EXPERT_ONLY_TRAINED in output, output[-3000:]
-    return run_dir
+    yield run_dir
+    shutil.rmtree(run_dir)
 
 
-def test_train_save_checked_load_sample_and_resume_exactly(soft_arm_run, train_args, report, tmp_path):
-    checkpoint = pretrained(soft_arm_run, 4)
-    weights = checkpoint / "model.safetensors"
-    report.note("checkpoint written", weights_gb=round(weights.stat().st_size / 1e9, 2))
+class TestSoftArmAtFullSize:
+    """`train_soft_arm.py`'s run and what is done with its checkpoint; the run's 27 GB of checkpoints
+    are deleted when the class is done (`soft_arm_run`), before the RIPT items write theirs."""
 
-    # The checked load of 8 GB of weights: every tensor is the file's, or it refuses. A truncated
-    # copy is refused by name before anything is built (no silent random start).
-    with report.measured("PI0GraphPolicy.from_pretrained (checked load)") as row:
-        policy = PI0GraphPolicy.from_pretrained(checkpoint)
-    assert policy_matches_file(policy, weights)
-    truncated = tmp_path / "truncated"
-    truncated.mkdir()
-    (truncated / "config.json").write_bytes((checkpoint / "config.json").read_bytes())
-    with weights.open("rb") as source:
-        (truncated / "model.safetensors").write_bytes(source.read(weights.stat().st_size // 2))
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        PI0GraphPolicy.from_pretrained(truncated)
+    def test_train_save_checked_load_sample_and_resume_exactly(self, soft_arm_run, train_args, report, tmp_path):
+        checkpoint = pretrained(soft_arm_run, 4)
+        weights = checkpoint / "model.safetensors"
+        report.note("checkpoint written", weights_gb=round(weights.stat().st_size / 1e9, 2))
 
-    batch = checkpoint_batch(checkpoint)
-    with report.measured("graph pi0 predict_action_chunk, batch 1") as row:
-        actions, seconds = timed_chunks(policy, batch, chunk_noise(policy))
-        row["median_s"] = round(seconds, 2)
-    assert actions.shape == (1, policy.config.chunk_size, 10) and torch.isfinite(actions).all()
-    del policy
-    release_memory()
+        # The checked load of 8 GB of weights: every tensor is the file's, or it refuses. A truncated
+        # copy is refused by name before anything is built (no silent random start).
+        with report.measured("PI0GraphPolicy.from_pretrained (checked load)") as row:
+            policy = PI0GraphPolicy.from_pretrained(checkpoint)
+        assert policy_matches_file(policy, weights)
+        truncated = tmp_path / "truncated"
+        truncated.mkdir()
+        (truncated / "config.json").write_bytes((checkpoint / "config.json").read_bytes())
+        with weights.open("rb") as source:
+            (truncated / "model.safetensors").write_bytes(source.read(weights.stat().st_size // 2))
+        with pytest.raises(CheckpointError, match="truncated or corrupt"):
+            PI0GraphPolicy.from_pretrained(truncated)
 
-    # --resume latest from the step-2 checkpoint (hard links: no 12 GB copy) continues exactly.
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    subprocess.run(
-        ["cp", "-al", str(soft_arm_run / "checkpoints/step_00000002"), str(resumed / "checkpoints")], check=True
-    )
-    args = [*train_args, *FULL_SIZE_ARGS, "data.batch_size=1", "data.num_workers=0", "train.steps=4"]
-    args += ["train.log_every=1", "train.val_every=4", "train.val_batches=1", "train.save_every=2", "train.keep_last=2"]
-    output = report.run(
-        "train_soft_arm.py --resume latest from step 2",
-        [PYTHON, "scripts/train_soft_arm.py", *args, f"output_dir={resumed}", "--resume", "latest"],
-        tmp_path / "resumed.log",
-    )
-    assert "at step 2" in output
-    expected, got = losses(soft_arm_run), losses(resumed)
-    assert sorted(got) == [3, 4] and all(got[step] == expected[step] for step in (3, 4)), (got, expected)
-    assert same_weights(pretrained(resumed, 4) / "model.safetensors", weights)
-    report.items[-1]["exact"] = f"losses at steps 3, 4 and the final weights equal the uninterrupted run's {got}"
+        batch = checkpoint_batch(checkpoint)
+        with report.measured("graph pi0 predict_action_chunk, batch 1") as row:
+            actions, seconds = timed_chunks(policy, batch, chunk_noise(policy))
+            row["median_s"] = round(seconds, 2)
+        assert actions.shape == (1, policy.config.chunk_size, 10) and torch.isfinite(actions).all()
+        del policy
+        release_memory()
 
+        # --resume latest from the step-2 checkpoint (hard links: no 12 GB copy) continues exactly.
+        resumed = tmp_path / "resumed"
+        (resumed / "checkpoints").mkdir(parents=True)
+        subprocess.run(
+            ["cp", "-al", str(soft_arm_run / "checkpoints/step_00000002"), str(resumed / "checkpoints")], check=True
+        )
+        args = [*train_args, *FULL_SIZE_ARGS, *SOFT_ARM_RUN]
+        output = report.run(
+            "train_soft_arm.py --resume latest from step 2",
+            [PYTHON, "scripts/train_soft_arm.py", *args, f"output_dir={resumed}", "--resume", "latest"],
+            tmp_path / "resumed.log",
+        )
+        assert "at step 2" in output
+        expected, got = losses(soft_arm_run), losses(resumed)
+        assert sorted(got) == [3, 4] and all(got[step] == expected[step] for step in (3, 4)), (got, expected)
+        assert same_weights(pretrained(resumed, 4) / "model.safetensors", weights)
+        report.items[-1]["exact"] = f"losses at steps 3, 4 and the final weights equal the uninterrupted run's {got}"
+        shutil.rmtree(resumed)  # 13 GB of checkpoints: the disk is needed by the next items
 
-def test_lora_from_the_saved_full_size_checkpoint(soft_arm_run, train_args, report, tmp_path):
-    """LoRA on the saved checkpoint: only adapters (and the graph encoder) train; the checkpoint holds the
-    merged policy, whose LoRA-targeted weights are the base's plus scale * B @ A of the saved adapters."""
-    base = pretrained(soft_arm_run, 4)
-    args = [*train_args, f"model.pretrained={base}", "model.dtype=bfloat16", "model.lora_rank=4"]
-    args += ["data.batch_size=1", "data.num_workers=0", "train.steps=2", "train.save_every=2", "train.val_every=2"]
-    args += ["train.val_batches=1", "train.log_every=1"]
-    output = report.run(
-        "train_soft_arm.py with LoRA (rank 4) from the saved checkpoint, 2 steps",
-        [PYTHON, "scripts/train_soft_arm.py", *args, f"output_dir={tmp_path}"],
-        tmp_path / "lora.log",
-    )
-    assert "M trained" in output
-    merged = pretrained(tmp_path, 2)
-    adapter_config = json.loads((merged / "adapter/adapter_config.json").read_text())
-    scale = adapter_config["lora_alpha"] / adapter_config["r"]
-    with (
-        safe_open(merged / "adapter/adapter_model.safetensors", "pt") as adapters,
-        safe_open(merged / "model.safetensors", "pt") as merged_weights,
-        safe_open(base / "model.safetensors", "pt") as base_weights,
-    ):
-        a_keys = sorted(k for k in adapters.keys() if k.endswith(".lora_A.weight"))  # noqa: SIM118
-        assert a_keys and not any(".lora_" in k for k in merged_weights.keys())  # noqa: SIM118
-        checked = 0
-        for a_key in a_keys[:: max(1, len(a_keys) // 4)]:  # a few targets of every kind
-            module = a_key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-            lora_a, lora_b = (
-                adapters.get_tensor(a_key).float(),
-                adapters.get_tensor(a_key.replace("lora_A", "lora_B")).float(),
-            )
-            expected = base_weights.get_tensor(f"{module}.weight").float() + scale * lora_b @ lora_a
-            torch.testing.assert_close(
-                merged_weights.get_tensor(f"{module}.weight").float(), expected, rtol=0.02, atol=2e-3
-            )
-            checked += 1
-    report.items[-1]["merged"] = f"{len(a_keys)} adapted matrices; {checked} checked as base + {scale:g} B A"
+    def test_lora_from_the_saved_full_size_checkpoint(self, soft_arm_run, train_args, report, tmp_path):
+        """LoRA on the saved checkpoint: only adapters (and the graph encoder) train; the checkpoint holds the
+        merged policy, whose LoRA-targeted weights are the base's plus scale * B @ A of the saved adapters."""
+        base = pretrained(soft_arm_run, 4)
+        args = [*train_args, f"model.pretrained={base}", "model.dtype=bfloat16", "model.lora_rank=4"]
+        args += ["data.batch_size=1", "data.num_workers=0", "train.steps=2", "train.save_every=2", "train.val_every=2"]
+        args += ["train.val_batches=1", "train.log_every=1"]
+        output = report.run(
+            "train_soft_arm.py with LoRA (rank 4) from the saved checkpoint, 2 steps",
+            [PYTHON, "scripts/train_soft_arm.py", *args, f"output_dir={tmp_path}"],
+            tmp_path / "lora.log",
+        )
+        assert "M trained" in output
+        merged = pretrained(tmp_path, 2)
+        adapter_config = json.loads((merged / "adapter/adapter_config.json").read_text())
+        scale = adapter_config["lora_alpha"] / adapter_config["r"]
+        with (
+            safe_open(merged / "adapter/adapter_model.safetensors", "pt") as adapters,
+            safe_open(merged / "model.safetensors", "pt") as merged_weights,
+            safe_open(base / "model.safetensors", "pt") as base_weights,
+        ):
+            a_keys = sorted(k for k in adapters.keys() if k.endswith(".lora_A.weight"))  # noqa: SIM118
+            assert a_keys and not any(".lora_" in k for k in merged_weights.keys())  # noqa: SIM118
+            checked = 0
+            for a_key in a_keys[:: max(1, len(a_keys) // 4)]:  # a few targets of every kind
+                module = a_key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                lora_a, lora_b = (
+                    adapters.get_tensor(a_key).float(),
+                    adapters.get_tensor(a_key.replace("lora_A", "lora_B")).float(),
+                )
+                expected = base_weights.get_tensor(f"{module}.weight").float() + scale * lora_b @ lora_a
+                torch.testing.assert_close(
+                    merged_weights.get_tensor(f"{module}.weight").float(), expected, rtol=0.02, atol=2e-3
+                )
+                checked += 1
+        report.items[-1]["merged"] = f"{len(a_keys)} adapted matrices; {checked} checked as base + {scale:g} B A"
+        shutil.rmtree(tmp_path / "checkpoints")
 
-
-def test_guided_sampling_of_the_flag_policy(soft_arm_run, report):
-    """The graph checkpoint as the flag policy RL starts from (zero flag embedding, then a random one
-    so the two branches differ): plain (w = 1, one branch) against guided (w = 2, both branches)."""
-    checkpoint = pretrained(soft_arm_run, 4)
-    config = PI0GraphCFGConfig.from_config(PreTrainedConfig.from_pretrained(checkpoint), guidance_weight=1.0)
-    with report.measured("flag policy from the graph checkpoint (checked load)"):
-        policy = load_pretrained_policy(checkpoint, PI0GraphCFGPolicy, config)
-    torch.nn.init.normal_(policy.model.condition_embedding.weight, std=0.5)
-    batch, noise = checkpoint_batch(checkpoint), chunk_noise(policy)
-    with report.measured("flag policy predict_action_chunk, w = 1 (plain)") as row:
-        plain, plain_s = timed_chunks(policy, batch, noise)
-        row["median_s"] = round(plain_s, 2)
-    policy.config.guidance_weight = 2.0
-    with report.measured("flag policy predict_action_chunk, w = 2 (guided)") as row:
-        guided, guided_s = timed_chunks(policy, batch, noise)
-        row.update(median_s=round(guided_s, 2), guided_over_plain=round(guided_s / plain_s, 2))
-    assert torch.isfinite(guided).all() and not torch.equal(guided, plain)
-    del policy
-    release_memory()
+    def test_guided_sampling_of_the_flag_policy(self, soft_arm_run, report):
+        """The graph checkpoint as the flag policy RL starts from (zero flag embedding, then a random one
+        so the two branches differ): plain (w = 1, one branch) against guided (w = 2, both branches)."""
+        checkpoint = pretrained(soft_arm_run, 4)
+        config = PI0GraphCFGConfig.from_config(PreTrainedConfig.from_pretrained(checkpoint), guidance_weight=1.0)
+        with report.measured("flag policy from the graph checkpoint (checked load)"):
+            policy = load_pretrained_policy(checkpoint, PI0GraphCFGPolicy, config)
+        torch.nn.init.normal_(policy.model.condition_embedding.weight, std=0.5)
+        batch, noise = checkpoint_batch(checkpoint), chunk_noise(policy)
+        with report.measured("flag policy predict_action_chunk, w = 1 (plain)") as row:
+            plain, plain_s = timed_chunks(policy, batch, noise)
+            row["median_s"] = round(plain_s, 2)
+        policy.config.guidance_weight = 2.0
+        with report.measured("flag policy predict_action_chunk, w = 2 (guided)") as row:
+            guided, guided_s = timed_chunks(policy, batch, noise)
+            row.update(median_s=round(guided_s, 2), guided_over_plain=round(guided_s / plain_s, 2))
+        assert torch.isfinite(guided).all() and not torch.equal(guided, plain)
+        del policy
+        release_memory()
 
 
 @pytest.fixture(scope="module")
