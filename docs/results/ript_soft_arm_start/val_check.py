@@ -7,10 +7,10 @@ import sys
 
 import torch
 
+from lib.data.soft_arm import make_soft_arm_datasets
 from lib.policies.graph_pi0 import PI0GraphPolicy
 from lib.policies.noise import keyed_noise_and_time
 from lib.policies.processors import load_pi0_processors, load_tokenizer
-from lib.data.soft_arm import make_soft_arm_datasets
 
 ckpt, data = sys.argv[1], sys.argv[2]
 policy = PI0GraphPolicy.from_pretrained(ckpt).eval()
