@@ -24,10 +24,11 @@ import gc
 import json
 import sys
 import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from accelerate.utils import DistributedType, parse_flag_from_env
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -96,7 +97,10 @@ def main() -> int:
         log_with=None if args.dry_run else list(config.tracking.report_to) or None,  # tensorboard, wandb
         project_dir=config.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=True),
+            InitProcessGroupKwargs(timeout=timedelta(seconds=config.train.collective_timeout_s)),
+        ],
     )
     rank, world = accelerator.process_index, accelerator.num_processes
     # Every rank's rollouts sample from the whole policy, while sharding leaves each rank a shard

@@ -19,10 +19,11 @@ import argparse
 import contextlib
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from accelerate.utils import set_seed
 from lerobot.configs import FeatureType, PolicyFeature
 from omegaconf import OmegaConf
@@ -103,7 +104,10 @@ def main() -> int:
         log_with=None if args.dry_run else list(config.tracking.report_to) or None,
         project_dir=str(output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=True),
+            InitProcessGroupKwargs(timeout=timedelta(seconds=config.train.collective_timeout_s)),
+        ],
     )
     if accelerator.is_main_process and not args.dry_run:
         start_output_dir(output_dir, checkpoint, args.overwrite)

@@ -293,9 +293,17 @@ def test_eval_and_ript_soft_arm_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     }
     assert summary["pass_at_attempts"] == sum(any(s) for s in solved.values()) / 2
     assert summary["seeds_by_successes"] == {str(k): sum(sum(s) == k for s in solved.values()) for k in range(3)}
-    # A larger `iterations` with --resume latest extends the finished seed from its checkpoint,
-    # exactly as a run that never stopped: same rollouts (the policy noise and the sampler
-    # position decide them), same held-out scores, same outcome history, same weights.
+
+
+@pytest.mark.slow  # 4 RIPT runs, about 40 s: make test keeps the one above
+def test_ript_soft_arm_extends_a_finished_seed_exactly(tmp_path, tiny_checkpoint):
+    """A larger `iterations` with --resume latest extends the finished seed from its checkpoint,
+    exactly as a run that never stopped: same rollouts (the policy noise and the sampler position
+    decide them), same held-out scores, same outcome history, same weights."""
+    ript_dir = tmp_path / "ript"
+    ript = [PYTHON, "scripts/ript_soft_arm.py", f"model.pretrained={tiny_checkpoint}", f"output_dir={ript_dir}"]
+    ript += [*TINY_RIPT, "iterations=1", "eval_every=1", "rl.objective=cfg_rl", "model.guidance_weight=2"]
+    run(ript)
     assert "resumed from" in run([*ript, "iterations=2", "--resume", "latest"]).stdout
     straight_dir = tmp_path / "ript_straight"
     run([*ript, "iterations=2", f"output_dir={straight_dir}"])

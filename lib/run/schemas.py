@@ -73,6 +73,10 @@ class CheckpointingConfig:
     mixed_precision: Optional[str] = None  # None: the launcher's; or "no", "bf16", "fp16"
     save_every: int = 10
     keep_last: int = 3
+    # A collective that waits longer fails the run (a lost node or rank ends the others instead of
+    # hanging them; gloo's own default is 30 minutes). Above the longest wait of one rank on another:
+    # a full-size checkpoint written by the main process, an evaluation.
+    collective_timeout_s: float = 900.0
 
 
 @dataclass
@@ -149,6 +153,7 @@ def validate_checkpointing(train: Any) -> None:
     )
     check(train.save_every > 0, "train.save_every", "> 0", train.save_every)
     check(train.keep_last >= 1, "train.keep_last", ">= 1", train.keep_last)
+    check(train.collective_timeout_s > 0, "train.collective_timeout_s", "> 0", train.collective_timeout_s)
 
 
 def validate_tracking(tracking: Any) -> None:
