@@ -4,6 +4,7 @@ docs/training.md "Past one machine"."""
 
 import contextlib
 import json
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -14,10 +15,16 @@ from helpers import ACCELERATE, REPO, TWO_RANK_LAUNCH, run
 
 pytestmark = [pytest.mark.slow, TWO_RANK_LAUNCH]
 
-PORT = "29547"  # not cpu_2proc.yaml's: a single-node launch of the same worker may have just released it
+
+def free_port() -> str:
+    """A port nobody listens on now: each launch gets its own (accelerate refuses a port still held
+    by the previous launch's closing sockets)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
 
 
-def node_command(machine_rank: int, script: str, args: list[str]) -> list[str]:
+def node_command(machine_rank: int, script: str, args: list[str], port: str) -> list[str]:
     return [
         ACCELERATE,
         "launch",
@@ -30,7 +37,7 @@ def node_command(machine_rank: int, script: str, args: list[str]) -> list[str]:
         "--main_process_ip",
         "127.0.0.1",
         "--main_process_port",
-        PORT,
+        port,
         "--mixed_precision",
         "no",
         script,
@@ -40,9 +47,10 @@ def node_command(machine_rank: int, script: str, args: list[str]) -> list[str]:
 
 def start_nodes(script: str, args: list[str], logs: Path) -> list[subprocess.Popen]:
     logs.mkdir(parents=True, exist_ok=True)
+    port = free_port()
     return [
         subprocess.Popen(
-            node_command(rank, script, args),
+            node_command(rank, script, args, port),
             cwd=REPO,
             stdout=(logs / f"node{rank}.log").open("w"),
             stderr=subprocess.STDOUT,
