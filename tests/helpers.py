@@ -1,6 +1,7 @@
 """What the tests share besides fixtures (those are in conftest.py): paths, the interpreter and the
 launcher, the two-rank launch group, and running a project command or a script's `main`."""
 
+import json
 import runpy
 import subprocess
 import sys
@@ -51,3 +52,8 @@ def fake_hub_tokenizer(tokenizer_dir: Path, hub_cache: Path, repo_id: str = "som
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     return hub_cache
+
+
+def metrics_rows(output_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl, in order."""
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -12,7 +12,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from helpers import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, run
+from helpers import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, metrics_rows, run
 from safetensors.torch import load_file
 
 from lib.data.soft_arm import load_raw_episode, make_soft_arm_datasets
@@ -268,7 +268,7 @@ def test_eval_and_ript_soft_arm_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     run_summary = summary["runs"][0]
     assert 0.0 <= run_summary["success_before"] <= 1.0 and 0.0 <= run_summary["success_after"] <= 1.0
     assert set(run_summary["curve"]) == {"0", "1"} and run_summary["episodes_used"] == 4
-    metrics = [json.loads(line) for line in (ript_dir / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    metrics = metrics_rows(ript_dir / "seed0")
     assert [m["step"] for m in metrics] == [0, 1] and metrics[1]["ript/episodes"] == 4
     assert 0 < metrics[1]["ript/final_distance_m"] < 1
     # The engine's record (lib/rl/iteration.py), as train_ript_pi0.py logs it, plus this driver's own;
@@ -309,7 +309,7 @@ def test_ript_soft_arm_extends_a_finished_seed_exactly(tmp_path, tiny_checkpoint
     run([*ript, "iterations=2", f"output_dir={straight_dir}"])
 
     def comparable(directory):
-        rows = [json.loads(line) for line in (directory / "seed0" / "metrics.jsonl").read_text().splitlines()]
+        rows = metrics_rows(directory / "seed0")
         # the timings differ; NaN (no update in an iteration) is compared as None
         return [
             {k: None if v != v else v for k, v in row.items() if k.removeprefix("ript/") not in MEASURED_KEYS}

@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from helpers import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, exit_in_process, run
+from helpers import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, exit_in_process, metrics_rows, run
 from safetensors.torch import load_file
 
 
@@ -103,7 +103,7 @@ def test_stage_11_logs_per_rank_and_trackers(tokenizer_dir, tmp_path):
     assert result.stdout.count("iteration 1/1") == 1
     for rank in (0, 1):  # every rank's own output is in its log file
         assert "iteration 1/1: success" in (tmp_path / f"train_rank{rank}.log").read_text()
-    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    metrics = metrics_rows(tmp_path)
     assert metrics[0]["step"] == 1 and metrics[0]["ript/episodes"] == 4
     assert (tmp_path / "success.png").stat().st_size > 0
     assert [p.name for p in (tmp_path / "videos").iterdir()] == ["iteration_00001_failure.mp4"]
@@ -196,7 +196,7 @@ def test_stage_13_two_processes_sigint_and_resume(tokenizer_dir, tmp_path):
     iterations = iterations_in(tmp_path / "progress.json")
     assert [row["iteration"] for row in iterations] == [1, 2, 3]
     assert all(row["episodes"] == 4 for row in iterations)  # 2 ranks x K=2, gathered
-    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    metrics = metrics_rows(tmp_path)
     assert all(row["ript/env_steps_per_s"] > 0 and row["ript/rss_gib"] > 0 for row in metrics)
 
 
@@ -207,8 +207,8 @@ def test_stage_13_and_the_final_script_agree(tokenizer_dir, tmp_path):
     common = ["--config_path", "configs/minimal_test.yaml", f"model.tokenizer={tokenizer_dir}", "train.eval_every=100"]
     run([PYTHON, "scripts/13_train_production_ready.py", *common, f"output_dir={tmp_path / 'stage13'}"])
     run([PYTHON, "scripts/train_ript_pi0.py", *common, f"output_dir={tmp_path / 'final'}"])
-    stage = [json.loads(line) for line in (tmp_path / "stage13/metrics.jsonl").read_text().splitlines()]
-    final = [json.loads(line) for line in (tmp_path / "final/metrics.jsonl").read_text().splitlines()]
+    stage = metrics_rows(tmp_path / "stage13")
+    final = metrics_rows(tmp_path / "final")
     measured = {"ript/rollout_time_s", "ript/update_time_s", "ript/env_steps_per_s", "ript/rss_gib"}
     assert len(stage) == len(final) == 2
     for ours, theirs in zip(stage, final, strict=True):

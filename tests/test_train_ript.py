@@ -8,13 +8,13 @@ import time
 
 import pytest
 import torch
-from helpers import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, exit_in_process, run
+from helpers import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, exit_in_process, metrics_rows, run
 from safetensors.torch import load_file
 
 from lib.envs.libero.worker import AGENTVIEW_KEY, WRIST_KEY
 from lib.policies.flag_pi0 import PI0CFGPolicy
 from lib.policies.processors import load_pi0_processors, load_tokenizer
-from lib.rl.iteration import RECORD_KEYS
+from lib.rl.iteration import MEASURED_KEYS, RECORD_KEYS
 
 SCRIPT = "scripts/train_ript_pi0.py"
 
@@ -24,19 +24,8 @@ def args(tokenizer_dir, tmp_path):
     return ["--config_path", "configs/minimal_test.yaml", f"model.tokenizer={tokenizer_dir}", f"output_dir={tmp_path}"]
 
 
-def iterations_logged(output_dir) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 # What a re-run measures differently (wall time, memory); everything else must repeat exactly.
-MEASURED = {
-    "ript/rollout_time_s",
-    "ript/inference_time_s",
-    "ript/update_time_s",
-    "ript/env_steps_per_s",
-    "ript/rss_gib",
-    "ript/gpu_peak_gib",
-}
+MEASURED = {f"ript/{key}" for key in MEASURED_KEYS}
 
 
 @pytest.mark.slow  # 130 s; CI runs the slow suite after make test (.ci/run)
@@ -53,7 +42,7 @@ def test_two_process_launch_and_bit_exact_resume(args, tmp_path):
     assert logs == ["train_rank0.log", "train_rank1.log"]
     for log in logs:
         assert "processes: 2 (DistributedType.MULTI_CPU)" in (tmp_path / log).read_text()
-    rows = iterations_logged(tmp_path)
+    rows = metrics_rows(tmp_path)
     assert [row["step"] for row in rows] == [1, 2]
     assert all(row["ript/episodes"] == 4 for row in rows)  # 2 ranks x K=2, gathered
     assert all(0 < row["ript/inference_time_s"] < row["ript/rollout_time_s"] for row in rows)  # the policy's share
@@ -68,7 +57,7 @@ def test_two_process_launch_and_bit_exact_resume(args, tmp_path):
     for rank in (0, 1):
         log = (tmp_path / f"train_rank{rank}.log").read_text()
         assert f"resumed from {step_1} at iteration 1, init-state draw 1" in log
-    again = iterations_logged(tmp_path)
+    again = metrics_rows(tmp_path)
     assert [row["step"] for row in again] == [1, 2]  # iteration 2's first row was dropped
     assert again[0] == rows[0]
     assert {k: v for k, v in again[1].items() if k not in MEASURED} == {
@@ -105,7 +94,7 @@ def test_stop_resume_and_what_a_run_writes(args, tmp_path):
 
     result = run([PYTHON, SCRIPT, *args, "train.iterations=3", "optim.warmup_iterations=2", "--resume", "latest"])
     assert f"at iteration {stopped_at}" in result.stdout
-    rows = iterations_logged(tmp_path)
+    rows = metrics_rows(tmp_path)
     assert [row["step"] for row in rows] == [1, 2, 3]
     assert [row["ript/lr"] for row in rows] == pytest.approx([5e-5, 1e-4, 1e-4])  # a function of the iteration
     for row in rows:
@@ -142,7 +131,7 @@ def test_compiled_model_runs_an_iteration_and_saves(args, tmp_path):
     and sampling): on a CPU this only shows that a compiled RIPT iteration runs, saves and loads.
     Then a dry run in the finished run's output_dir: one iteration, the run's files untouched."""
     run([PYTHON, SCRIPT, *args, "train.iterations=1", "model.compile=true"])
-    assert [row["step"] for row in iterations_logged(tmp_path)] == [1]
+    assert [row["step"] for row in metrics_rows(tmp_path)] == [1]
     policy = PI0CFGPolicy.from_pretrained(tmp_path / "checkpoints" / "last" / "pretrained_model")
     assert policy.config.compile_model and policy.config.compile_mode == "default"
 
@@ -172,7 +161,7 @@ def test_lora_run_saves_merged_and_adapters_and_resumes(tokenizer_dir, tmp_path)
     assert 0 < trained < parameters / 5
     result = run([PYTHON, SCRIPT, *lora, "train.iterations=2", "--resume", "latest"])
     assert "resumed from" in result.stdout
-    assert [row["step"] for row in iterations_logged(lora_dir)] == [1, 2]
+    assert [row["step"] for row in metrics_rows(lora_dir)] == [1, 2]
     checkpoint = lora_dir / "checkpoints" / "last" / "pretrained_model"
     assert (checkpoint / ADAPTER_DIR / "adapter_model.safetensors").is_file()
     before, after = load_file(base / "model.safetensors"), load_file(checkpoint / "model.safetensors")

@@ -1,6 +1,5 @@
 """`scripts/train_soft_arm.py` end to end: real processes, real accelerate launch, real files."""
 
-import json
 import re
 import signal
 import subprocess
@@ -9,17 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, run
+from helpers import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, metrics_rows, run
 from safetensors.torch import load_file
 
 from lib.policies.graph_pi0 import PI0GraphPolicy
 from lib.policies.processors import load_pi0_processors, load_tokenizer
 
 SCRIPT = "scripts/train_soft_arm.py"
-
-
-def metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def ranks_seen(output_dir: Path) -> set[str]:
@@ -55,7 +50,7 @@ def test_two_process_launch_checkpoint_loads(train_args, tmp_path):
     checkpoint = output_dir / "checkpoints" / "last" / "pretrained_model"
     assert checkpoint.resolve().parent.name == "step_00000004"
     assert [p.name for p in sorted((output_dir / "checkpoints").glob("step_*"))] == ["step_00000002", "step_00000004"]
-    assert {row["step"] for row in metrics(output_dir)} == {2, 4} and (output_dir / "loss.png").stat().st_size > 0
+    assert {row["step"] for row in metrics_rows(output_dir)} == {2, 4} and (output_dir / "loss.png").stat().st_size > 0
 
     policy = PI0GraphPolicy.from_pretrained(checkpoint)
     weights = load_file(checkpoint / "model.safetensors")
@@ -92,8 +87,8 @@ def test_resume_continues_to_the_same_loss_full_and_lora(train_args, tmp_path):
     )
     result = run([PYTHON, SCRIPT, *common, f"output_dir={resumed}", "--resume", "latest"])
     assert "resumed from" in result.stdout and "at step 3" in result.stdout
-    expected = {row["step"]: row["train/loss"] for row in metrics(uninterrupted) if "train/loss" in row}
-    got = {row["step"]: row["train/loss"] for row in metrics(resumed) if "train/loss" in row}
+    expected = {row["step"]: row["train/loss"] for row in metrics_rows(uninterrupted) if "train/loss" in row}
+    got = {row["step"]: row["train/loss"] for row in metrics_rows(resumed) if "train/loss" in row}
     assert sorted(got) == [4, 5, 6]
     assert all(got[step] == expected[step] for step in (4, 5, 6)), (got, expected)
     final = "checkpoints/step_00000006/pretrained_model/model.safetensors"
@@ -116,8 +111,8 @@ def test_resume_continues_to_the_same_loss_full_and_lora(train_args, tmp_path):
     step_2 = tmp_path / "lora/checkpoints/step_00000002"
     subprocess.run(["cp", "-r", str(step_2), str(resumed / "checkpoints")], check=True)
     run([PYTHON, SCRIPT, *lora, f"output_dir={resumed}", "--resume", "latest"])
-    expected = {row["step"]: row["train/loss"] for row in metrics(tmp_path / "lora") if "train/loss" in row}
-    got = {row["step"]: row["train/loss"] for row in metrics(resumed) if "train/loss" in row}
+    expected = {row["step"]: row["train/loss"] for row in metrics_rows(tmp_path / "lora") if "train/loss" in row}
+    got = {row["step"]: row["train/loss"] for row in metrics_rows(resumed) if "train/loss" in row}
     assert sorted(got) == [3, 4] and all(got[step] == expected[step] for step in (3, 4)), (got, expected)
     final = "checkpoints/step_00000004/pretrained_model"
     for name in ("model.safetensors", "adapter/adapter_model.safetensors"):
@@ -206,7 +201,7 @@ def test_gradient_accumulation_equals_one_step_at_the_doubled_batch(train_args, 
     run([PYTHON, SCRIPT, *common, f"output_dir={accumulated}", *overrides])
     run([PYTHON, SCRIPT, *common, f"output_dir={doubled}", "data.batch_size=8"])
 
-    rows = {run: [row for row in metrics(run) if "train/loss" in row] for run in (accumulated, doubled)}
+    rows = {run: [row for row in metrics_rows(run) if "train/loss" in row] for run in (accumulated, doubled)}
     assert [row["step"] for row in rows[accumulated]] == [1, 2]
     assert [row["train/lr"] for row in rows[accumulated]] == [pytest.approx(5e-4), pytest.approx(1e-3)]
     for key in ("train/loss", "train/grad_norm"):
@@ -223,7 +218,7 @@ def test_compiled_model_trains_saves_and_loads(train_args, tmp_path):
     CPU this only shows that a compiled run trains, saves and loads."""
     overrides = ["train.steps=2", "train.log_every=1", "model.compile=true"]
     run([PYTHON, SCRIPT, *train_args, f"output_dir={tmp_path}", *overrides])
-    rows = [row for row in metrics(tmp_path) if "train/loss" in row]
+    rows = [row for row in metrics_rows(tmp_path) if "train/loss" in row]
     assert [row["step"] for row in rows] == [1, 2] and all(torch.isfinite(torch.tensor(r["train/loss"])) for r in rows)
     policy = PI0GraphPolicy.from_pretrained(tmp_path / "checkpoints" / "last" / "pretrained_model")
     assert policy.config.compile_model and policy.config.compile_mode == "default"

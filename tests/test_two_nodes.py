@@ -3,7 +3,6 @@ CPU process each (gloo), for both trainers. What this proves and what only a rea
 docs/training.md "Past one machine"."""
 
 import contextlib
-import json
 import socket
 import subprocess
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import ACCELERATE, REPO, TWO_RANK_LAUNCH, run
+from helpers import ACCELERATE, REPO, TWO_RANK_LAUNCH, metrics_rows, run
 
 pytestmark = [pytest.mark.slow, TWO_RANK_LAUNCH]
 
@@ -76,10 +75,6 @@ def run_two_nodes(script: str, args: list[str], logs: Path, timeout: float = 600
     assert codes == [0, 0], "\n".join(f"node {r}: {(logs / f'node{r}.log').read_text()[-3000:]}" for r in (0, 1))
 
 
-def rows(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 MEASURED_SUFFIXES = ("_per_s", "_time_s", "_gib")  # wall time and memory: a re-run measures them anew
 
 
@@ -99,7 +94,7 @@ def test_train_soft_arm_on_two_nodes_equals_one_node_and_resumes(train_args, tmp
     for rank in (0, 1):
         assert f"[rank {rank}] processes: 2 " in (nodes / f"train_rank{rank}.log").read_text()
     # the same losses, validation and learning rate, step for step
-    assert without_measured(rows(nodes)) == without_measured(rows(single))
+    assert without_measured(metrics_rows(nodes)) == without_measured(metrics_rows(single))
 
     # node 0 wrote the checkpoints (the main process); both nodes resume from its step 2
     resumed = tmp_path / "resumed"
@@ -108,7 +103,9 @@ def test_train_soft_arm_on_two_nodes_equals_one_node_and_resumes(train_args, tmp
     run_two_nodes("scripts/train_soft_arm.py", [*args, f"output_dir={resumed}", "--resume", "latest"], tmp_path / "r")
     for rank in (0, 1):
         assert "at step 2" in (resumed / f"train_rank{rank}.log").read_text()
-    assert without_measured(rows(resumed)) == without_measured([row for row in rows(single) if row["step"] > 2])
+    assert without_measured(metrics_rows(resumed)) == without_measured(
+        [row for row in metrics_rows(single) if row["step"] > 2]
+    )
 
 
 def test_train_ript_on_two_nodes_equals_one_node(tokenizer_dir, tmp_path):
@@ -120,7 +117,7 @@ def test_train_ript_on_two_nodes_equals_one_node(tokenizer_dir, tmp_path):
     )
     nodes = tmp_path / "nodes"
     run_two_nodes("scripts/train_ript_pi0.py", [*args, f"output_dir={nodes}"], tmp_path / "logs")
-    got, expected = without_measured(rows(nodes)), without_measured(rows(single))
+    got, expected = without_measured(metrics_rows(nodes)), without_measured(metrics_rows(single))
     assert got == expected and got[0]["ript/episodes"] == 4  # 2 ranks x K = 2, gathered across the nodes
 
 

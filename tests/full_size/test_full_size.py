@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PYTHON, REPO
+from helpers import PYTHON, REPO, metrics_rows
 from lerobot.configs import FeatureType, PreTrainedConfig
 from lerobot.policies.pi0.modeling_pi0 import PI0Policy
 from safetensors import safe_open
@@ -52,6 +52,12 @@ TIMED_CALLS = 2  # after one warm-up call; a full-size call takes seconds on a C
 def reset_peak_rss() -> None:
     """Linux: restart this process's VmHWM (peak resident memory) from its current RSS."""
     Path("/proc/self/clear_refs").write_text("5")
+
+
+def memory_gib() -> float:
+    """This machine's memory (MemTotal)."""
+    meminfo = Path("/proc/meminfo").read_text()
+    return next(int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemTotal:")) / 2**20
 
 
 def peak_rss_gib() -> float:
@@ -101,12 +107,11 @@ class Report:
     def write(self) -> None:
         REPORT_DIR.mkdir(parents=True, exist_ok=True)
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        memory_kib = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines() if "MemTotal" in x)
         header = {
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "commit": commit.stdout.strip(),
             "model_size": SIZE,
-            "machine": f"{os.cpu_count()} CPU cores, {memory_kib / 2**20:.1f} GiB memory, {platform.machine()}",
+            "machine": f"{os.cpu_count()} CPU cores, {memory_gib():.1f} GiB memory, {platform.machine()}",
             "torch": torch.__version__,
         }
         (REPORT_DIR / "report.json").write_text(json.dumps({**header, "items": self.items}, indent=2) + "\n")
@@ -129,17 +134,16 @@ class Report:
 def two_rank_fsdp_note(report: Report) -> None:
     """2-rank FSDP (`8gpu_fsdp.yaml`, gloo) at full size, judged from this run's measured peaks: each
     rank builds or loads the whole policy before FSDP shards it."""
-    memory_kib = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines() if "MemTotal" in x)
     trained = [row["peak_rss_gib"] for row in report.items if row["item"].startswith("train_soft_arm.py")]
     if not trained:
         return
-    per_rank, memory_gib = max(trained), memory_kib / 2**20
+    per_rank, memory = max(trained), memory_gib()
     report.note(
         "2-rank FSDP (8gpu_fsdp.yaml, gloo)",
-        status="not run: does not fit" if 2 * per_rank > memory_gib else "fits: not run yet",
+        status="not run: does not fit" if 2 * per_rank > memory else "fits: not run yet",
         needs=(
             f"2 x {per_rank:.1f} GiB (the measured peak of one training process, which builds or loads the whole "
-            f"policy before FSDP shards it) = {2 * per_rank:.1f} GiB against {memory_gib:.1f} GiB here; to fit, every "
+            f"policy before FSDP shards it) = {2 * per_rank:.1f} GiB against {memory:.1f} GiB here; to fit, every "
             "rank but rank 0 would build on the meta device and receive the weights from rank 0 "
             "(accelerate's fsdp_cpu_ram_efficient_loading with sync_module_states)"
         ),
@@ -165,12 +169,8 @@ def release_memory() -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def losses(output_dir: Path) -> dict[int, float]:
-    return {row["step"]: row["train/loss"] for row in metrics(output_dir) if "train/loss" in row}
+    return {row["step"]: row["train/loss"] for row in metrics_rows(output_dir) if "train/loss" in row}
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -367,7 +367,7 @@ def ript_run(tmp_path_factory, tokenizer_dir, report) -> Path:
         run_dir.with_name("ript_resumed.log"),
     )
     assert "at iteration 1" in output and "evaluation: success" in output
-    assert [row["step"] for row in metrics(run_dir)] == [1, 2]
+    assert [row["step"] for row in metrics_rows(run_dir)] == [1, 2]
     return run_dir
 
 

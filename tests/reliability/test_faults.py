@@ -1,6 +1,5 @@
 """Faults injected into real training processes; the files they leave are inspected."""
 
-import json
 import os
 import re
 import resource
@@ -11,7 +10,7 @@ import time
 import psutil
 import pytest
 import torch
-from helpers import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, run
+from helpers import ACCELERATE, PYTHON, REPO, TWO_RANK_LAUNCH, metrics_rows, run
 from safetensors.torch import load_file
 
 from lib.run.faults import DISK_FULL_ENV, HOLD_SAVE_ENV, NONFINITE_LOSS_ENV, RAISE_AT_ENV, RAISE_IN_LOADER_ENV
@@ -55,7 +54,7 @@ def test_kill_9_while_a_checkpoint_is_written(train_args, tmp_path):
     assert "resumed from" in result.stdout and "at step 2" in result.stdout
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last", "step_00000002", "step_00000004"]
     assert (checkpoints / "last").resolve().name == "step_00000004"
-    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(output_dir)
     # the killed run's rows after step 2 were dropped on resume: each step is logged once
     assert [row["step"] for row in rows if "train/loss" in row] == [1, 2, 3, 4]
 
@@ -117,7 +116,7 @@ def test_nonfinite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(train_ar
     for skipped, before in ((2, 1), (4, 3)):
         assert all(torch.equal(weights[skipped][key], weights[before][key]) for key in weights[before])
     assert any(not torch.equal(weights[3][key], weights[2][key]) for key in weights[2])  # step 3 did update
-    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(output_dir)
     assert [row["train/nonfinite_skipped"] for row in rows if "train/loss" in row] == [0, 1, 0, 1]
 
 
@@ -179,7 +178,7 @@ def test_one_rank_raising_ends_every_rank_and_keeps_the_checkpoint(train_args, t
     checkpoints = output_dir / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last", "step_00000002"]
     assert (checkpoints / "last" / "pretrained_model" / "model.safetensors").is_file()
-    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(output_dir)
     assert [row["step"] for row in rows] == steps_logged
 
 
