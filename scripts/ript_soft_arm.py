@@ -6,14 +6,13 @@ arm (lib/envs/soft_arm/sim.py), where a tiny pi0 reaches a middling success rate
         model.guidance_weight=2 output_dir=outputs/ript_soft_arm/cfg_rl_w2
     make ript-soft-arm                                  # BC start, every objective, 3 seeds each
 
-The loop is train_ript_pi0.py's, from the same engine (lib/rl/ript.py: `collect_iteration`,
-`run_update`, `iteration_statistics`), with the soft-arm simulators as the rollout backend: each
-iteration draws task seeds (the "init states": a pool of `env.train_states` training seeds,
-reshuffled every pass), rolls out K episodes from each, keeps the groups whose outcomes differ
-(dynamic sampling, with the per-state outcome history), gives every rollout its leave-one-out
-advantage, and updates the policy with `rl.objective`. The policy is the BC checkpoint as a graph
-pi0 with the optimality flag (`PI0GraphCFGPolicy`, flag embedding at zero: it starts as the BC
-policy), sampled with guidance weight `model.guidance_weight`.
+The loop is train_ript_pi0.py's, from the same engine (lib/rl/iteration.py: `RIPTIteration`), with
+the soft-arm simulators as the rollout backend: each iteration draws task seeds (the "init states":
+a pool of `env.train_states` training seeds, reshuffled every pass), rolls out K episodes from each,
+keeps the groups whose outcomes differ (dynamic sampling, with the per-state outcome history), gives
+every rollout its leave-one-out advantage, and updates the policy with `rl.objective`. The policy is
+the BC checkpoint as a graph pi0 with the optimality flag (`PI0GraphCFGPolicy`, flag embedding at
+zero: it starts as the BC policy), sampled with guidance weight `model.guidance_weight`.
 
 Success is measured in closed loop on the held-out seeds of eval_soft_arm.py at iteration 0 and
 every `eval_every` iterations, for every RL seed. Writes, under `output_dir`, `results.md`,
@@ -55,9 +54,7 @@ from lib.policies.loading import CheckpointError, load_pretrained_policy, resolv
 from lib.policies.policy_fn import make_policy_fn
 from lib.policies.processors import load_pi0_processors, load_tokenizer
 from lib.rl.iteration import RIPTIteration, metrics_of
-from lib.rl.ript import (
-    RL_IDENTITY_KEYS,
-)
+from lib.rl.ript import RL_IDENTITY_KEYS
 from lib.run.checkpoint import (
     CHECKPOINTS_DIR,
     MODEL_DIR,

@@ -4,7 +4,7 @@ Each iteration: draw init states (a DataLoader that accelerate shards across ran
 episodes from each in vectorized LIBERO envs, keep the groups whose outcomes differ (dynamic
 sampling), give every rollout its leave-one-out advantage, and update the flag-conditioned pi0
 with `rl.objective` (CFG-RL by default) for a few epochs over the rollout windows: one iteration
-of the engine in lib/rl/ript.py. Statistics are reduced across ranks; every `train.eval_every`
+of the engine in lib/rl/iteration.py. Statistics are reduced across ranks; every `train.eval_every`
 iterations the policy is evaluated on fixed init states. Checkpoints hold weights, processors,
 optimizer, RNG, sampler position and per-state outcome history; `--resume latest` continues
 exactly; SIGTERM/SIGINT finish the iteration, save and exit 0. Each rank logs to
@@ -42,10 +42,7 @@ from lib.policies.policy_fn import make_policy_fn
 from lib.policies.processors import load_tokenizer
 from lib.policies.sizes import MODEL_SIZES, backbone_built_uninitialised, count_parameters
 from lib.rl.iteration import RIPTIteration, metrics_of
-from lib.rl.ript import (
-    RL_IDENTITY_KEYS,
-    init_state_key,
-)
+from lib.rl.ript import RL_IDENTITY_KEYS, init_state_key
 from lib.run.checkpoint import (
     RunIdentity,
     check_output_dir,
@@ -181,7 +178,6 @@ def main() -> int:
     # One RIPT iteration end to end (lib/rl/iteration.py): rollouts with dynamic sampling of the init
     # states (groups whose K outcomes all agree are dropped), the update weighted by leave-one-out
     # advantages, the statistics over all ranks, checkpoints and the stop check.
-    last_iteration = config.train.iterations
     engine = RIPTIteration(
         accelerator,
         policy,
@@ -193,7 +189,7 @@ def main() -> int:
         config.rl,
         config.optim,
         config.seed,
-        last_iteration,
+        config.train.iterations,  # the learning-rate schedule's length
     )
     # What a checkpoint restores besides weights, optimizer and RNG: per-rank sampler positions and
     # the outcome history.
@@ -239,8 +235,7 @@ def main() -> int:
         # Each rank's simulators render on that rank's GPU, not all on GPU 0.
         render_gpu_device_id=torch.cuda.current_device() if torch.cuda.is_available() else -1,
     )
-    if args.dry_run:
-        last_iteration = progress_state.iteration + 1
+    last_iteration = progress_state.iteration + 1 if args.dry_run else config.train.iterations
     # Iterations done and the ETA, on the main process's console (stderr: not in the rank logs).
     progress_bar = tqdm(
         total=last_iteration,
