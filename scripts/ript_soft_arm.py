@@ -47,12 +47,14 @@ from accelerate.utils import set_seed
 from lerobot.configs import PreTrainedConfig
 from tqdm.auto import tqdm
 
+from lib.data.soft_arm import make_soft_arm_datasets
 from lib.envs.soft_arm.sim import SoftArmVectorRollout, distance_shaped_reward
 from lib.policies.flag_pi0 import PI0GraphCFGConfig, PI0GraphCFGPolicy
 from lib.policies.graph_pi0 import PI0GraphConfig
 from lib.policies.loading import CheckpointError, load_pretrained_policy, resolve_pretrained
 from lib.policies.policy_fn import make_policy_fn
 from lib.policies.processors import load_pi0_processors, load_tokenizer
+from lib.rl.demos import check_demonstrations
 from lib.rl.iteration import RIPTIteration, metrics_of
 from lib.rl.ript import RL_IDENTITY_KEYS
 from lib.run.checkpoint import (
@@ -161,10 +163,17 @@ def seed_checkpoint(output_dir: Path, seed: int, iterations: int) -> Path | None
 
 
 def run_seed(
-    config, seed: int, source: Path, envs: SoftArmVectorRollout, stop: GracefulStop, dry_run: bool = False
+    config,
+    seed: int,
+    source: Path,
+    envs: SoftArmVectorRollout,
+    stop: GracefulStop,
+    demos=None,
+    dry_run: bool = False,
 ) -> dict | None:
-    """One RL run from `source`, or from the seed's newest checkpoint. Returns its summary; None
-    after a dry run (one iteration, nothing written) or a stop signal (saved, resumable)."""
+    """One RL run from `source`, or from the seed's newest checkpoint, with `demos` as the update's
+    anchor (`rl.demo_dataset`). Returns its summary; None after a dry run (one iteration, nothing
+    written) or a stop signal (saved, resumable)."""
     output_dir = Path(config.output_dir) / f"seed{seed}"
     summary_file = output_dir / "summary.json"
     if summary_file.is_file() and not dry_run:
@@ -185,6 +194,8 @@ def run_seed(
     optimizer = make_optimizer(policy, config.optim)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     unwrapped = accelerator.unwrap_model(policy)
+    if demos is not None:
+        check_demonstrations(demos, unwrapped.config.input_features, config.rl.demo_dataset)
     write_weights_once(accelerator)  # a checkpoint's weights live in its pretrained_model/ only
     policy_fn = make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast)
     held_out = list(range(HELD_OUT_SEED_START, HELD_OUT_SEED_START + config.env.eval_episodes))
@@ -218,6 +229,7 @@ def run_seed(
         config.iterations,
         reward_of=distance_shaped_reward(config.rl.distance_penalty),
         stop=stop,
+        demos=demos,
     )
     # What a checkpoint restores besides weights, optimizer and RNG (training_state/state.json).
     progress, run = engine.progress, SeedRun()
@@ -339,6 +351,10 @@ def main() -> int:
     output_dir = Path(config.output_dir)
     source = resolve_pretrained(config.model.pretrained)
     stop = GracefulStop()  # SIGTERM/SIGINT: the seed saves after its iteration and the script exits 0
+    # The anchor's demonstrations: every episode of the BC dataset (training task seeds only).
+    demos = None
+    if config.rl.demo_dataset is not None:
+        demos, _ = make_soft_arm_datasets(config.rl.demo_dataset, val_fraction=0.0, image_size=config.env.image_size)
     if not args.dry_run:
         check_seed_runs(output_dir, args.resume, args.overwrite)
     env = config.env
@@ -346,10 +362,10 @@ def main() -> int:
     # The simulator workers, started once for every seed of the run.
     with SoftArmVectorRollout(env.num_envs, env.replan_steps, env.max_steps, env.image_size) as envs:
         if args.dry_run:
-            run_seed(config, config.seeds[0], source, envs, stop, dry_run=True)
+            run_seed(config, config.seeds[0], source, envs, stop, demos, dry_run=True)
             return 0
         for seed in config.seeds:
-            result = run_seed(config, seed, source, envs, stop)
+            result = run_seed(config, seed, source, envs, stop, demos)
             if result is None:
                 return 0
             runs.append(result)

@@ -9,6 +9,7 @@ from lerobot.configs import FeatureType, PolicyFeature
 
 from lib.policies.flag_pi0 import NULL_FLAG, OPTIMAL_FLAG, PI0CFGConfig, PI0CFGPolicy
 from lib.policies.noise import seeded_noise_and_time
+from lib.rl.objectives import rollout_noise
 from lib.rl.ript import (
     RIPTProgress,
     StateOutcomeHistory,
@@ -178,6 +179,19 @@ def test_guidance_mixes_the_two_branches(policy):
     assert (guided - unconditional).norm() > (conditional - unconditional).norm()
     assert not torch.allclose(conditional, unconditional, atol=1e-3)
     assert policy.predict_action_chunk(batch, noise=noise).shape == (BATCH, CHUNK, 7)
+
+
+def test_rollout_noise_perturbs_guided_sampling_only_inside_the_block(policy):
+    batch = make_batch()
+    noise, _ = seeded_noise_and_time(policy.model, BATCH, seed=5, device="cpu")
+    plain = policy.predict_action_chunk(batch, noise=noise)
+    with rollout_noise(policy, 0.2):
+        torch.manual_seed(0)
+        noisy = policy.predict_action_chunk(batch, noise=noise)
+        torch.manual_seed(0)
+        again = policy.predict_action_chunk(batch, noise=noise)
+    assert torch.equal(noisy, again) and not torch.allclose(noisy, plain, atol=1e-3)
+    assert policy.rollout_noise_std == 0.0 and torch.equal(policy.predict_action_chunk(batch, noise=noise), plain)
 
 
 def test_save_load_round_trip(policy, tmp_path):

@@ -28,7 +28,7 @@ from lib.envs.soft_arm.sim import (
     run_soft_arm_episodes,
 )
 from lib.policies.flag_pi0 import PI0GraphCFGPolicy
-from lib.rl.iteration import MEASURED_KEYS, RECORD_KEYS
+from lib.rl.iteration import MEASURED_KEYS, OPTIONAL_KEYS, RECORD_KEYS
 from lib.rl.ript import rollout_groups
 
 IMAGE_SIZE = 48
@@ -274,7 +274,10 @@ def test_eval_and_ript_soft_arm_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     # The engine's record (lib/rl/iteration.py), as train_ript_pi0.py logs it, plus this driver's own;
     # the loss and the objective's terms only once an update ran
     row = metrics[1]
-    optional = {"ript/loss", *(key for key in row if key.startswith("ript/update_") and key != "ript/update_steps")}
+    optional = {
+        *(f"ript/{key}" for key in OPTIONAL_KEYS),
+        *(key for key in row if key.startswith("ript/update_") and key != "ript/update_steps"),
+    }
     engine_keys = {f"ript/{key}" for key in RECORD_KEYS}
     assert set(row) - optional == {"step", *engine_keys - optional, "ript/final_distance_m", "ript/eval_success_rate"}
     assert (ript_dir / "results.md").read_text().count("\n") == 4 and (ript_dir / "success.png").stat().st_size > 0
@@ -296,13 +299,15 @@ def test_eval_and_ript_soft_arm_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
 
 
 @pytest.mark.slow  # 4 RIPT runs, about 40 s: make test keeps the one above
-def test_ript_soft_arm_extends_a_finished_seed_exactly(tmp_path, tiny_checkpoint):
+def test_ript_soft_arm_extends_a_finished_seed_exactly(tmp_path, tiny_checkpoint, dataset_dir):
     """A larger `iterations` with --resume latest extends the finished seed from its checkpoint,
     exactly as a run that never stopped: same rollouts (the policy noise and the sampler position
-    decide them), same held-out scores, same outcome history, same weights."""
+    decide them), same held-out scores, same outcome history, same weights. With every lever of
+    lib/rl on (critic advantages, exploration of failed groups, demonstrations in the update)."""
     ript_dir = tmp_path / "ript"
     ript = [PYTHON, "scripts/ript_soft_arm.py", f"model.pretrained={tiny_checkpoint}", f"output_dir={ript_dir}"]
     ript += [*TINY_RIPT, "iterations=1", "eval_every=1", "rl.objective=cfg_rl", "model.guidance_weight=2"]
+    ript += ["rl.advantage=critic", "rl.explore_std=0.3", f"rl.demo_dataset={dataset_dir}", "rl.demos_per_minibatch=2"]
     run(ript)
     assert "resumed from" in run([*ript, "iterations=2", "--resume", "latest"]).stdout
     straight_dir = tmp_path / "ript_straight"
@@ -325,8 +330,14 @@ def test_ript_soft_arm_extends_a_finished_seed_exactly(tmp_path, tiny_checkpoint
     for state in states:  # wall and CPU time differ
         del state["run"]["wall_s"], state["run"]["cpu_s"]
     assert states[0] == states[1] and states[0]["progress"] == {"iteration": 2, "draws_by_rank": [2]}
+    rows = metrics_rows(ript_dir / "seed0")[1:]
+    assert all(row["ript/update_steps"] > 0 for row in rows)  # demonstrations make every update non-empty
+    # each group that all failed (a 2-step policy fails most) was rolled out once more: 2 episodes each
+    assert all(row["ript/episodes"] == 4 + 2 * row["ript/explored_groups"] for row in rows)
+    assert sum(row["ript/explored_groups"] for row in rows) > 0
     for directory in (ript_dir, straight_dir):
-        assert json.loads((directory / "seed0" / "summary.json").read_text())["episodes_used"] == 8
+        summary = json.loads((directory / "seed0" / "summary.json").read_text())
+        assert summary["episodes_used"] == sum(row["ript/episodes"] for row in rows)
     weights = [load_file(d / "seed0" / "pretrained_model" / "model.safetensors") for d in (ript_dir, straight_dir)]
     assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from lib.envs.libero.worker import AGENTVIEW_KEY, WRIST_KEY
 from lib.policies.flag_pi0 import PI0CFGPolicy
 from lib.policies.processors import load_pi0_processors, load_tokenizer
-from lib.rl.iteration import MEASURED_KEYS, RECORD_KEYS
+from lib.rl.iteration import MEASURED_KEYS, OPTIONAL_KEYS, RECORD_KEYS
 
 SCRIPT = "scripts/train_ript_pi0.py"
 
@@ -106,9 +106,13 @@ def test_stop_resume_and_what_a_run_writes(args, tmp_path):
         assert row["ript/advantage_positive_fraction"] == (0.5 if kept else 0.0)
         assert row["ript/advantage_mean"] == 0.0 and row["ript/advantage_std"] == (1.0 if kept else 0.0)
     # The engine's record (lib/rl/iteration.py), as ript_soft_arm.py logs it too; the loss and the
-    # objective's terms only once an update ran (none at this size, where no rollout succeeds)
+    # objective's terms only once an update ran (none at this size, where no rollout succeeds), the
+    # critic's figures only with rl.advantage=critic
     row = rows[-1]
-    optional = {"ript/loss", *(key for key in row if key.startswith("ript/update_") and key != "ript/update_steps")}
+    optional = {
+        *(f"ript/{key}" for key in OPTIONAL_KEYS),
+        *(key for key in row if key.startswith("ript/update_") and key != "ript/update_steps"),
+    }
     engine_keys = {f"ript/{key}" for key in RECORD_KEYS}
     assert set(row) - optional == {"step", *engine_keys - optional, "ript/eval_success_rate"}
     # evaluation every 2 iterations (configs/minimal_test.yaml) and at the last one

@@ -176,6 +176,8 @@ class PI0CFGPolicy(CheckedLoadPolicy):
         # Exploration noise of Flow-Noise sampling (0: the deterministic guided sampler). A run-time
         # setting of the RL loop (`exploration_noise`), not saved: a checkpoint acts deterministically.
         self.flow_noise_std = 0.0
+        # SDE noise of the guided sampler while exploring (`rollout_noise`); also not saved.
+        self.rollout_noise_std = 0.0
         self._sampling_record: dict[str, Tensor] | None = None
 
     def _model_kwargs(self, batch: dict[str, Tensor]) -> dict[str, Tensor | None]:
@@ -198,16 +200,23 @@ class PI0CFGPolicy(CheckedLoadPolicy):
 
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict[str, Tensor], noise: Tensor | None = None, **kwargs: Any) -> Tensor:
-        """Guided sampling; with `flow_noise_std` > 0, Flow-Noise sampling whose denoising chain and
-        step log-probabilities wait in `pop_sampling_record()` for the rollout to keep."""
+        """Guided sampling (with SDE noise while `rollout_noise_std` > 0); with `flow_noise_std` > 0,
+        Flow-Noise sampling whose denoising chain and step log-probabilities wait in
+        `pop_sampling_record()` for the rollout to keep."""
         self.eval()
         if self.flow_noise_std > 0:
             actions, chain, step_log_probs = self.sample_with_flow_noise(batch, noise)
             self._sampling_record = {"flow_chain": chain, "flow_step_log_probs": step_log_probs}
             return actions
-        actions = self.model.sample_actions_guided(
-            *self._model_inputs(batch), self.config.guidance_weight, noise=noise, **self._model_kwargs(batch)
+        exploring = (
+            self.model.noisy_sampling(self.rollout_noise_std, self.config.num_inference_steps)
+            if self.rollout_noise_std > 0
+            else contextlib.nullcontext()
         )
+        with exploring:
+            actions = self.model.sample_actions_guided(
+                *self._model_inputs(batch), self.config.guidance_weight, noise=noise, **self._model_kwargs(batch)
+            )
         return actions[:, :, : self.action_dim]
 
     def pop_sampling_record(self) -> dict[str, Tensor] | None:

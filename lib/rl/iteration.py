@@ -21,7 +21,8 @@ from accelerate.utils import gather_object
 
 from lib.envs.vector_rollout import TimedPolicy
 from lib.policies.lora import base_policy
-from lib.rl.objectives import exploration_noise
+from lib.rl.critic import critic_window_advantages
+from lib.rl.objectives import exploration_noise, rollout_noise
 from lib.rl.ript import (
     EpisodeOutcome,
     RIPTProgress,
@@ -38,12 +39,29 @@ from lib.run.checkpoint import save_policy_checkpoint
 from lib.run.faults import raising_at_first_call_if_injected
 from lib.run.guards import GracefulStop, NonFiniteGuard
 
-ROLLOUT_KEYS = ("success_rate", "episodes", "groups_kept", "dropped_all_success", "dropped_all_failure")
+ROLLOUT_KEYS = (
+    "success_rate",
+    "episodes",
+    "groups_kept",
+    "dropped_all_success",
+    "dropped_all_failure",
+    "explored_groups",
+    "explored_successes",
+)
 ADVANTAGE_KEYS = ("advantage_mean", "advantage_std", "advantage_positive_fraction", "skipped_states")
 UPDATE_KEYS = ("update_steps", "lr", "nonfinite_skipped", "loss")
 MEASURED_KEYS = ("rollout_time_s", "inference_time_s", "update_time_s", "env_steps_per_s", "rss_gib", "gpu_peak_gib")
 # Every iteration's record holds these, plus `update_<term>` for each term of the objective's loss.
-RECORD_KEYS = (*ROLLOUT_KEYS, *UPDATE_KEYS, *MEASURED_KEYS, "worker_restarts", *ADVANTAGE_KEYS)
+RECORD_KEYS = (
+    *ROLLOUT_KEYS,
+    *UPDATE_KEYS,
+    *MEASURED_KEYS,
+    "worker_restarts",
+    *ADVANTAGE_KEYS,
+    "critic_explained_variance",
+)
+# Unset (None, left out of the metrics) where they do not apply: no update ran, no critic was fitted.
+OPTIONAL_KEYS = ("loss", "critic_explained_variance")
 
 
 def metrics_of(record: dict[str, Any]) -> dict[str, float]:
@@ -62,9 +80,10 @@ class RIPTIteration:
     `accelerator`; `policy_fn` is the rollouts' batched policy function (its call time is reported as
     `inference_time_s`); `draw_states()` returns the next init states of this rank, `key_of(state)`
     names a state in the outcome history, `reward_of(episode)` scores an episode; `rl`, `optim` are
-    the config sections. `progress` (iterations done, states drawn) and `history` are what a
-    checkpoint restores besides weights, optimizer and RNG; `stop` a signal handler the driver
-    already holds (one is made otherwise)."""
+    the config sections; `demos` the demonstration frames of `rl.demo_dataset` (lib/rl/demos.py).
+    `progress` (iterations done, states drawn) and `history` are what a checkpoint restores besides
+    weights, optimizer and RNG; `stop` a signal handler the driver already holds (one is made
+    otherwise)."""
 
     def __init__(
         self,
@@ -81,10 +100,11 @@ class RIPTIteration:
         iterations: int,
         reward_of: Callable[[EpisodeOutcome], float] = success_reward,
         stop: GracefulStop | None = None,
+        demos: Any | None = None,
     ) -> None:
         self.accelerator, self.policy, self.optimizer, self.preprocessor = accelerator, policy, optimizer, preprocessor
         self.draw_states, self.key_of, self.reward_of = draw_states, key_of, reward_of
-        self.rl, self.optim, self.seed, self.iterations = rl, optim, seed, iterations
+        self.rl, self.optim, self.seed, self.iterations, self.demos = rl, optim, seed, iterations, demos
         self.policy_fn = policy_fn if isinstance(policy_fn, TimedPolicy) else TimedPolicy(policy_fn)
         self.unwrapped = base_policy(accelerator.unwrap_model(policy))  # the LeRobot policy, also under LoRA
         self.history = StateOutcomeHistory(skip_after=rl.skip_after, skip_for=rl.skip_for)
@@ -102,12 +122,29 @@ class RIPTIteration:
         policy_fn = raising_at_first_call_if_injected(self.policy_fn, accelerator.process_index, iteration)
         with exploration_noise(self.unwrapped, rl):  # Flow-Noise sampling for flow_noise
             rollouts = collect_iteration(
-                rl, self.draw_states, backend, policy_fn, self.history, self.key_of, record_first, self.reward_of
+                rl,
+                self.draw_states,
+                backend,
+                policy_fn,
+                self.history,
+                self.key_of,
+                record_first,
+                self.reward_of,
+                exploring=lambda: rollout_noise(self.unwrapped, rl.explore_std),
             )
         rollout_time = time.perf_counter() - started
         inference_time = self.policy_fn.pop_seconds()
 
-        windows, advantages = windows_with_advantages(rollouts.kept)
+        critic_figures = {"critic_explained_variance": None}
+        if rl.advantage == "critic":  # one advantage per window, from a critic fitted on this iteration
+            windows, advantages, critic_figures = critic_window_advantages(
+                rollouts.kept,
+                rollouts.rolled,
+                rl.positive_quantile,
+                rl.critic_ridge,
+            )
+        else:
+            windows, advantages = windows_with_advantages(rollouts.kept)
         lr = set_iteration_lr(self.optimizer, self.optim, iteration, self.iterations)  # warm-up, decay
         terms: dict[str, list[torch.Tensor]] = {}
         losses = run_update(
@@ -123,6 +160,7 @@ class RIPTIteration:
             iteration,
             self.nonfinite,
             terms,
+            self.demos,
         )
         update_time = time.perf_counter() - started - rollout_time
 
@@ -147,6 +185,7 @@ class RIPTIteration:
             "rss_gib": self.process.memory_info().rss / 2**30,
             "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
             **{key: statistics[key] for key in ADVANTAGE_KEYS},
+            **critic_figures,
         }
         self.progress.iteration = iteration
         return IterationResult(record, rollouts.episodes)

@@ -95,3 +95,14 @@ def exploration_noise(policy: Any, rl: Any) -> Iterator[None]:
         yield
     finally:
         policy.flow_noise_std = 0.0
+
+
+@contextlib.contextmanager
+def rollout_noise(policy: Any, std: float) -> Iterator[None]:
+    """Within the block `policy` samples as it acts (guided), with SDE noise of `std` added at every
+    denoising step (Flow-Noise's transition, nothing recorded): exploration at rollout time only."""
+    policy.rollout_noise_std = std
+    try:
+        yield
+    finally:
+        policy.rollout_noise_std = 0.0

@@ -29,6 +29,7 @@ from lib.envs.vector_rollout import PolicyFn, Window
 from lib.policies.lora import base_policy
 from lib.policies.noise import keyed_noise_and_time
 from lib.policies.policy_fn import observations_to_batch
+from lib.rl.demos import DEMO_ADVANTAGE, demo_minibatch, demo_noise_keys, join_batches
 from lib.run.guards import NonFiniteGuard
 from lib.run.optim import cosine_with_warmup
 
@@ -141,6 +142,8 @@ class CollectionStats:
     dropped_all_success: int = 0
     dropped_all_failure: int = 0
     skipped_states: int = 0
+    explored_groups: int = 0  # all-failure groups rolled out again with exploration noise
+    explored_successes: int = 0  # successes among those re-rolled episodes
 
 
 def collect_informative_groups(
@@ -150,6 +153,10 @@ def collect_informative_groups(
     history: StateOutcomeHistory,
     target_groups: int,
     max_rounds: int,
+    keep_failed: bool = False,
+    explore: Callable[[list[Any]], Tensor] | None = None,
+    max_groups: int | None = None,
+    rolled: list[tuple[Any, Tensor]] | None = None,
 ) -> tuple[list[tuple[Any, Tensor]], CollectionStats]:
     """Draw init states, roll out K episodes each, keep the informative groups.
 
@@ -157,27 +164,58 @@ def collect_informative_groups(
     (len(states), K) rewards. States resting in `history` are skipped unless every state of the
     draw is resting (then all are rolled out: the loop always makes progress). Stops when
     `target_groups` informative groups are kept or after `max_rounds` draws.
+
+    `keep_failed`: a group whose rollouts all failed is kept too (a per-window critic ranks its
+    windows). `explore(states)`: each state of a round whose group all failed is rolled out once
+    more (K episodes of copies of the states, with exploration noise), a group of its own that is
+    kept or dropped by the same rule. `max_groups`: the groups rolled out (re-rolls included) stop at
+    this many (a draw is cut to what fits: an episode budget of max_groups x K). `rolled` receives
+    every group rolled out.
     """
     kept: list[tuple[Any, Tensor]] = []
     stats = CollectionStats()
+
+    def fits(states: list[Any]) -> list[Any]:
+        """The first of `states` that the group budget still admits."""
+        return states if max_groups is None else states[: max(0, max_groups - stats.groups_rolled_out)]
+
+    def sort(states: list[Any], rewards: Tensor, explored: bool) -> list[Any]:
+        """Keep or drop each group; the states whose groups all failed."""
+        failed = []
+        stats.groups_rolled_out += len(states)
+        for state, group in zip(states, rewards, strict=True):
+            if rolled is not None:
+                rolled.append((state, group))
+            if explored:
+                stats.explored_groups += 1
+                stats.explored_successes += int((group > 0).sum())
+            else:
+                history.record(key_of(state), group)
+            if is_informative(group) or (keep_failed and not bool((group > 0).any())):
+                kept.append((state, group))
+            elif bool((group > 0).all()):
+                stats.dropped_all_success += 1
+            else:
+                stats.dropped_all_failure += 1
+            if not bool((group > 0).any()):
+                failed.append(state)
+        return failed
+
     while len(kept) < target_groups and stats.rounds < max_rounds:
         stats.rounds += 1
         drawn = draw_states()
         resting = [history.take_skip(key_of(state)) for state in drawn]
         states = [s for s, rest in zip(drawn, resting, strict=True) if not rest] if not all(resting) else drawn
         stats.skipped_states += len(drawn) - len(states)
+        states = fits(states)
         if not states:
+            if max_groups is not None and stats.groups_rolled_out >= max_groups:
+                break
             continue
-        rewards = rollout_groups(states)
-        stats.groups_rolled_out += len(states)
-        for state, group in zip(states, rewards, strict=True):
-            history.record(key_of(state), group)
-            if is_informative(group):
-                kept.append((state, group))
-            elif bool((group > 0).all()):
-                stats.dropped_all_success += 1
-            else:
-                stats.dropped_all_failure += 1
+        failed = fits(sort(states, rollout_groups(states), explored=False))
+        if explore is not None and failed:
+            copies = [dict(state) for state in failed]
+            sort(copies, explore(copies), explored=True)
     return kept[:target_groups] if len(kept) > target_groups else kept, stats
 
 
@@ -279,7 +317,13 @@ class RolloutBackend(Protocol):
 
 
 # What makes an RL run the experiment it is: a resume may not change them (`lib.run.checkpoint.RunIdentity`).
-RL_IDENTITY_KEYS = ["rl.objective", "model.guidance_weight"]
+RL_IDENTITY_KEYS = [
+    "rl.objective",
+    "model.guidance_weight",
+    "rl.advantage",
+    "rl.explore_std",
+    "rl.demo_dataset",
+]
 
 
 def window_noise_keys(
@@ -326,6 +370,7 @@ class IterationRollouts:
     kept: list[tuple[dict[str, Any], Tensor]]  # informative groups: (init state with its episodes, K rewards)
     stats: CollectionStats
     episodes: list[EpisodeOutcome] = field(default_factory=list)  # every episode rolled out
+    rolled: list[tuple[dict[str, Any], Tensor]] = field(default_factory=list)  # every group, `kept` among them
 
 
 def collect_iteration(
@@ -337,23 +382,38 @@ def collect_iteration(
     key_of: Callable[[dict[str, Any]], Hashable],
     record_first: bool = False,
     reward_of: Callable[[EpisodeOutcome], float] = success_reward,
+    exploring: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> IterationRollouts:
     """One iteration's informative groups: `rl.rollouts_per_state` episodes per drawn state,
-    dynamic sampling up to `rl.target_groups` groups in `rl.max_draw_rounds` draws.
-    `record_first` keeps the frames of each round's first episode (for a video); `reward_of`
-    scores an episode (the seed's success reward unless the backend has a denser one)."""
+    dynamic sampling up to `rl.target_groups` groups in `rl.max_draw_rounds` draws and
+    `rl.max_episodes` episodes. `record_first` keeps the frames of each round's first episode (for a
+    video); `reward_of` scores an episode (the seed's success reward unless the backend has a denser
+    one). With `rl.advantage=critic` the groups that all failed are kept; with `rl.explore_std` > 0
+    they are rolled out again within `exploring()` (the policy samples with exploration noise)."""
+    k = rl.rollouts_per_state
     episodes: list[EpisodeOutcome] = []
+    rolled: list[tuple[dict[str, Any], Tensor]] = []
+
+    def roll(states: list[dict[str, Any]]) -> Tensor:
+        return rollout_groups(backend, policy_fn, states, k, episodes, record_first, reward_of)
+
+    def explore(states: list[dict[str, Any]]) -> Tensor:
+        with exploring():
+            return rollout_groups(backend, policy_fn, states, k, episodes, False, reward_of)
+
     kept, stats = collect_informative_groups(
         draw_states,
-        lambda states: rollout_groups(
-            backend, policy_fn, states, rl.rollouts_per_state, episodes, record_first, reward_of
-        ),
+        roll,
         key_of,
         history,
         rl.target_groups,
         rl.max_draw_rounds,
+        keep_failed=rl.advantage == "critic",
+        explore=explore if rl.explore_std > 0 and exploring is not None else None,
+        max_groups=None if rl.max_episodes is None else rl.max_episodes // k,
+        rolled=rolled,
     )
-    return IterationRollouts(kept, stats, episodes)
+    return IterationRollouts(kept, stats, episodes, rolled)
 
 
 def run_update(
@@ -369,13 +429,15 @@ def run_update(
     iteration: int,
     nonfinite: NonFiniteGuard | None = None,
     diagnostics: dict[str, list[Tensor]] | None = None,
+    demos: Any | None = None,
 ) -> list[Tensor]:
     """The policy update of one iteration: `rl.update_epochs` passes of `rl.minibatch_size`
     windows with the `rl.objective` loss, an optimizer step every `rl.gradient_accumulation_steps`
     minibatches (and after the last); returns the minibatch losses (detached, not synchronised).
     With `nonfinite`, a step whose gradient is not finite is skipped (and counted there); with
     `diagnostics`, each step's loss terms (the objective's, e.g. flow_noise's `approx_kl` and
-    `clip_fraction`) are appended there by name.
+    `clip_fraction`) are appended there by name. With `demos` (a dataset of demonstration frames),
+    each minibatch also holds `rl.demos_per_minibatch` of them as forced positives (lib/rl/demos.py).
 
     `policy` is the (prepared) policy whose `forward(batch, advantages, noise, time, objective,
     alpha, std, clip_epsilon)` gives the loss (lib/rl/objectives.py); what the sampling recorded in the
@@ -401,8 +463,13 @@ def run_update(
         window_size = min(accumulation, steps - window_start)  # minibatches in this optimizer step
         sync = step == window_start + window_size - 1
         batch, batch_advantages = window_batch(windows, advantages, picked, unwrapped.config.chunk_size)
-        batch = {**preprocessor(batch), **window_extras(windows, picked, accelerator.device)}
         keys = window_noise_keys(seed, iteration, step, picked, rl.minibatch_size, len(windows), rank, world)
+        if demos is not None:
+            count = rl.demos_per_minibatch
+            batch = join_batches(batch, demo_minibatch(demos, count, seed, iteration, step, rank))
+            batch_advantages = torch.cat([batch_advantages, torch.full((count,), DEMO_ADVANTAGE)])
+            keys += demo_noise_keys(count, seed, iteration, step, rank)
+        batch = {**preprocessor(batch), **window_extras(windows, picked, accelerator.device)}
         noise, flow_time = keyed_noise_and_time(unwrapped.model, keys, accelerator.device)
         # Gradients are all-reduced only on the step's last minibatch.
         with contextlib.nullcontext() if sync else accelerator.no_sync(policy), accelerator.autocast():
@@ -454,6 +521,8 @@ def iteration_statistics(accelerator: Any, rollouts: IterationRollouts, advantag
             "dropped_all_success": rollouts.stats.dropped_all_success,
             "dropped_all_failure": rollouts.stats.dropped_all_failure,
             "skipped_states": rollouts.stats.skipped_states,
+            "explored_groups": rollouts.stats.explored_groups,
+            "explored_successes": rollouts.stats.explored_successes,
             "env_steps": sum(e.length for e in rollouts.episodes),
             "windows": len(advantages),
             "positive_windows": sum(int(a > 0) for a in advantages),
@@ -467,6 +536,8 @@ def iteration_statistics(accelerator: Any, rollouts: IterationRollouts, advantag
         "success_rate": sums["successes"] / max(sums["episodes"], 1),
         **{key: sums[key] for key in ("episodes", "groups_kept", "dropped_all_success", "dropped_all_failure")},
         "skipped_states": sums["skipped_states"],
+        "explored_groups": sums["explored_groups"],
+        "explored_successes": sums["explored_successes"],
         "env_steps": sums["env_steps"],
         "advantage_mean": mean,
         "advantage_std": math.sqrt(max(sums["advantage_squares"] / count - mean**2, 0.0)),

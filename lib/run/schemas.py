@@ -16,6 +16,9 @@ from lib.run.config import check
 # behaviour cloning on every window (reward ignored: the no-reward control), and a PPO update on the
 # exact log-probabilities of Flow-Noise sampling (stochastic denoising steps, as in piRL).
 OBJECTIVES = ("cfg_rl", "advantage_filtered", "behavior_cloning", "flow_noise")
+# Where an update's advantages come from: the seed's leave-one-out over each group's K rollouts (one
+# per rollout), or a critic fitted on the iteration's rollouts (one per window, lib/rl/critic.py).
+ADVANTAGES = ("leave_one_out", "critic")
 
 
 # --- Sections every trainer shares ------------------------------------------------------------------
@@ -213,6 +216,14 @@ class RLConfig:
     minibatch_size: int = 16
     gradient_accumulation_steps: int = 1  # minibatches per optimizer step (the last of an iteration may hold fewer)
     max_nonfinite_steps: int = 10  # update steps with a non-finite gradient are skipped; this many in a row stop
+    # Past the plateau (docs/ript.md "Past the plateau"); every default is the seed's RIPT.
+    advantage: str = "leave_one_out"  # leave_one_out | critic (per-window advantages; failed groups are kept)
+    positive_quantile: float = 0.3  # critic: the top fraction of an iteration's windows labelled positive
+    critic_ridge: float = 1000.0  # critic: the ridge penalty of its linear fit (on standardised features)
+    explore_std: float = 0.0  # > 0: a group whose K rollouts all failed is rolled out again with SDE noise
+    max_episodes: Optional[int] = None  # rollouts per rank and iteration at most (None: the draw rounds bound it)
+    demo_dataset: Optional[str] = None  # a LeRobotDataset of demonstrations, forced positives in every update
+    demos_per_minibatch: int = 4  # demonstration frames added to each update minibatch
 
 
 @dataclass
@@ -277,6 +288,30 @@ def validate_rl(rl: Any) -> None:
     check(rl.alpha >= 0, "rl.alpha", ">= 0", rl.alpha)
     check(rl.flow_noise_std > 0, "rl.flow_noise_std", "> 0", rl.flow_noise_std)
     check(0 < rl.clip_epsilon < 1, "rl.clip_epsilon", "in (0, 1)", rl.clip_epsilon)
+    check(rl.advantage in ADVANTAGES, "rl.advantage", f"one of {list(ADVANTAGES)}", rl.advantage)
+    check(0 < rl.positive_quantile < 1, "rl.positive_quantile", "in (0, 1)", rl.positive_quantile)
+    check(rl.critic_ridge > 0, "rl.critic_ridge", "> 0", rl.critic_ridge)
+    check(rl.explore_std >= 0, "rl.explore_std", ">= 0", rl.explore_std)
+    check(
+        rl.explore_std == 0 or rl.objective != "flow_noise",
+        "rl.explore_std",
+        "0 with rl.objective=flow_noise (its rollouts already sample with rl.flow_noise_std)",
+        rl.explore_std,
+    )
+    if rl.max_episodes is not None:
+        check(
+            rl.max_episodes >= rl.rollouts_per_state,
+            "rl.max_episodes",
+            f">= rl.rollouts_per_state ({rl.rollouts_per_state}) or null",
+            rl.max_episodes,
+        )
+    check(rl.demos_per_minibatch > 0, "rl.demos_per_minibatch", "> 0", rl.demos_per_minibatch)
+    check(
+        rl.demo_dataset is None or rl.objective != "flow_noise",
+        "rl.demo_dataset",
+        "null with rl.objective=flow_noise (a demonstration has no sampling chain to score)",
+        rl.demo_dataset,
+    )
 
 
 def validate_config(config: Any) -> None:
