@@ -47,7 +47,8 @@ from accelerate.utils import set_seed
 from lerobot.configs import PreTrainedConfig
 from tqdm.auto import tqdm
 
-from lib.data.soft_arm import make_soft_arm_datasets
+from lib.data.soft_arm import open_action_chunks
+from lib.envs.soft_arm.features import CHUNK_SIZE
 from lib.envs.soft_arm.sim import SoftArmVectorRollout, distance_shaped_reward
 from lib.policies.flag_pi0 import PI0GraphCFGConfig, PI0GraphCFGPolicy
 from lib.policies.graph_pi0 import PI0GraphConfig
@@ -195,7 +196,8 @@ def run_seed(
     policy, optimizer = accelerator.prepare(policy, optimizer)
     unwrapped = accelerator.unwrap_model(policy)
     if demos is not None:
-        check_demonstrations(demos, unwrapped.config.input_features, config.rl.demo_dataset)
+        action_shape = (unwrapped.config.chunk_size, unwrapped.action_dim)
+        check_demonstrations(demos, unwrapped.config.input_features, action_shape, config.rl.demo_dataset)
     write_weights_once(accelerator)  # a checkpoint's weights live in its pretrained_model/ only
     policy_fn = make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast)
     held_out = list(range(HELD_OUT_SEED_START, HELD_OUT_SEED_START + config.env.eval_episodes))
@@ -354,7 +356,7 @@ def main() -> int:
     # The anchor's demonstrations: every episode of the BC dataset (training task seeds only).
     demos = None
     if config.rl.demo_dataset is not None:
-        demos, _ = make_soft_arm_datasets(config.rl.demo_dataset, val_fraction=0.0, image_size=config.env.image_size)
+        demos = open_action_chunks(config.rl.demo_dataset, CHUNK_SIZE, config.env.image_size, key="rl.demo_dataset")
     if not args.dry_run:
         check_seed_runs(output_dir, args.resume, args.overwrite)
     env = config.env

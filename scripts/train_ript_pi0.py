@@ -33,14 +33,17 @@ from accelerate.utils import DistributedType, parse_flag_from_env
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from lib.data.soft_arm import open_action_chunks
 from lib.envs.libero.rollout import LiberoInitStateDataset, VectorLiberoRollout, collate_fn_state, split_state_batch
+from lib.envs.libero.worker import ACTION_DIM
 from lib.envs.vector_rollout import TimedPolicy, save_rollout_video
-from lib.policies.factories import make_ript_policy
+from lib.policies.factories import libero_input_features, make_ript_policy
 from lib.policies.loading import resolve_pretrained
 from lib.policies.lora import add_lora_adapters, base_policy
 from lib.policies.policy_fn import make_policy_fn
 from lib.policies.processors import load_tokenizer
 from lib.policies.sizes import MODEL_SIZES, backbone_built_uninitialised, count_parameters
+from lib.rl.demos import check_demonstrations
 from lib.rl.iteration import RIPTIteration, metrics_of
 from lib.rl.ript import RL_IDENTITY_KEYS, init_state_key
 from lib.run.checkpoint import (
@@ -86,6 +89,15 @@ def main() -> int:
     if config.model.pretrained not in MODEL_SIZES:
         resolve_pretrained(config.model.pretrained)
     load_tokenizer(config.model.tokenizer)
+    # The anchor's demonstrations (rl.demo_dataset): LIBERO frames under the policy's input names,
+    # at the simulators' camera size (they join the rollout windows' batches).
+    demos = None
+    if config.rl.demo_dataset is not None:
+        demos = open_action_chunks(
+            config.rl.demo_dataset, config.model.chunk_size, config.env.camera_size, key="rl.demo_dataset"
+        )
+        features, action_shape = libero_input_features(config.model.image_size), (config.model.chunk_size, ACTION_DIM)
+        check_demonstrations(demos, features, action_shape, config.rl.demo_dataset)
     # The seed's setup_distributed(). `cpu=` because a launcher config with
     # `use_cpu: true` starts processes that never connect on a machine without a GPU (docs/dependencies.md).
     accelerator = Accelerator(
@@ -190,6 +202,7 @@ def main() -> int:
         config.optim,
         config.seed,
         config.train.iterations,  # the learning-rate schedule's length
+        demos=demos,
     )
     # What a checkpoint restores besides weights, optimizer and RNG: per-rank sampler positions and
     # the outcome history.

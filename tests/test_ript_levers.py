@@ -151,14 +151,18 @@ def test_a_demonstration_dataset_must_carry_what_the_policy_takes():
     from lerobot.configs import FeatureType, PolicyFeature
 
     features = {"observation.state": PolicyFeature(type=FeatureType.STATE, shape=(3,))}
-    check_demonstrations(Demos(), features, "demos")
+    check_demonstrations(Demos(), features, (4, 2), "demos")
+    with pytest.raises(UserError, match=r"action chunks of shape \(4, 2\), the policy's are \(8, 2\)"):
+        check_demonstrations(Demos(), features, (8, 2), "d")
     with pytest.raises(UserError, match=r"'observation.state' has shape \(3,\), the policy expects \(4,\)"):
-        check_demonstrations(Demos(), {"observation.state": PolicyFeature(type=FeatureType.STATE, shape=(4,))}, "d")
+        check_demonstrations(
+            Demos(), {"observation.state": PolicyFeature(type=FeatureType.STATE, shape=(4,))}, (4, 2), "d"
+        )
     graph = {**features, "observation.graph": PolicyFeature(type=FeatureType.STATE, shape=(10, 19))}
     with pytest.raises(UserError, match=r"rl.demo_dataset d: no 'observation.graph'"):
-        check_demonstrations(Demos(), graph, "d")
+        check_demonstrations(Demos(), graph, (4, 2), "d")
     with pytest.raises(UserError, match="no frames"):
-        check_demonstrations(Demos(0), features, "d")
+        check_demonstrations(Demos(0), features, (4, 2), "d")
 
 
 def test_stable_key_is_a_63_bit_function_of_its_parts_and_their_types():

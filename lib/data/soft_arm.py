@@ -188,7 +188,6 @@ def make_soft_arm_datasets(
     `image_size`^2, state and graph, the next `chunk_size` actions (`action`, `action_is_pad` past
     the episode end) and the instruction as `task`. `val` is None when `val_fraction` is 0."""
     from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     root = Path(root)
     if not (root / "meta" / "info.json").is_file():
@@ -201,15 +200,32 @@ def make_soft_arm_datasets(
         if key not in meta.features:
             raise UserError(f"{root}: feature '{key}' missing, expected a soft-arm dataset")
     train_episodes, val_episodes = split_episodes(meta.total_episodes, val_fraction, seed)
-    resize = v2.Resize((image_size, image_size), antialias=True)
 
     def view(episodes: list[int]) -> ActionChunkDataset:
-        frames = LeRobotDataset(
-            repo_id=meta.repo_id, root=root, episodes=episodes, image_transforms=resize, video_backend="pyav"
-        )
-        return ActionChunkDataset(frames, chunk_size)
+        return open_action_chunks(root, chunk_size, image_size, episodes)
 
     return view(train_episodes), (view(val_episodes) if val_episodes else None)
+
+
+def open_action_chunks(
+    root: str | Path, chunk_size: int, image_size: int, episodes: list[int] | None = None, key: str = "dataset"
+) -> ActionChunkDataset:
+    """Any local LeRobotDataset's frames (all episodes, or `episodes`) with `chunk_size`-step action
+    chunks and images resized to `image_size`^2 (the soft arm's datasets, LIBERO demonstrations);
+    `key` names the source in an error (say, the config key that gave it)."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    root = Path(root)
+    if not (root / "meta" / "info.json").is_file():
+        raise UserError(f"{key} {root} is not a LeRobotDataset (no meta/info.json)")
+    frames = LeRobotDataset(
+        repo_id=f"local/{root.name}",
+        root=root,
+        episodes=episodes,
+        image_transforms=v2.Resize((image_size, image_size), antialias=True),
+        video_backend="pyav",
+    )
+    return ActionChunkDataset(frames, chunk_size)
 
 
 def dataset_stats(dataset) -> dict[str, dict[str, torch.Tensor]]:

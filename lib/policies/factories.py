@@ -13,6 +13,18 @@ from lib.envs.libero.worker import (
 )
 
 
+def libero_input_features(image_size: int) -> dict[str, Any]:
+    """The LIBERO policy's inputs: two cameras at `image_size`, the 8-dim state."""
+    from lerobot.configs import FeatureType, PolicyFeature
+
+    image = PolicyFeature(type=FeatureType.VISUAL, shape=(3, image_size, image_size))
+    return {
+        AGENTVIEW_KEY: image,
+        WRIST_KEY: image,
+        STATE_KEY: PolicyFeature(type=FeatureType.STATE, shape=(STATE_DIM,)),
+    }
+
+
 def make_ript_policy(model: Any, device: str) -> tuple[Any, Any, Any, Any]:
     """The flag-conditioned pi0 for LIBERO (two cameras, 8-dim state, 7-dim actions) from the
     `model` section of a RIPT config, with its pre/post-processors and tokenizer.
@@ -31,7 +43,6 @@ def make_ript_policy(model: Any, device: str) -> tuple[Any, Any, Any, Any]:
     from lib.policies.processors import load_pi0_processors, load_tokenizer, make_pi0_processors
     from lib.policies.sizes import MODEL_SIZES
 
-    image = PolicyFeature(type=FeatureType.VISUAL, shape=(3, model.image_size, model.image_size))
     fresh = model.pretrained in MODEL_SIZES
     source = None if fresh else resolve_pretrained(model.pretrained)
     config = PI0CFGConfig(
@@ -48,11 +59,7 @@ def make_ript_policy(model: Any, device: str) -> tuple[Any, Any, Any, Any]:
         compile_model=model.compile,
         compile_mode=model.compile_mode,
         device=device,
-        input_features={
-            AGENTVIEW_KEY: image,
-            WRIST_KEY: image,
-            STATE_KEY: PolicyFeature(type=FeatureType.STATE, shape=(STATE_DIM,)),
-        },
+        input_features=libero_input_features(model.image_size),
         output_features={ACTION: PolicyFeature(type=FeatureType.ACTION, shape=(ACTION_DIM,))},
     )
     tokenizer = load_tokenizer(model.tokenizer)

@@ -18,9 +18,10 @@ from lib.run.keys import stable_key
 DEMO_ADVANTAGE = 1.0  # a demonstration frame is a positive whatever the rollouts' advantages
 
 
-def check_demonstrations(demos: Any, features: dict[str, Any], source: str) -> None:
+def check_demonstrations(demos: Any, features: dict[str, Any], action_shape: tuple[int, int], source: str) -> None:
     """Refuse a demonstration dataset that lacks a policy input or the action chunk, or whose
-    non-image shapes differ from the policy's (`features`: name -> LeRobot feature with `.shape`); `source` names it."""
+    non-image shapes differ from the policy's (`features`: name -> LeRobot feature with `.shape`;
+    `action_shape`: (chunk, action dim)); `source` names it."""
     if len(demos) == 0:
         raise UserError(f"rl.demo_dataset {source}: no frames")
     item = demos[0]
@@ -36,6 +37,11 @@ def check_demonstrations(demos: Any, features: dict[str, Any], source: str) -> N
     for name in ("action", "action_is_pad", "task"):
         if name not in item:
             raise UserError(f"rl.demo_dataset {source}: no '{name}' (expected action chunks, their padding, the task)")
+    if tuple(item["action"].shape) != tuple(action_shape):
+        raise UserError(
+            f"rl.demo_dataset {source}: action chunks of shape {tuple(item['action'].shape)}, the policy's are "
+            f"{tuple(action_shape)}"
+        )
 
 
 def demo_minibatch(demos: Any, count: int, *key: object) -> dict[str, Any]:

@@ -213,7 +213,7 @@ def test_ript_policy_from_a_checkpoint_without_processors_is_refused(tmp_path, t
         make_ript_policy(model, "cpu")
 
 
-def test_scripts_exit_2_with_one_line(graph_checkpoint, tmp_path, train_args, monkeypatch, capsys):
+def test_scripts_exit_2_with_one_line(graph_checkpoint, tmp_path, train_args, dataset_dir, monkeypatch, capsys):
     """The command-line contract: a clear line naming the problem, exit 2, no traceback. (In this
     process where the error comes before anything is built: the same `main`, without 6 s of imports.)"""
     truncated = damaged_copy(graph_checkpoint, tmp_path / "truncated", lambda weights: weights)
@@ -273,6 +273,24 @@ def test_scripts_exit_2_with_one_line(graph_checkpoint, tmp_path, train_args, mo
     )
     assert code == 2 and "Traceback" not in error, error
     assert "libero_spatial has no task named ['no_such_task']" in error and not fresh_dir.exists()
+
+    # Demonstrations for the update's anchor without the policy's inputs (a soft-arm dataset given to
+    # the LIBERO trainer), or no dataset at all: named before the output_dir is created.
+    for demos, expected in (
+        (dataset_dir, f"rl.demo_dataset {dataset_dir}: no 'observation.images.image', which the policy takes"),
+        (tmp_path / "no_demos", f"rl.demo_dataset {tmp_path / 'no_demos'} is not a LeRobotDataset"),
+    ):
+        code, error = exit_in_process(
+            monkeypatch,
+            capsys,
+            "scripts/train_ript_pi0.py",
+            "--config",
+            "configs/minimal_test.yaml",
+            f"output_dir={fresh_dir}",
+            f"rl.demo_dataset={demos}",
+        )
+        assert code == 2 and "Traceback" not in error, error
+        assert expected in error and not fresh_dir.exists()
 
 
 def test_output_dir_rules(tmp_path, capsys):
