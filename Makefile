@@ -78,6 +78,7 @@ RIPT_ARM_DATASET_DIR := artifacts/soft_arm_lerobot_few20
 RIPT_ARM_DIR := outputs/ript_soft_arm
 RIPT_ARM := $(PY) scripts/ript_soft_arm.py --config configs/ript_soft_arm.yaml --resume latest \
 	model.pretrained=$(RIPT_ARM_DIR)/bc_few20/checkpoints/last/pretrained_model
+RIPT_LEVER_BASE := rl.objective=cfg_rl model.guidance_weight=2 rl.max_episodes=96
 ript-soft-arm: $(TOKENIZER_DIR)/tokenizer.json
 	$(PY) data_prep/simulate_soft_arm.py --output_dir $(RIPT_ARM_RAW_DIR) --episodes 20 --seed 0 --workers 2
 	$(PY) data_prep/soft_arm_to_lerobot.py --raw_dir $(RIPT_ARM_RAW_DIR) --output_dir $(RIPT_ARM_DATASET_DIR)
@@ -106,12 +107,20 @@ ript-soft-arm: $(TOKENIZER_DIR)/tokenizer.json
 		train.steps=800 train.val_every=800 train.save_every=800
 	$(RIPT_ARM) rl.objective=cfg_rl model.guidance_weight=2 output_dir=$(RIPT_ARM_DIR)/few10_cfg_rl_w2 \
 		model.pretrained=$(RIPT_ARM_DIR)/bc_few10/checkpoints/last/pretrained_model
-	$(PY) scripts/ript_soft_arm_results.py --runs_dir $(RIPT_ARM_DIR)
-	# why it levels off: each held-out seed 8 times, the BC start and the w=2 policies
+	# past the plateau (docs/ript.md "Past the plateau"): each lever of issue 28 alone, then all three,
+	# cfg_rl w=2 within the baseline's bound of 96 episodes an iteration (3 draws x 8 states x K=4)
+	$(RIPT_ARM) $(RIPT_LEVER_BASE) rl.advantage=critic output_dir=$(RIPT_ARM_DIR)/critic
+	$(RIPT_ARM) $(RIPT_LEVER_BASE) rl.explore_std=0.1 output_dir=$(RIPT_ARM_DIR)/explore
+	$(RIPT_ARM) $(RIPT_LEVER_BASE) rl.demo_dataset=$(RIPT_ARM_DATASET_DIR) output_dir=$(RIPT_ARM_DIR)/demos
+	$(RIPT_ARM) $(RIPT_LEVER_BASE) rl.advantage=critic rl.explore_std=0.1 rl.demo_dataset=$(RIPT_ARM_DATASET_DIR) \
+		output_dir=$(RIPT_ARM_DIR)/combined
+	# why it levels off: each held-out seed 8 times, the BC start and the RL policies
 	$(PY) scripts/eval_soft_arm.py --checkpoint $(RIPT_ARM_DIR)/bc_few20/checkpoints/last/pretrained_model \
 		--num_episodes 100 --num_envs 16 --attempts 8 --videos 0 --output_dir $(RIPT_ARM_DIR)/pass_at_8/bc_few20
-	for seed in 0 1 2; do $(PY) scripts/eval_soft_arm.py --checkpoint $(RIPT_ARM_DIR)/cfg_rl_w2/seed$$seed/pretrained_model \
-		--num_episodes 100 --num_envs 16 --attempts 8 --videos 0 --output_dir $(RIPT_ARM_DIR)/pass_at_8/cfg_rl_w2_seed$$seed; done
+	for arm in cfg_rl_w2 critic explore demos combined; do for seed in 0 1 2; do \
+		$(PY) scripts/eval_soft_arm.py --checkpoint $(RIPT_ARM_DIR)/$$arm/seed$$seed/pretrained_model --num_episodes 100 \
+		--num_envs 16 --attempts 8 --videos 0 --output_dir $(RIPT_ARM_DIR)/pass_at_8/$${arm}_seed$$seed; done; done
+	$(PY) scripts/ript_soft_arm_results.py --runs_dir $(RIPT_ARM_DIR)
 
 # The project's own speed (scripts/benchmark.py): writes BENCHMARKS.md and BENCHMARKS.json.
 $(DEBUG_DATASET_DIR)/meta/info.json:

@@ -6,7 +6,10 @@
 Reads every `<runs_dir>/<arm>/seed<N>/summary.json` (the finished RL seeds of each arm; an arm
 with none is left out) and writes `<runs_dir>/comparison.md` (success before/after per seed, mean
 ± std, episodes and CPU minutes) and `<runs_dir>/comparison.png` (held-out success against the RL
-iteration: each arm's mean over its seeds, the seeds thin).
+iteration: each arm's mean over its seeds, the seeds thin). Where `<runs_dir>/pass_at_8/` holds the
+8-attempt evaluations (`eval_soft_arm.py --attempts 8`) of the BC start (`bc_few20/`) and of RL
+policies, also `<runs_dir>/pass_at_8/split.md`: each policy's success on the held-out seeds the start
+never, sometimes and always solved (what RL gained where, and what it gave back).
 """
 
 import argparse
@@ -62,6 +65,44 @@ def plot(arms: dict[str, list[dict]], png: Path) -> None:
     plt.close(figure)
 
 
+def split_by_start(pass_at_8_dir: Path) -> list[str]:
+    """The split table of every evaluation in `pass_at_8_dir` against the start's (`bc_few20`)."""
+    start = json.loads((pass_at_8_dir / "bc_few20" / "summary.json").read_text())
+
+    def successes(summary: dict) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for episode in summary["per_episode"]:
+            counts[episode["seed"]] = counts.get(episode["seed"], 0) + int(episode["success"])
+        return counts
+
+    attempts = start["attempts"]
+    start_counts = successes(start)
+    groups = {
+        "never": [s for s, c in start_counts.items() if c == 0],
+        "sometimes": [s for s, c in start_counts.items() if 0 < c < attempts],
+        "always": [s for s, c in start_counts.items() if c == attempts],
+    }
+    lines = [
+        f"| policy | success ({start['episodes']} episodes) | pass@{attempts} "
+        + "".join(f"| on the start's {name} seeds ({len(seeds)}) " for name, seeds in groups.items())
+        + "|",
+        "|---|---|---" + "|---" * len(groups) + "|",
+    ]
+    for path in sorted(pass_at_8_dir.glob("*/summary.json")):
+        summary = json.loads(path.read_text())
+        counts = successes(summary)
+        cells = [
+            f"{sum(counts[s] for s in seeds) / max(len(seeds) * summary['attempts'], 1):.1%}"
+            for seeds in groups.values()
+        ]
+        lines.append(
+            f"| {path.parent.name} | {summary['success_rate']:.1%} | {summary['pass_at_attempts']:.0%} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return lines
+
+
 def main() -> int:
     args = parse_args()
     arms = finished_arms(args.runs_dir)
@@ -84,6 +125,11 @@ def main() -> int:
     plot(arms, args.runs_dir / "comparison.png")
     print("\n".join(lines))
     print(f"plot: {args.runs_dir / 'comparison.png'}")
+    pass_at_8_dir = args.runs_dir / "pass_at_8"
+    if (pass_at_8_dir / "bc_few20" / "summary.json").is_file():
+        split = split_by_start(pass_at_8_dir)
+        (pass_at_8_dir / "split.md").write_text("\n".join(split) + "\n")
+        print("\n".join(split))
     return 0
 
 

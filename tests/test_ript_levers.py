@@ -169,3 +169,35 @@ def test_stable_key_is_a_63_bit_function_of_its_parts_and_their_types():
     key = stable_key("demos", 0, 1, 2)
     assert key == stable_key("demos", 0, 1, 2) and 0 <= key < 2**63
     assert len({key, stable_key("demos", 0, 1, 3), stable_key("demos", 0, 12), stable_key("demos", "0", 1, 2)}) == 4
+
+
+def test_the_results_split_each_policy_by_what_the_start_solved(tmp_path, monkeypatch, capsys):
+    """ript_soft_arm_results.py: success on the held-out seeds the start never / sometimes / always
+    solved, from 8-attempt evaluations (here 2 attempts of 3 seeds, written by hand)."""
+    import json
+
+    from helpers import exit_in_process
+
+    def evaluation(name, outcomes):  # outcomes: per seed, its attempts
+        episodes = [{"seed": seed, "success": bool(s)} for seed, row in outcomes.items() for s in row]
+        summary = {
+            "episodes": len(episodes),
+            "attempts": 2,
+            "success_rate": float(np.mean([e["success"] for e in episodes])),
+            "pass_at_attempts": float(np.mean([any(row) for row in outcomes.values()])),
+            "per_episode": episodes,
+        }
+        (tmp_path / "pass_at_8" / name).mkdir(parents=True)
+        (tmp_path / "pass_at_8" / name / "summary.json").write_text(json.dumps(summary))
+
+    evaluation("bc_few20", {1: [0, 0], 2: [1, 0], 3: [1, 1]})  # never, sometimes, always
+    evaluation("rl_seed0", {1: [1, 0], 2: [1, 1], 3: [1, 0]})
+    (tmp_path / "arm" / "seed0").mkdir(parents=True)
+    run = {"success_before": 0.5, "success_after": 0.6, "curve": {"0": 0.5, "1": 0.6}, "episodes_used": 8}
+    (tmp_path / "arm" / "seed0" / "summary.json").write_text(json.dumps({**run, "cpu_minutes": 1.0}))
+    code, _ = exit_in_process(monkeypatch, capsys, "scripts/ript_soft_arm_results.py", "--runs_dir", str(tmp_path))
+    assert code == 0
+    rows = (tmp_path / "pass_at_8" / "split.md").read_text().splitlines()
+    assert "never seeds (1)" in rows[0] and "always seeds (1)" in rows[0]
+    assert rows[2] == "| bc_few20 | 50.0% | 67% | 0.0% | 50.0% | 100.0% |"
+    assert rows[3] == "| rl_seed0 | 66.7% | 100% | 50.0% | 100.0% | 50.0% |"

@@ -1,0 +1,1 @@
+"""Serving a trained checkpoint over the network: the openpi websocket protocol and LeRobot's async inference."""
