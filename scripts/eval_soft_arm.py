@@ -13,7 +13,8 @@ Held-out seeds start at 10_000_000 (training data from data_prep/simulate_soft_a
 for the first `--videos` episodes. Accepts checkpoints written by scripts/train_soft_arm.py and
 scripts/ript_soft_arm.py. `--attempts N` runs every seed N times on fresh noise and adds pass@N
 (seeds solved at least once) and the seeds solved every time or never: what sharpening the policy
-could reach without learning anything new.
+could reach without learning anything new. `--server ws://HOST:PORT` evaluates the policy a
+`serve_policy.py` serves instead, each observation sent over the network (the robot's view).
 """
 
 import argparse
@@ -32,6 +33,7 @@ from lib.policies.graph_pi0 import PI0GraphPolicy
 from lib.policies.policy_fn import load_policy_fn
 from lib.run.checkpoint import check_writable_dir
 from lib.run.errors import exit_code_of
+from lib.serving.openpi import remote_policy_fn
 
 HELD_OUT_SEED_START = 10_000_000
 # train_soft_arm.py's graph pi0, and the RL-trained graph pi0 with the flag of ript_soft_arm.py.
@@ -43,6 +45,10 @@ def parse_args() -> argparse.Namespace:
     policy = parser.add_mutually_exclusive_group(required=True)
     policy.add_argument("--checkpoint", type=Path, help="a pretrained_model directory of train_soft_arm.py")
     policy.add_argument("--expert", action="store_true", help="evaluate the scripted expert (the reference)")
+    policy.add_argument(
+        "--server", help="evaluate the policy an openpi-protocol server serves (serve_policy.py), e.g. ws://host:8000"
+    )
+    parser.add_argument("--api_key", default=None, help="the --server's API key, if it has one")
     parser.add_argument("--num_episodes", type=int, default=50)
     parser.add_argument("--seed_start", type=int, default=HELD_OUT_SEED_START, help="episodes use consecutive seeds")
     parser.add_argument("--num_envs", type=int, default=10, help="simulators stepped per batched policy call")
@@ -106,7 +112,12 @@ def main() -> int:
     args = parse_args()
     torch.manual_seed(args.seed)
     check_writable_dir(args.output_dir)  # before the episodes, not after them
-    policy_fn = expert_policy_fn() if args.expert else load_policy_fn(args.checkpoint, CHECKPOINT_TYPES)
+    if args.expert:
+        policy_fn = expert_policy_fn()
+    elif args.server:  # the robot side of a deployment: each observation goes over the network
+        policy_fn = remote_policy_fn(args.server, args.api_key)
+    else:
+        policy_fn = load_policy_fn(args.checkpoint, CHECKPOINT_TYPES)
     # The expert acts every step; a policy runs `replan_steps` of each chunk.
     replan_steps = 1 if args.expert else args.replan_steps
     seeds = list(range(args.seed_start, args.seed_start + args.num_episodes))
@@ -135,7 +146,7 @@ def main() -> int:
             write_video(args.output_dir / "videos" / f"seed{episode.seed}_{outcome}.mp4", episode.frames, CONTROL_HZ)
     successes = [e.success for e in episodes]
     summary = {
-        "policy": "scripted expert" if args.expert else str(args.checkpoint),
+        "policy": "scripted expert" if args.expert else args.server or str(args.checkpoint),
         "episodes": len(episodes),
         "seeds": [seeds[0], seeds[-1]],
         "success_rate": float(np.mean(successes)),

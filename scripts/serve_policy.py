@@ -17,7 +17,8 @@ Every checkpoint kind this project writes is served with its own processors: a g
 (`train_soft_arm.py`), a flag pi0 at its guidance weight (the RL trainers), an exported plain pi0
 (`export_pi0.py`). The checkpoint is loaded and checked before the server listens (a damaged one
 never serves). The server binds to 127.0.0.1 unless `--host` is given; on a GPU it runs in bf16
-autocast. `--seed` seeds the sampling noise once at start. SIGTERM or SIGINT stops it cleanly.
+autocast. `--seed` seeds the sampling noise once, before loading (as eval_soft_arm.py does).
+SIGTERM or SIGINT stops it cleanly.
 """
 
 import argparse
@@ -114,8 +115,8 @@ def serve_lerobot_protocol(args: argparse.Namespace, policy, preprocessor, postp
 
 def main() -> int:
     args = parse_args()
+    torch.manual_seed(args.seed)  # before loading, as eval_soft_arm.py: the same noise from the same seed
     policy, preprocessor, postprocessor = load_served_policy(args.checkpoint, args.device)
-    torch.manual_seed(args.seed)
     if args.protocol == "openpi":
         serve_openpi_protocol(args, policy, preprocessor, postprocessor)
     else:

@@ -109,9 +109,9 @@ def in_process_chunks(checkpoint, observations: list[dict], seed: int = 0) -> li
     from lib.policies.policy_fn import make_policy_fn
     from lib.serving.policy import load_served_policy
 
+    torch.manual_seed(seed)
     policy, preprocessor, postprocessor = load_served_policy(checkpoint, "cpu")
     policy_fn = make_policy_fn(policy, preprocessor, postprocessor)
-    torch.manual_seed(seed)
     return [
         policy_fn([{**{k: v for k, v in o.items() if k != "prompt"}, "task": o["prompt"]}])[0] for o in observations
     ]
@@ -265,3 +265,25 @@ def test_a_checkpoint_that_fails_the_load_check_never_serves(tmp_path, monkeypat
     code, error = exit_in_process(monkeypatch, capsys, "scripts/serve_policy.py", "--checkpoint", str(bad))
     assert code == 2 and "Traceback" not in error, error
     assert f"{bad / 'model.safetensors'} is truncated or corrupt" in error
+
+
+@pytest.mark.slow  # a server process and two evaluations, about 60 s
+def test_a_closed_loop_through_the_server_scores_what_eval_scores(served_checkpoint, tmp_path):
+    """The robot's view: eval_soft_arm.py --server steps the simulated arm and asks the server for
+    every chunk; the same seeds and noise give the same episodes as the in-process evaluation."""
+    import json
+
+    server = Server(served_checkpoint)
+    episodes = ["--num_episodes", "3", "--num_envs", "1", "--max_steps", "8", "--replan_steps", "4", "--videos", "0"]
+    summaries = {}
+    for name, source in (
+        ("local", ["--checkpoint", str(served_checkpoint)]),
+        ("served", ["--server", f"ws://127.0.0.1:{server.port}"]),
+    ):
+        run([PYTHON, "scripts/eval_soft_arm.py", *source, *episodes, "--output_dir", str(tmp_path / name)])
+        summaries[name] = json.loads((tmp_path / name / "summary.json").read_text())["per_episode"]
+    server.stop()
+    assert [e["seed"] for e in summaries["served"]] == [e["seed"] for e in summaries["local"]]
+    for served, local in zip(summaries["served"], summaries["local"], strict=True):
+        assert served["success"] == local["success"] and served["length"] == local["length"]
+        assert served["final_distance_m"] == pytest.approx(local["final_distance_m"], abs=1e-4)

@@ -222,3 +222,28 @@ async def serve_openpi(
     finally:
         batcher.cancel()
     return inference
+
+
+def remote_policy_fn(url: str, api_key: str | None = None, timeout_s: float = 60.0) -> Callable:
+    """The robot side: a policy function (observations in the simulators' format, as
+    `lib.policies.policy_fn.make_policy_fn` takes them) that asks an openpi-protocol server, one
+    request per observation, in order. A server's error frame is raised as a `RequestError`."""
+    from websockets.sync.client import connect
+
+    headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
+    websocket = connect(url, additional_headers=headers, max_size=None, open_timeout=timeout_s)
+    metadata = unpack(websocket.recv(timeout=timeout_s))
+    keys = list(metadata["observation_keys"])
+
+    def policy_fn(observations: list[dict[str, Any]]) -> np.ndarray:
+        chunks = []
+        for observation in observations:
+            websocket.send(pack({**{k: observation[k] for k in keys}, PROMPT_KEY: observation["task"]}))
+            answer = websocket.recv(timeout=timeout_s)
+            if isinstance(answer, str):
+                raise RequestError(f"the server at {url} answered: {answer}")
+            chunks.append(unpack(answer)["actions"])
+        return np.stack(chunks)
+
+    policy_fn.metadata, policy_fn.close = metadata, websocket.close
+    return policy_fn
