@@ -16,6 +16,12 @@ d. Guided sampling (cfg_rl, w = 2) against plain sampling (the optimal branch al
    tiny and small.
 e. How cost grows: bare step time against batch size; a 2-rank CPU run of `train_soft_arm.py`
    against 1 rank at the same global batch.
+f. Serving: `serve_policy.py` (openpi protocol, its own process on loopback) against the in-process
+   policy call on the same observation, tiny and small: p50/p99 round trip of one client, and
+   requests/s of 1, 4 and 16 concurrent clients with and without batching of concurrent requests.
+
+`--only serving` (any section names) measures those sections and keeps the others as the last run
+wrote them.
 
 The GPU section (full-size pi0 in bf16) is `make gpu-check`'s (scripts/gpu_check.py); this script
 keeps it as that last wrote it.
@@ -73,6 +79,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"), help="the report; JSON beside it")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per training measurement")
+    parser.add_argument("--only", nargs="+", default=None, help="measure these sections, keep the others")
     return parser.parse_args()
 
 
@@ -352,6 +359,96 @@ def guided_sampling_figures(args: argparse.Namespace, model_size: str) -> dict:
     }
 
 
+def serving_figures(args: argparse.Namespace, model_size: str, requests: int = 48) -> dict:
+    """f. The server's cost over an in-process call: one observation, the same policy saved as a
+    checkpoint and served by `serve_policy.py` on loopback; `requests` round trips per load, shared
+    by its clients."""
+    import asyncio
+    import re
+
+    from websockets.asyncio.client import connect
+
+    from lib.serving.openpi import pack, unpack
+
+    train_dataset, _ = make_soft_arm_datasets(args.dataset, 0.0, 0)
+    tokenizer = load_tokenizer(args.tokenizer)
+    torch.manual_seed(0)
+    policy = PI0GraphPolicy(graph_policy_config(train_dataset, PI0GraphConfig, model_size)).eval()
+    preprocessor, postprocessor = make_pi0_processors(policy.config, tokenizer, dataset_stats(train_dataset))
+    row = train_dataset[0]
+    observation = {
+        IMAGE_KEY: (row[IMAGE_KEY].permute(1, 2, 0).numpy() * 255).astype(np.uint8),
+        STATE_KEY: row[STATE_KEY].numpy(),
+        GRAPH_KEY: row[GRAPH_KEY].numpy(),
+        "task": row["task"],
+    }
+    policy_fn = make_policy_fn(policy, preprocessor, postprocessor)
+    in_process = []
+    for _ in range(24 + 2):
+        started = time.perf_counter()
+        policy_fn([observation])
+        in_process.append(time.perf_counter() - started)
+    in_process = in_process[2:]  # warm-up
+    message = pack({**{k: v for k, v in observation.items() if k != "task"}, "prompt": observation["task"]})
+
+    async def client(url: str, latencies: list[float], count: int) -> None:
+        async with connect(url, max_size=None) as websocket:
+            await websocket.recv()  # metadata
+            for _ in range(count):
+                started = time.perf_counter()
+                await websocket.send(message)
+                unpack(await websocket.recv())
+                latencies.append(time.perf_counter() - started)
+
+    async def load(url: str, clients: int) -> tuple[list[float], float]:
+        latencies: list[float] = []
+        started = time.perf_counter()
+        count = max(2, requests // clients)
+        await asyncio.gather(*(client(url, latencies, count) for _ in range(clients)))
+        return latencies, clients * count / (time.perf_counter() - started)
+
+    figures: dict = {"model_size": model_size, "requests_per_load": requests}
+    figures["in_process_p50_s"] = statistics.median(in_process)
+    with tempfile.TemporaryDirectory() as work:
+        checkpoint = Path(work) / "pretrained_model"
+        for part in (policy, preprocessor, postprocessor, tokenizer):
+            part.save_pretrained(checkpoint)
+        for max_batch in (1, 16):
+            server = subprocess.Popen(
+                [sys.executable, "scripts/serve_policy.py", "--checkpoint", str(checkpoint), "--port", "0"]
+                + ["--max_batch", str(max_batch)],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            try:
+                port = None
+                for line in server.stdout:
+                    found = re.search(r"on ws://127\.0\.0\.1:(\d+)", line)
+                    if found:
+                        port = int(found.group(1))
+                        break
+                if port is None:
+                    raise RuntimeError("serve_policy.py exited before it listened")
+                url = f"ws://127.0.0.1:{port}"
+                asyncio.run(client(url, [], 2))  # warm-up
+                for clients in (1, 4, 16):
+                    latencies, per_s = asyncio.run(load(url, clients))
+                    figures[f"batch{max_batch}_clients{clients}"] = {
+                        "p50_s": statistics.median(latencies),
+                        "p99_s": float(np.quantile(latencies, 0.99)),
+                        "requests_per_s": per_s,
+                    }
+            finally:
+                server.terminate()
+                server.communicate(timeout=60)
+    one = figures["batch1_clients1"]
+    figures["overhead_p50"] = one["p50_s"] / figures["in_process_p50_s"] - 1
+    figures["in_process_requests_per_s"] = 1 / figures["in_process_p50_s"]
+    return figures
+
+
 def versions() -> dict:
     import accelerate
     import lerobot
@@ -371,13 +468,19 @@ def versions() -> dict:
 def write_report(results: dict, path: Path, gpu_section: str) -> None:
     a, b, c = results["training"], results["rollouts"], results["ript_iteration"]
     guided = (results["guided_sampling"], results["guided_sampling_small"])
+    serving = tuple(results[name] for name in ("serving", "serving_small") if name in results)
     mark = {True: "met", False: "**missed**"}
     lines = [
         "# Benchmarks",
         "",
         f"Written by `make bench` (`scripts/benchmark.py`) on {results['date']}: {results['machine']}. "
         + ", ".join(f"{k} {v}" for k, v in results["versions"].items())
-        + ". Every figure is a ratio against a reference measured in the same run.",
+        + ". Every figure is a ratio against a reference measured in the same run."
+        + (
+            f" (Only some sections were measured then; the others are from {results['others_measured']}.)"
+            if results.get("others_measured")
+            else ""
+        ),
         "",
         "| figure | measured | target | |",
         "|---|---|---|---|",
@@ -395,7 +498,7 @@ def write_report(results: dict, path: Path, gpu_section: str) -> None:
             lines.append(
                 f"| b. {label}: {num_envs} | {row['env_steps_per_s']:.0f} env steps/s, {row['of_bound']:.0%} of "
                 f"the bound, {row['policy_calls']} policy calls | ≥ 90 % up to {CORES} cores "
-                f"| {mark[row['of_bound'] >= 0.9] if num_envs <= CORES else 'past the cores'} |"
+                f"| {mark[row['of_bound'] >= 0.9] if int(num_envs) <= CORES else 'past the cores'} |"
             )
     lines += [
         f"| c. RIPT iteration ({c['episodes']} episodes, {c['update_steps']} update steps, {c['total_s']:.0f} s): "
@@ -408,6 +511,14 @@ def write_report(results: dict, path: Path, gpu_section: str) -> None:
             for d in guided
         ],
         f"| e. 2 CPU ranks over 1 at the same global batch | {a['two_rank_speedup']:.2f} x the samples/s | - | |",
+        *[
+            f"| f. serving round trip over an in-process call, {f['model_size']}, 1 client "
+            f"| {f['overhead_p50']:+.1%} (p50 {f['batch1_clients1']['p50_s'] * 1e3:.1f} ms, p99 "
+            f"{f['batch1_clients1']['p99_s'] * 1e3:.1f} ms; in process {f['in_process_p50_s'] * 1e3:.1f} ms) "
+            f"| {'≤ 10 %' if f['model_size'] == 'small' else '-'} "
+            f"| {mark[f['overhead_p50'] <= 0.10] if f['model_size'] == 'small' else ''} |"
+            for f in serving
+        ],
         "",
         "e. Bare step time against batch size (tiny pi0, 224 px):",
         "",
@@ -416,6 +527,22 @@ def write_report(results: dict, path: Path, gpu_section: str) -> None:
         *[
             f"| {batch} | {seconds * 1e3:.0f} | {a['step_s_per_sample_by_batch'][batch] * 1e3:.1f} |"
             for batch, seconds in a["step_s_by_batch"].items()
+        ],
+        "",
+        "f. Serving (`serve_policy.py`, openpi protocol, loopback), requests/s and p50 / p99 round trip by "
+        "concurrent clients, without (`--max_batch 1`) and with batching of concurrent requests (16):",
+        "",
+        "| size | clients | in process, 1 call at a time | no batching | batching |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {f['model_size']} | {clients} | {f['in_process_requests_per_s']:.1f} req/s "
+            + "".join(
+                f"| {row['requests_per_s']:.1f} req/s, {row['p50_s'] * 1e3:.0f} / {row['p99_s'] * 1e3:.0f} ms "
+                for row in (f[f"batch1_clients{clients}"], f[f"batch16_clients{clients}"])
+            )
+            + "|"
+            for f in serving
+            for clients in (1, 4, 16)
         ],
         "",
     ]
@@ -448,7 +575,7 @@ def missed_target_notes(a: dict, b: dict, guided: tuple[dict, ...]) -> list[str]
         )
     for backend, label in (("soft_arm", "soft-arm simulators"), ("libero", "LIBERO workers")):
         for num_envs, row in b[backend].items():
-            if num_envs <= CORES and row["of_bound"] < 0.9:
+            if int(num_envs) <= CORES and row["of_bound"] < 0.9:
                 notes.append(
                     f"- b. {label} at {num_envs}: {row['of_bound']:.0%} of the bound (single-threaded rendering, "
                     "one worker process per simulator); not broken down further."
@@ -494,19 +621,31 @@ def main() -> int:
             ("ript_iteration", lambda: ript_iteration_figures(args)),
             ("guided_sampling", lambda: guided_sampling_figures(args, "tiny")),
             ("guided_sampling_small", lambda: guided_sampling_figures(args, "small")),
+            ("serving", lambda: serving_figures(args, "tiny")),
+            ("serving_small", lambda: serving_figures(args, "small")),
         )
+        json_path = args.output.with_suffix(".json")
+        if args.only:
+            unknown = sorted(set(args.only) - {name for name, _ in sections})
+            if unknown:
+                raise UserError(f"--only {unknown}: no such section; the sections are {[n for n, _ in sections]}")
+            if not json_path.is_file():
+                raise UserError(f"--only keeps the other sections of {json_path}, which does not exist: run make bench")
+            kept = json.loads(json_path.read_text())
+            results.update({name: kept[name] for name, _ in sections if name not in args.only and name in kept})
+            results["others_measured"] = kept.get("others_measured") or kept["date"]  # when the kept ones ran
+            sections = tuple((name, measure) for name, measure in sections if name in args.only)
         for name, measure in sections:
             started = time.perf_counter()
             print(f"{name} ...", flush=True)
             results[name] = measure()
             print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
     # The GPU section belongs to `make gpu-check` (scripts/gpu_check.py): kept as it last wrote it.
-    json_path = args.output.with_suffix(".json")
     previous_gpu = json.loads(json_path.read_text()).get("gpu") if json_path.exists() else None
     results["gpu"] = previous_gpu if isinstance(previous_gpu, dict) else None
     gpu_section = (
         "## GPU" + args.output.read_text().split("## GPU", 1)[1]
-        if results["gpu"] is not None and args.output.exists() and "## GPU" in args.output.read_text()
+        if args.output.exists() and "## GPU" in args.output.read_text()
         else "## GPU\n\nNot measured yet: `make gpu-check` on a machine with a GPU writes this section.\n"
     )
     write_report(results, args.output, gpu_section)

@@ -22,7 +22,6 @@ SIGTERM or SIGINT stops it cleanly.
 """
 
 import argparse
-import asyncio
 import contextlib
 import os
 import signal
@@ -65,30 +64,26 @@ def serve_openpi_protocol(args: argparse.Namespace, policy, preprocessor, postpr
     policy_fn = make_policy_fn(policy, preprocessor, postprocessor, autocast or contextlib.nullcontext)
     spec = InputSpec.of_policy(policy.config.input_features)
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
 
-        def ready(port: int) -> None:
-            print(f"serving {args.checkpoint} (openpi protocol) on ws://{args.host}:{port}", flush=True)
+    def ready(port: int) -> None:
+        print(f"serving {args.checkpoint} (openpi protocol) on ws://{args.host}:{port}", flush=True)
 
-        inference = await serve_openpi(
-            policy_fn,
-            spec,
-            metadata_of(policy),
-            args.host,
-            DEFAULT_PORTS["openpi"] if args.port is None else args.port,
-            stop,
-            args.api_key,
-            args.max_batch,
-            args.max_frame_bytes,
-            ready,
-        )
-        print(f"stopped: {inference.requests} requests in {inference.calls} policy calls", flush=True)
-
-    asyncio.run(main())
+    inference = serve_openpi(
+        policy_fn,
+        spec,
+        metadata_of(policy),
+        args.host,
+        DEFAULT_PORTS["openpi"] if args.port is None else args.port,
+        stop,
+        args.api_key,
+        args.max_batch,
+        args.max_frame_bytes,
+        ready,
+    )
+    print(f"stopped: {inference.requests} requests in {inference.calls} policy calls", flush=True)
 
 
 def serve_lerobot_protocol(args: argparse.Namespace, policy, preprocessor, postprocessor) -> None:

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import http
+import queue
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -116,47 +118,57 @@ class InputSpec:
         return checked
 
 
-@dataclass
-class _Pending:
-    observation: dict[str, Any]
-    done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-
-
 class BatchingInference:
-    """Runs the policy function off the event loop, one call at a time. Requests that wait while a
-    call runs are taken together into the next call (up to `max_batch`): concurrent clients share
-    one batched forward. `max_batch=1` serves them one by one."""
+    """Runs the policy function on the thread that calls `run` (the main thread: PyTorch's CPU
+    kernels run half as fast from a second thread, whose OpenMP team competes with the main
+    thread's spinning one), fed by the server's event loop in another thread. Requests that wait
+    while a call runs are taken together into the next call (up to `max_batch`): concurrent clients
+    share one batched forward. `max_batch=1` serves them one by one."""
 
     def __init__(self, policy_fn: Callable[[list[dict[str, Any]]], np.ndarray], max_batch: int) -> None:
         self.policy_fn, self.max_batch = policy_fn, max_batch
-        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.pending: queue.Queue[tuple[dict[str, Any], asyncio.AbstractEventLoop, asyncio.Future]] = queue.Queue()
         self.calls = self.requests = 0
 
     async def __call__(self, observation: dict[str, Any]) -> tuple[np.ndarray, float]:
         """One observation's action chunk and the milliseconds of the policy call that made it."""
-        pending = _Pending(observation)
-        await self.queue.put(pending)
-        return await pending.done
-
-    async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self.queue.get()]
-            while len(batch) < self.max_batch and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
+        done = loop.create_future()
+        self.pending.put((observation, loop, done))
+        return await done
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve the queued requests until `stop` is set."""
+
+        def resolve(done: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
+            if done.done():  # the client went away meanwhile
+                return
+            if error is None:
+                done.set_result(result)
+            else:
+                done.set_exception(error)
+
+        while not stop.is_set():
+            try:
+                batch = [self.pending.get(timeout=0.1)]
+            except queue.Empty:
+                continue
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.pending.get_nowait())
+                except queue.Empty:
+                    break
             started = time.perf_counter()
             try:
-                chunks = await loop.run_in_executor(None, self.policy_fn, [p.observation for p in batch])
+                chunks = np.asarray(self.policy_fn([observation for observation, _, _ in batch]), dtype=np.float32)
             except Exception as error:  # the policy failed on this batch: each waiting request learns why
-                for pending in batch:
-                    if not pending.done.done():
-                        pending.done.set_exception(error)
+                for _, loop, done in batch:
+                    loop.call_soon_threadsafe(resolve, done, None, error)
                 continue
             infer_ms = 1000 * (time.perf_counter() - started)
             self.calls, self.requests = self.calls + 1, self.requests + len(batch)
-            for pending, chunk in zip(batch, np.asarray(chunks, dtype=np.float32), strict=True):
-                if not pending.done.done():  # the client may have gone meanwhile
-                    pending.done.set_result((chunk, infer_ms))
+            for (_, loop, done), chunk in zip(batch, chunks, strict=True):
+                loop.call_soon_threadsafe(resolve, done, (chunk, infer_ms))
 
 
 def authorized(request_headers: Any, api_key: str | None) -> bool:
@@ -164,24 +176,26 @@ def authorized(request_headers: Any, api_key: str | None) -> bool:
     return api_key is None or request_headers.get("Authorization") == f"Api-Key {api_key}"
 
 
-async def serve_openpi(
+def serve_openpi(
     policy_fn: Callable[[list[dict[str, Any]]], np.ndarray],
     spec: InputSpec,
     metadata: dict[str, Any],
     host: str,
     port: int,
-    stop: asyncio.Event,
+    stop: threading.Event,
     api_key: str | None = None,
     max_batch: int = 8,
     max_frame_bytes: int = MAX_FRAME_BYTES,
     ready: Callable[[int], None] | None = None,
 ) -> BatchingInference:
-    """Serve until `stop` is set; `ready(port)` is called once listening (port 0: any free one)."""
+    """Serve until `stop` is set: the websocket server on an event loop in a second thread, the
+    policy on this one. `ready(port)` is called once listening (port 0: any free one)."""
     from websockets.asyncio.server import serve
     from websockets.exceptions import ConnectionClosed
 
     inference = BatchingInference(policy_fn, max_batch)
     metadata = {**metadata, **spec.metadata()}
+    failed: list[BaseException] = []
 
     def process_request(connection: Any, request: Any) -> Any:
         if request.path == "/healthz":
@@ -211,16 +225,28 @@ async def serve_openpi(
         except ConnectionClosed:  # the client went away, mid-request or between requests
             return
 
-    batcher = asyncio.create_task(inference.run())
-    try:
+    async def listen() -> None:
         async with serve(
             handler, host, port, process_request=process_request, max_size=max_frame_bytes, compression=None
         ) as server:
             if ready is not None:
                 ready(server.sockets[0].getsockname()[1])
-            await stop.wait()
-    finally:
-        batcher.cancel()
+            while not stop.is_set():
+                await asyncio.sleep(0.1)
+
+    def server_thread() -> None:
+        try:
+            asyncio.run(listen())
+        except BaseException as error:  # cannot listen (say, the port is taken): the main thread raises it
+            failed.append(error)
+            stop.set()
+
+    thread = threading.Thread(target=server_thread, name="openpi-server", daemon=True)
+    thread.start()
+    inference.run(stop)
+    thread.join(timeout=10)
+    if failed:
+        raise failed[0]
     return inference
 
 
