@@ -1,6 +1,6 @@
-"""Shared fixtures: the local tokenizer and a small converted soft-arm dataset, built once per
-session with the project's own data_prep scripts (real files, real LeRobotDataset). What else the
-tests share (paths, running a command): tests/helpers.py."""
+"""Shared fixtures: the local tokenizer, a small converted soft-arm dataset and a 2-step graph
+checkpoint trained on it, built once per session with the project's own scripts (real files, real
+LeRobotDataset). What else the tests share (paths, running a command): tests/helpers.py."""
 
 import os
 from pathlib import Path
@@ -61,3 +61,27 @@ def train_args(tokenizer_dir, dataset_dir) -> list[str]:
         "train.val_batches=2",
         "tracking.report_to=[]",
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tokenizer_dir, dataset_dir):
+    """A 2-step graph policy on the session's small dataset (configs/soft_arm_sim.yaml): plumbing,
+    not learning; evaluated, RL-trained and served by the tests."""
+    train_dir = tmp_path_factory.mktemp("train")
+    run(
+        [
+            PYTHON,
+            "scripts/train_soft_arm.py",
+            "--config",
+            "configs/soft_arm_sim.yaml",
+            f"output_dir={train_dir}",
+            f"model.tokenizer={tokenizer_dir}",
+            f"data.root={dataset_dir}",
+            "data.batch_size=4",
+            "data.val_fraction=0",
+            "data.num_workers=0",
+            "train.steps=2",
+            "tracking.report_to=[]",
+        ]
+    )
+    return train_dir / "checkpoints" / "last" / "pretrained_model"

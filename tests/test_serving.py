@@ -80,29 +80,6 @@ def test_a_bad_observation_is_named(row, broken, expected):
     assert checked["task"] == PROMPT and "prompt" not in checked
 
 
-@pytest.fixture(scope="module")
-def served_checkpoint(tmp_path_factory, tokenizer_dir, dataset_dir):
-    """A 2-step graph policy: serving is plumbing, not learning."""
-    train_dir = tmp_path_factory.mktemp("served")
-    run(
-        [
-            PYTHON,
-            "scripts/train_soft_arm.py",
-            "--config",
-            "configs/soft_arm_sim.yaml",
-            f"output_dir={train_dir}",
-            f"model.tokenizer={tokenizer_dir}",
-            f"data.root={dataset_dir}",
-            "data.batch_size=4",
-            "data.val_fraction=0",
-            "data.num_workers=0",
-            "train.steps=2",
-            "tracking.report_to=[]",
-        ]
-    )
-    return train_dir / "checkpoints" / "last" / "pretrained_model"
-
-
 def in_process_chunks(checkpoint, observations: list[dict], seed: int = 0) -> list[np.ndarray]:
     """What the served policy answers, computed here: the same loading, the same seeded noise, one
     observation per call in order."""
@@ -149,14 +126,14 @@ class Server:
 
 
 @pytest.mark.slow  # a server process and its clients, about 40 s
-def test_openpi_protocol_serves_the_in_process_chunks_and_survives_bad_clients(served_checkpoint):
+def test_openpi_protocol_serves_the_in_process_chunks_and_survives_bad_clients(tiny_checkpoint):
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-    server = Server(served_checkpoint, "--api_key", "sesame", "--max_frame_bytes", "400000", "--max_batch", "4")
+    server = Server(tiny_checkpoint, "--api_key", "sesame", "--max_frame_bytes", "400000", "--max_batch", "4")
     url, auth = f"ws://127.0.0.1:{server.port}", {"Authorization": "Api-Key sesame"}
     sequence = [observation(seed) for seed in range(3)]
-    expected = in_process_chunks(served_checkpoint, sequence)
+    expected = in_process_chunks(tiny_checkpoint, sequence)
 
     async def one_client(observations: list[dict]) -> list[np.ndarray]:
         async with connect(url, additional_headers=auth, max_size=None) as websocket:
@@ -224,23 +201,23 @@ def test_openpi_protocol_serves_the_in_process_chunks_and_survives_bad_clients(s
 
 
 @pytest.mark.slow  # a server process and LeRobot's client stubs, about 30 s
-def test_lerobot_protocol_serves_our_plugin_policy_to_lerobots_client_code(served_checkpoint):
+def test_lerobot_protocol_serves_our_plugin_policy_to_lerobots_client_code(tiny_checkpoint):
     import grpc
     from lerobot.async_inference.helpers import RemotePolicyConfig, TimedObservation
     from lerobot.transport import services_pb2, services_pb2_grpc
     from lerobot.transport.utils import send_bytes_in_chunks
     from lerobot.utils.feature_utils import hw_to_dataset_features
 
-    server = Server(served_checkpoint, "--protocol", "lerobot")
+    server = Server(tiny_checkpoint, "--protocol", "lerobot")
     item = observation(0)
-    expected = in_process_chunks(served_checkpoint, [item])[0]
+    expected = in_process_chunks(tiny_checkpoint, [item])[0]
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     stub = services_pb2_grpc.AsyncInferenceStub(channel)
     stub.Ready(services_pb2.Empty())
     # what a RobotClient sends: its hardware features as LeRobot names them, then raw observations
     hardware = {f"cable_{i}": float for i in range(10)} | {"front": (224, 224, 3)}
     features = hw_to_dataset_features(hardware, "observation", use_video=False)
-    setup = RemotePolicyConfig("pi0_graph", str(served_checkpoint), features, 16, "cpu")
+    setup = RemotePolicyConfig("pi0_graph", str(tiny_checkpoint), features, 16, "cpu")
     stub.SendPolicyInstructions(services_pb2.PolicySetup(data=pickle.dumps(setup)))
     raw = {f"cable_{i}": float(v) for i, v in enumerate(item["observation.state"])}
     raw |= {"front": item["observation.images.front"], "task": PROMPT, "observation.graph": item["observation.graph"]}
@@ -250,7 +227,7 @@ def test_lerobot_protocol_serves_our_plugin_policy_to_lerobots_client_code(serve
     served = torch.stack([action.get_action() for action in chunk]).numpy()
     np.testing.assert_allclose(served, expected, atol=1e-5)
     # another policy type than the served checkpoint's is refused
-    other = RemotePolicyConfig("act", str(served_checkpoint), features, 16, "cpu")
+    other = RemotePolicyConfig("act", str(tiny_checkpoint), features, 16, "cpu")
     with pytest.raises(grpc.RpcError):
         stub.SendPolicyInstructions(services_pb2.PolicySetup(data=pickle.dumps(other)))
     channel.close()
@@ -268,16 +245,16 @@ def test_a_checkpoint_that_fails_the_load_check_never_serves(tmp_path, monkeypat
 
 
 @pytest.mark.slow  # a server process and two evaluations, about 60 s
-def test_a_closed_loop_through_the_server_scores_what_eval_scores(served_checkpoint, tmp_path):
+def test_a_closed_loop_through_the_server_scores_what_eval_scores(tiny_checkpoint, tmp_path):
     """The robot's view: eval_soft_arm.py --server steps the simulated arm and asks the server for
     every chunk; the same seeds and noise give the same episodes as the in-process evaluation."""
     import json
 
-    server = Server(served_checkpoint)
+    server = Server(tiny_checkpoint)
     episodes = ["--num_episodes", "3", "--num_envs", "1", "--max_steps", "8", "--replan_steps", "4", "--videos", "0"]
     summaries = {}
     for name, source in (
-        ("local", ["--checkpoint", str(served_checkpoint)]),
+        ("local", ["--checkpoint", str(tiny_checkpoint)]),
         ("served", ["--server", f"ws://127.0.0.1:{server.port}"]),
     ):
         run([PYTHON, "scripts/eval_soft_arm.py", *source, *episodes, "--output_dir", str(tmp_path / name)])

@@ -177,30 +177,6 @@ def test_simulated_episodes_are_deterministic_resumable_and_convert(tmp_path):
     assert item[GRAPH_KEY].shape == (NUM_SEGMENTS, NODE_FEATURES) and item["action"].shape == (16, 10)
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory, tokenizer_dir, dataset_dir):
-    """A 2-step policy on the session's small dataset: plumbing, not learning (the simulated
-    episodes' own conversion is tested above)."""
-    train_dir = tmp_path_factory.mktemp("train")
-    run(
-        [
-            PYTHON,
-            "scripts/train_soft_arm.py",
-            "--config",
-            "configs/soft_arm_sim.yaml",
-            f"output_dir={train_dir}",
-            f"model.tokenizer={tokenizer_dir}",
-            f"data.root={dataset_dir}",
-            "data.batch_size=4",
-            "data.val_fraction=0",
-            "data.num_workers=0",
-            "train.steps=2",
-            "tracking.report_to=[]",
-        ]
-    )
-    return train_dir / "checkpoints" / "last" / "pretrained_model"
-
-
 # ript_soft_arm.py at plumbing size: one seed, 2 states x 2 rollouts an iteration, 6-step episodes.
 TINY_RIPT = [
     "seeds=[0]",
