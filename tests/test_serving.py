@@ -264,3 +264,42 @@ def test_a_closed_loop_through_the_server_scores_what_eval_scores(tiny_checkpoin
     for served, local in zip(summaries["served"], summaries["local"], strict=True):
         assert served["success"] == local["success"] and served["length"] == local["length"]
         assert served["final_distance_m"] == pytest.approx(local["final_distance_m"], abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def flag_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The 2-step graph policy as the RL trainers save it: a flag pi0 at guidance weight 2 (its flag
+    embedding random, so that the two branches differ), with the source's processors and tokenizer."""
+    import shutil
+
+    from lerobot.configs import PreTrainedConfig
+
+    from lib.policies.flag_pi0 import PI0GraphCFGConfig, PI0GraphCFGPolicy
+    from lib.policies.loading import load_pretrained_policy
+
+    config = PI0GraphCFGConfig.from_config(PreTrainedConfig.from_pretrained(tiny_checkpoint))
+    config.guidance_weight = 2.0
+    policy = load_pretrained_policy(tiny_checkpoint, PI0GraphCFGPolicy, config)
+    torch.manual_seed(1)
+    torch.nn.init.normal_(policy.model.condition_embedding.weight, std=0.5)
+    directory = tmp_path_factory.mktemp("flag") / "pretrained_model"
+    policy.save_pretrained(directory)
+    for file in tiny_checkpoint.iterdir():
+        if file.name not in ("config.json", "model.safetensors"):
+            shutil.copy(file, directory / file.name)
+    return directory
+
+
+@pytest.mark.slow  # a server process, about 25 s
+def test_a_flag_policy_is_served_at_its_guidance_weight(flag_checkpoint):
+    from websockets.sync.client import connect
+
+    server = Server(flag_checkpoint)
+    item = observation(3)
+    expected = in_process_chunks(flag_checkpoint, [item])[0]
+    with connect(f"ws://127.0.0.1:{server.port}", max_size=None) as websocket:
+        metadata = unpack(websocket.recv())
+        assert metadata["policy_type"] == "pi0_graph_cfg" and metadata["guidance_weight"] == 2.0
+        websocket.send(pack(item))
+        np.testing.assert_allclose(unpack(websocket.recv())["actions"], expected, atol=1e-5)
+    server.stop()
