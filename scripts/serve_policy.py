@@ -33,6 +33,7 @@ import torch
 
 from lib.envs.soft_arm.features import GRAPH_KEY
 from lib.policies.policy_fn import make_policy_fn
+from lib.policies.sizes import MODEL_SIZES
 from lib.run.errors import UserError, exit_code_of
 from lib.serving.openpi import MAX_FRAME_BYTES, InputSpec, serve_openpi
 from lib.serving.policy import load_served_policy, metadata_of
@@ -51,6 +52,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max_frame_bytes", type=int, default=MAX_FRAME_BYTES)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--model_size",
+        choices=MODEL_SIZES,
+        default=None,
+        help="the size of an exported plain pi0 (LeRobot's config names none: full unless given)",
+    )
     args = parser.parse_args()
     if args.max_batch < 1:
         raise UserError(f"--max_batch must be >= 1, got {args.max_batch}")
@@ -111,7 +118,7 @@ def serve_lerobot_protocol(args: argparse.Namespace, policy, preprocessor, postp
 def main() -> int:
     args = parse_args()
     torch.manual_seed(args.seed)  # before loading, as eval_soft_arm.py: the same noise from the same seed
-    policy, preprocessor, postprocessor = load_served_policy(args.checkpoint, args.device)
+    policy, preprocessor, postprocessor = load_served_policy(args.checkpoint, args.device, args.model_size)
     if args.protocol == "openpi":
         serve_openpi_protocol(args, policy, preprocessor, postprocessor)
     else:

@@ -80,14 +80,14 @@ def test_a_bad_observation_is_named(row, broken, expected):
     assert checked["task"] == PROMPT and "prompt" not in checked
 
 
-def in_process_chunks(checkpoint, observations: list[dict], seed: int = 0) -> list[np.ndarray]:
+def in_process_chunks(checkpoint, observations: list[dict], seed: int = 0, model_size=None) -> list[np.ndarray]:
     """What the served policy answers, computed here: the same loading, the same seeded noise, one
     observation per call in order."""
     from lib.policies.policy_fn import make_policy_fn
     from lib.serving.policy import load_served_policy
 
     torch.manual_seed(seed)
-    policy, preprocessor, postprocessor = load_served_policy(checkpoint, "cpu")
+    policy, preprocessor, postprocessor = load_served_policy(checkpoint, "cpu", model_size)
     policy_fn = make_policy_fn(policy, preprocessor, postprocessor)
     return [
         policy_fn([{**{k: v for k, v in o.items() if k != "prompt"}, "task": o["prompt"]}])[0] for o in observations
@@ -303,3 +303,44 @@ def test_a_flag_policy_is_served_at_its_guidance_weight(flag_checkpoint):
         websocket.send(pack(item))
         np.testing.assert_allclose(unpack(websocket.recv())["actions"], expected, atol=1e-5)
     server.stop()
+
+
+@pytest.mark.slow  # a 2-step training, an export and a server process, about 60 s
+def test_an_exported_plain_pi0_is_served(tmp_path, tokenizer_dir, dataset_dir):
+    """export_pi0.py's plain LeRobot pi0 (from a graph-free graph policy), served: its config names
+    no size, so a tiny one is served with --model_size tiny (and refused as another size)."""
+    from websockets.sync.client import connect
+
+    train_dir = tmp_path / "train"
+    run(
+        [
+            PYTHON,
+            "scripts/train_soft_arm.py",
+            "--config",
+            "configs/soft_arm_sim.yaml",
+            f"output_dir={train_dir}",
+            f"model.tokenizer={tokenizer_dir}",
+            f"data.root={dataset_dir}",
+            "model.use_graph=false",
+            "data.batch_size=4",
+            "data.val_fraction=0",
+            "data.num_workers=0",
+            "train.steps=2",
+            "tracking.report_to=[]",
+        ]
+    )
+    plain = tmp_path / "plain"
+    checkpoint = train_dir / "checkpoints" / "last" / "pretrained_model"
+    run([PYTHON, "scripts/export_pi0.py", "--checkpoint", str(checkpoint), "--output_dir", str(plain)])
+    server = Server(plain, "--model_size", "tiny")
+    item = observation(4)
+    expected = in_process_chunks(plain, [item], model_size="tiny")[0]
+    with connect(f"ws://127.0.0.1:{server.port}", max_size=None) as websocket:
+        assert unpack(websocket.recv())["policy_type"] == "pi0"
+        websocket.send(pack(item))
+        np.testing.assert_allclose(unpack(websocket.recv())["actions"], expected, atol=1e-5)
+    server.stop()
+    refused = run(
+        [PYTHON, "scripts/serve_policy.py", "--checkpoint", str(checkpoint), "--model_size", "small"], check=False
+    )
+    assert refused.returncode == 2 and "holds a 'tiny' policy, not 'small'" in refused.stderr

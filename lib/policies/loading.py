@@ -87,6 +87,7 @@ def load_pretrained_policy(
     policy_cls: type[PI0Policy] = PI0Policy,
     config: PI0Config | None = None,
     hub_kwargs: dict[str, Any] | None = None,
+    model_size: str | None = None,
 ) -> PI0Policy:
     """A policy of `policy_cls` with the weights of `source` (local path or hub id), checked.
 
@@ -96,7 +97,9 @@ def load_pretrained_policy(
     missing or unexpected keys. Only the parts `policy_cls` adds to the saved policy type
     (`policy_cls.new_parts[saved type]`, e.g. the graph encoder over plain pi0) may be missing.
     `config` (an instance of `policy_cls.config_class`) replaces the saved config, as in LeRobot;
-    `hub_kwargs` go to the hub download (`resolve_pretrained`).
+    `hub_kwargs` go to the hub download (`resolve_pretrained`). `model_size` is the size of a
+    checkpoint whose config names none (LeRobot's own pi0 config, as `export_pi0.py` writes it:
+    full unless given); a checkpoint that names its size keeps it.
     """
     directory = resolve_pretrained(source, hub_kwargs)
     saved = saved_config(directory)
@@ -117,7 +120,10 @@ def load_pretrained_policy(
     except Exception as error:  # safetensors raises its own error type for a damaged file
         raise CheckpointError(f"{weights_file} is truncated or corrupt ({str(error).splitlines()[0]})") from error
 
-    size = getattr(config, "model_size", None) or saved.get("model_size", "full")
+    named = getattr(config, "model_size", None) or saved.get("model_size")
+    if named is not None and model_size is not None and named != model_size:
+        raise CheckpointError(f"{directory} holds a {named!r} policy, not {model_size!r}")
+    size = named or model_size or "full"
     with model_size_context(size), backbone_built_uninitialised():
         policy = policy_cls(config)
     load_weights_into(policy, weights_file, state_dict, new_parts_by_type.get(saved_type, ()))

@@ -18,15 +18,16 @@ from lib.policies.processors import load_pi0_processors, load_tokenizer
 SERVED_TYPES = {cls.name: cls for cls in (PI0GraphPolicy, PI0GraphCFGPolicy, PI0CFGPolicy, PI0Policy)}
 
 
-def load_served_policy(source: str | Path, device: str) -> tuple[Any, Any, Any]:
-    """The checkpoint's policy (checked loading) and its processors."""
+def load_served_policy(source: str | Path, device: str, model_size: str | None = None) -> tuple[Any, Any, Any]:
+    """The checkpoint's policy (checked loading) and its processors; `model_size` for a plain pi0
+    whose config names no size (`load_pretrained_policy`)."""
     checkpoint = resolve_pretrained(source)
     saved_type = saved_config(checkpoint).get("type")
     if saved_type not in SERVED_TYPES:
         raise CheckpointError(f"{checkpoint} holds a {saved_type!r} policy; this serves {', '.join(SERVED_TYPES)}")
     config = PreTrainedConfig.from_pretrained(checkpoint)
     config.device = device
-    policy = load_pretrained_policy(checkpoint, SERVED_TYPES[saved_type], config).eval()
+    policy = load_pretrained_policy(checkpoint, SERVED_TYPES[saved_type], config, model_size=model_size).eval()
     preprocessor, postprocessor = load_pi0_processors(checkpoint, load_tokenizer(checkpoint), device)
     return policy, preprocessor, postprocessor
 
