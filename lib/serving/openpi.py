@@ -148,6 +148,10 @@ class BatchingInference:
             else:
                 done.set_exception(error)
 
+        def answer(loop: asyncio.AbstractEventLoop, *args: Any) -> None:
+            if not loop.is_closed():  # closed: the server stopped while this call ran, nobody waits
+                loop.call_soon_threadsafe(resolve, *args)
+
         while not stop.is_set():
             try:
                 batch = [self.pending.get(timeout=0.1)]
@@ -163,12 +167,12 @@ class BatchingInference:
                 chunks = np.asarray(self.policy_fn([observation for observation, _, _ in batch]), dtype=np.float32)
             except Exception as error:  # the policy failed on this batch: each waiting request learns why
                 for _, loop, done in batch:
-                    loop.call_soon_threadsafe(resolve, done, None, error)
+                    answer(loop, done, None, error)
                 continue
             infer_ms = 1000 * (time.perf_counter() - started)
             self.calls, self.requests = self.calls + 1, self.requests + len(batch)
             for (_, loop, done), chunk in zip(batch, chunks, strict=True):
-                loop.call_soon_threadsafe(resolve, done, (chunk, infer_ms))
+                answer(loop, done, (chunk, infer_ms))
 
 
 def authorized(request_headers: Any, api_key: str | None) -> bool:
