@@ -213,7 +213,9 @@ def test_ript_policy_from_a_checkpoint_without_processors_is_refused(tmp_path, t
         make_ript_policy(model, "cpu")
 
 
-def test_scripts_exit_2_with_one_line(graph_checkpoint, tmp_path, train_args, dataset_dir, monkeypatch, capsys):
+def test_scripts_exit_2_with_one_line(
+    graph_checkpoint, tmp_path, train_args, dataset_dir, tokenizer_dir, monkeypatch, capsys
+):
     """The command-line contract: a clear line naming the problem, exit 2, no traceback. (In this
     process where the error comes before anything is built: the same `main`, without 6 s of imports.)"""
     truncated = damaged_copy(graph_checkpoint, tmp_path / "truncated", lambda weights: weights)
@@ -287,6 +289,7 @@ def test_scripts_exit_2_with_one_line(graph_checkpoint, tmp_path, train_args, da
             "--config",
             "configs/minimal_test.yaml",
             f"output_dir={fresh_dir}",
+            f"model.tokenizer={tokenizer_dir}",
             f"rl.demo_dataset={demos}",
         )
         assert code == 2 and "Traceback" not in error, error
