@@ -94,6 +94,13 @@ def critic_window_advantages(
     for index, group in enumerate(rolled):
         fold_of[id(group[0])] = index % 2
         folds[index % 2].extend(_episodes_and_rewards(group))
+    # Each episode's inputs once: a fold's are fitted on by one critic and scored by the other.
+    features_of = {id(e): torch.from_numpy(window_features(e.windows)) for fold in folds for e, _ in fold}
+
+    def stacked(episodes: list[tuple[Any, float]]) -> tuple[Tensor, Tensor]:
+        features = torch.cat([features_of[id(e)] for e, _ in episodes])
+        return features, torch.tensor([r for e, r in episodes for _ in e.windows], dtype=torch.float32)
+
     critics: list[ProgressCritic | None] = []
     held_out: list[tuple[Tensor, Tensor]] = []
     for fold in (0, 1):
@@ -101,22 +108,16 @@ def critic_window_advantages(
         if not train:  # one group only: nothing to value it with
             critics.append(None)
             continue
-        features = torch.from_numpy(np.concatenate([window_features(e.windows) for e, _ in train]))
-        targets = torch.tensor([r for e, r in train for _ in e.windows], dtype=torch.float32)
-        critics.append(fit_critic(features, targets, ridge))
+        critics.append(fit_critic(*stacked(train), ridge))
         if folds[fold]:
-            with torch.no_grad():
-                scored = torch.from_numpy(np.concatenate([window_features(e.windows) for e, _ in folds[fold]]))
-                held_out.append((critics[-1](scored), torch.tensor([r for e, r in folds[fold] for _ in e.windows])))
+            scored, targets = stacked(folds[fold])
+            held_out.append((critics[-1](scored), targets))
     windows: list[Window] = []
     advantages: list[float] = []
     for group in kept:
         critic = critics[fold_of[id(group[0])]]
         for episode, reward in _episodes_and_rewards(group):
-            if critic is None:
-                values = torch.zeros(len(episode.windows))
-            else:
-                values = critic(torch.from_numpy(window_features(episode.windows)))
+            values = torch.zeros(len(episode.windows)) if critic is None else critic(features_of[id(episode)])
             following = torch.cat([values[1:], torch.tensor([reward])])
             windows.extend(episode.windows)
             advantages.extend((following - values).tolist())
