@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import PYTHON, run
+from helpers import PYTHON, run, train_tiny_graph_policy
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -67,21 +67,4 @@ def train_args(tokenizer_dir, dataset_dir) -> list[str]:
 def tiny_checkpoint(tmp_path_factory, tokenizer_dir, dataset_dir):
     """A 2-step graph policy on the session's small dataset (configs/soft_arm_sim.yaml): plumbing,
     not learning; evaluated, RL-trained and served by the tests."""
-    train_dir = tmp_path_factory.mktemp("train")
-    run(
-        [
-            PYTHON,
-            "scripts/train_soft_arm.py",
-            "--config",
-            "configs/soft_arm_sim.yaml",
-            f"output_dir={train_dir}",
-            f"model.tokenizer={tokenizer_dir}",
-            f"data.root={dataset_dir}",
-            "data.batch_size=4",
-            "data.val_fraction=0",
-            "data.num_workers=0",
-            "train.steps=2",
-            "tracking.report_to=[]",
-        ]
-    )
-    return train_dir / "checkpoints" / "last" / "pretrained_model"
+    return train_tiny_graph_policy(tmp_path_factory.mktemp("train"), tokenizer_dir, dataset_dir)

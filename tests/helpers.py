@@ -39,6 +39,29 @@ def exit_in_process(monkeypatch, capsys, script: str, *args: str) -> tuple[int, 
     return exited.value.code, capsys.readouterr().err
 
 
+def train_tiny_graph_policy(train_dir: Path, tokenizer_dir: Path, dataset_dir: Path, *overrides: str) -> Path:
+    """A 2-step graph policy (configs/soft_arm_sim.yaml) on a test dataset: plumbing, not learning.
+    Returns its last checkpoint's pretrained_model directory."""
+    run(
+        [
+            PYTHON,
+            "scripts/train_soft_arm.py",
+            "--config",
+            "configs/soft_arm_sim.yaml",
+            f"output_dir={train_dir}",
+            f"model.tokenizer={tokenizer_dir}",
+            f"data.root={dataset_dir}",
+            "data.batch_size=4",
+            "data.val_fraction=0",
+            "data.num_workers=0",
+            "train.steps=2",
+            "tracking.report_to=[]",
+            *overrides,
+        ]
+    )
+    return train_dir / "checkpoints" / "last" / "pretrained_model"
+
+
 def fake_hub_tokenizer(tokenizer_dir: Path, hub_cache: Path, repo_id: str = "someone/tiny-tokenizer") -> Path:
     """A Hugging Face hub cache (use as HF_HUB_CACHE) holding the local tokenizer as `repo_id`, so
     code that loads a tokenizer by hub id runs offline."""

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import PYTHON, REPO, exit_in_process, run
+from helpers import PYTHON, REPO, exit_in_process, run, train_tiny_graph_policy
 
 from lib.serving.openpi import InputSpec, RequestError, pack, unpack
 
@@ -311,26 +311,8 @@ def test_an_exported_plain_pi0_is_served(tmp_path, tokenizer_dir, dataset_dir):
     no size, so a tiny one is served with --model_size tiny (and refused as another size)."""
     from websockets.sync.client import connect
 
-    train_dir = tmp_path / "train"
-    run(
-        [
-            PYTHON,
-            "scripts/train_soft_arm.py",
-            "--config",
-            "configs/soft_arm_sim.yaml",
-            f"output_dir={train_dir}",
-            f"model.tokenizer={tokenizer_dir}",
-            f"data.root={dataset_dir}",
-            "model.use_graph=false",
-            "data.batch_size=4",
-            "data.val_fraction=0",
-            "data.num_workers=0",
-            "train.steps=2",
-            "tracking.report_to=[]",
-        ]
-    )
+    checkpoint = train_tiny_graph_policy(tmp_path / "train", tokenizer_dir, dataset_dir, "model.use_graph=false")
     plain = tmp_path / "plain"
-    checkpoint = train_dir / "checkpoints" / "last" / "pretrained_model"
     run([PYTHON, "scripts/export_pi0.py", "--checkpoint", str(checkpoint), "--output_dir", str(plain)])
     server = Server(plain, "--model_size", "tiny")
     item = observation(4)

@@ -246,34 +246,24 @@ def test_scripts_exit_2_with_one_line(
     assert "HF_HUB_OFFLINE=1" in result.stderr
     assert not (tmp_path / "run").exists()  # resolved before the dataset, its loader workers and the output_dir
 
+    def refused_ript(*overrides: str) -> str:
+        """train_ript_pi0.py on configs/minimal_test.yaml with `overrides`: exit 2, one line; its stderr."""
+        code, error = exit_in_process(
+            monkeypatch, capsys, "scripts/train_ript_pi0.py", "--config", "configs/minimal_test.yaml", *overrides
+        )
+        assert code == 2 and "Traceback" not in error, error
+        return error
+
     # A fresh RIPT run into a directory that holds a run: refused before anything is written.
     run_dir = tmp_path / "ript"
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
-    code, error = exit_in_process(
-        monkeypatch,
-        capsys,
-        "scripts/train_ript_pi0.py",
-        "--config",
-        "configs/minimal_test.yaml",
-        f"output_dir={run_dir}",
-    )
-    assert code == 2 and "Traceback" not in error, error
-    assert f"error: output_dir {run_dir} already holds a run" in error
+    assert f"error: output_dir {run_dir} already holds a run" in refused_ript(f"output_dir={run_dir}")
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]
 
     # A task name the suite does not have: named before the output_dir is created.
     fresh_dir = tmp_path / "ript_fresh"
-    code, error = exit_in_process(
-        monkeypatch,
-        capsys,
-        "scripts/train_ript_pi0.py",
-        "--config",
-        "configs/minimal_test.yaml",
-        f"output_dir={fresh_dir}",
-        "env.task_names=[no_such_task]",
-    )
-    assert code == 2 and "Traceback" not in error, error
+    error = refused_ript(f"output_dir={fresh_dir}", "env.task_names=[no_such_task]")
     assert "libero_spatial has no task named ['no_such_task']" in error and not fresh_dir.exists()
 
     # Demonstrations for the update's anchor without the policy's inputs (a soft-arm dataset given to
@@ -282,17 +272,7 @@ def test_scripts_exit_2_with_one_line(
         (dataset_dir, f"rl.demo_dataset {dataset_dir}: no 'observation.images.image', which the policy takes"),
         (tmp_path / "no_demos", f"rl.demo_dataset {tmp_path / 'no_demos'} is not a LeRobotDataset"),
     ):
-        code, error = exit_in_process(
-            monkeypatch,
-            capsys,
-            "scripts/train_ript_pi0.py",
-            "--config",
-            "configs/minimal_test.yaml",
-            f"output_dir={fresh_dir}",
-            f"model.tokenizer={tokenizer_dir}",
-            f"rl.demo_dataset={demos}",
-        )
-        assert code == 2 and "Traceback" not in error, error
+        error = refused_ript(f"output_dir={fresh_dir}", f"model.tokenizer={tokenizer_dir}", f"rl.demo_dataset={demos}")
         assert expected in error and not fresh_dir.exists()
 
 
