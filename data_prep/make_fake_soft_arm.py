@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from lib.data.soft_arm import RawEpisode, save_raw_episode
 from lib.envs.soft_arm.features import ACTION_DIM, NODE_FEATURES, NUM_NODES
+from lib.run.keys import stable_key
 
 SEGMENT_LENGTH = 0.05  # m
 RESPONSE = 0.25  # fraction of the commanded curvature change reached per step
@@ -118,7 +119,9 @@ def main() -> None:
         path = args.output_dir / f"episode_{index:06d}.npz"
         if path.exists():  # existing episodes are kept: the generator resumes
             continue
-        save_raw_episode(path, make_episode(args.seed * 1_000_003 + index, args.length, args.fps, args.image_size))
+        save_raw_episode(
+            path, make_episode(stable_key("fake episode", args.seed, index), args.length, args.fps, args.image_size)
+        )
         written += 1
     print(f"{written} episodes written, {args.episodes - written} kept, in {args.output_dir}")
 

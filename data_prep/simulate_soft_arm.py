@@ -3,12 +3,14 @@ as raw soft-arm episodes (format: lib/data/soft_arm.py).
 
     python data_prep/simulate_soft_arm.py --output_dir artifacts/soft_arm_raw --episodes 100 --workers 2
 
-Episode i of `--seed S` is the task of seed S * 1_000_003 + i (ball, colour, instruction, arm
-stiffness, start shape), so a seed and an index always give the same episode. Held-out evaluation
-(scripts/eval_soft_arm.py) uses seeds from 10_000_000 on, which `--seed` below 10 never reaches.
-Only successful demonstrations are written; on the rare seed where the expert fails, the episode
-is re-drawn from the next attempt's seed (S * 1_000_003 + i + attempt * 500_000) and the failure is
-counted. Existing episode files are kept, so an interrupted run resumes where it stopped.
+Episode i of `--seed S` demonstrates task `demonstration_task(S, i, 0)` (a task is the simulator's RNG
+seed; it fixes the ball, colour, instruction, arm stiffness and start shape), so a seed and an
+index always give the same episode. Demonstration tasks lie at or above 2**32; held-out evaluation
+(scripts/eval_soft_arm.py, tasks from 10_000_000 on) and RL (scripts/ript_soft_arm.py, from
+20_000_000 on) lie below, so no demonstration is ever of an evaluated task. Only successful
+demonstrations are written; on the rare task where the expert fails, the episode is re-drawn from
+the next attempt's task (`demonstration_task(S, i, attempt)`) and the failure is counted.
+Existing episode files are kept, so an interrupted run resumes where it stopped.
 Writes `simulation_report.json` (episodes written/kept, expert failures, episodes per minute).
 """
 
@@ -24,22 +26,26 @@ from tqdm import tqdm
 from lib.data.soft_arm import RawEpisode, save_raw_episode
 from lib.envs.soft_arm.features import ACTION_KEY, GRAPH_KEY, IMAGE_KEY, STATE_KEY
 from lib.envs.soft_arm.sim import CONTROL_HZ, MAX_STEPS, ScriptedExpert, SoftArmSim
+from lib.run.keys import stable_key
 
 MAX_ATTEMPTS = 5
 _simulator: SoftArmSim | None = None  # one per worker process, reused across episodes
 
 
-def task_seed(seed: int, index: int, attempt: int) -> int:
-    return seed * 1_000_003 + index + attempt * 500_000
+DEMONSTRATION_TASKS_START = 2**32  # the evaluation and RL tasks are below
 
 
-def demonstrate(task_seed_value: int, image_size: int) -> tuple[RawEpisode | None, int]:
+def demonstration_task(seed: int, index: int, attempt: int) -> int:
+    return DEMONSTRATION_TASKS_START + stable_key("demonstration task", seed, index, attempt) % 2**62
+
+
+def demonstrate(task: int, image_size: int) -> tuple[RawEpisode | None, int]:
     """One expert episode; (episode, steps) on success, (None, steps) on failure."""
     global _simulator
     if _simulator is None:
         _simulator = SoftArmSim(image_size)
     sim = _simulator
-    observation = sim.reset(task_seed_value)
+    observation = sim.reset(task)
     expert = ScriptedExpert()
     steps: list[dict] = []
     for _ in range(MAX_STEPS):
@@ -61,14 +67,14 @@ def demonstrate(task_seed_value: int, image_size: int) -> tuple[RawEpisode | Non
 
 
 def record_episode(job: tuple[Path, int, int, int]) -> dict:
-    """Write episode `index` to `path`, re-drawing its seed if the expert fails."""
+    """Write episode `index` to `path`, re-drawing its task if the expert fails."""
     path, seed, index, image_size = job
     for attempt in range(MAX_ATTEMPTS):
-        episode, steps = demonstrate(task_seed(seed, index, attempt), image_size)
+        episode, steps = demonstrate(demonstration_task(seed, index, attempt), image_size)
         if episode is not None:
             save_raw_episode(path, episode)
             return {"index": index, "steps": steps, "expert_failures": attempt}
-    raise RuntimeError(f"the scripted expert failed {MAX_ATTEMPTS} seeds in a row for episode {index}")
+    raise RuntimeError(f"the scripted expert failed {MAX_ATTEMPTS} tasks in a row for episode {index}")
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ from lib.rl.ript import (
     window_batch,
     windows_with_advantages,
 )
+from lib.run.keys import stable_key
 from lib.run.schemas import EnvConfig, ModelConfig, OptimConfig, RIPTConfig, RLConfig, TrainConfig
 
 TASK = "pick_up_the_black_bowl_between_the_plate_and_the_ramekin_and_place_it_on_the_plate"
@@ -167,15 +168,16 @@ def main() -> int:
             if windows:
                 policy.train()
                 steps = config.rl.update_epochs * math.ceil(len(windows) / config.rl.minibatch_size)
+                order_seed = stable_key("minibatch order", config.seed, iteration)
                 for step, picked in enumerate(
-                    minibatch_order(len(windows), steps, config.rl.minibatch_size, config.seed * 7919 + iteration)
+                    minibatch_order(len(windows), steps, config.rl.minibatch_size, order_seed)
                 ):
                     batch, batch_advantages = window_batch(windows, advantages, picked, config.model.chunk_size)
                     batch = preprocessor(batch)
                     noise, flow_time = seeded_noise_and_time(
                         policy.model,
                         len(picked),
-                        config.seed * 1_000_003 + iteration * 10_007 + step,
+                        stable_key("update noise", config.seed, iteration, step),
                         device,
                     )
                     loss, _ = policy(

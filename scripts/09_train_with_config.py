@@ -35,6 +35,7 @@ from lib.rl.ript import (
     windows_with_advantages,
 )
 from lib.run.config import ConfigError, load_config
+from lib.run.keys import stable_key
 from lib.run.schemas import RIPTConfig, validate_config
 
 
@@ -144,15 +145,16 @@ def main() -> int:
             if windows:
                 policy.train()
                 steps = config.rl.update_epochs * math.ceil(len(windows) / config.rl.minibatch_size)
+                order_seed = stable_key("minibatch order", config.seed, iteration)
                 for step, picked in enumerate(
-                    minibatch_order(len(windows), steps, config.rl.minibatch_size, config.seed * 7919 + iteration)
+                    minibatch_order(len(windows), steps, config.rl.minibatch_size, order_seed)
                 ):
                     batch, batch_advantages = window_batch(windows, advantages, picked, config.model.chunk_size)
                     batch = preprocessor(batch)
                     noise, flow_time = seeded_noise_and_time(
                         policy.model,
                         len(picked),
-                        config.seed * 1_000_003 + iteration * 10_007 + step,
+                        stable_key("update noise", config.seed, iteration, step),
                         device,
                     )
                     loss, _ = policy(

@@ -41,6 +41,7 @@ from lib.rl.ript import (
     windows_with_advantages,
 )
 from lib.run.config import ConfigError, load_config, to_flat_dict
+from lib.run.keys import stable_key
 from lib.run.logs import append_metrics, init_trackers, plot_metrics, tee_output
 from lib.run.schemas import RIPTConfig, validate_config
 
@@ -157,7 +158,7 @@ def main() -> int:
         config.env.camera_size,
         config.env.max_steps,
         config.env.replan_steps,
-        seed=config.seed + 1000 * rank,
+        seed=stable_key("simulators", config.seed, rank),
         settle_steps=config.env.settle_steps,
         # Each rank's simulators render on that rank's GPU, not all on EGL's default one.
         render_gpu_device_id=torch.cuda.current_device() if torch.cuda.is_available() else -1,
@@ -197,7 +198,7 @@ def main() -> int:
             if int(counts.min()) > 0:
                 unwrapped.train()
                 steps = config.rl.update_epochs * math.ceil(int(counts.max()) / config.rl.minibatch_size)
-                order_seed = config.seed * 7919 + iteration * 31 + rank
+                order_seed = stable_key("minibatch order", config.seed, iteration, rank)
                 for step, picked in enumerate(
                     minibatch_order(len(windows), steps, config.rl.minibatch_size, order_seed)
                 ):
@@ -206,7 +207,7 @@ def main() -> int:
                     noise, flow_time = seeded_noise_and_time(
                         unwrapped.model,
                         len(picked),
-                        (config.seed * 1_000_003 + iteration) * 10_007 + step * world + rank,
+                        stable_key("update noise", config.seed, iteration, step, rank),
                         accelerator.device,
                     )
                     with accelerator.autocast():

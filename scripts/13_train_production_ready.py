@@ -48,6 +48,7 @@ from lib.run.checkpoint import check_output_dir, checkpoint_as_json, save_policy
 from lib.run.config import load_config, run_overrides, to_flat_dict
 from lib.run.errors import exit_code_of
 from lib.run.guards import GracefulStop
+from lib.run.keys import stable_key
 from lib.run.logs import append_metrics, init_trackers, plot_metrics, tee_output
 from lib.run.schemas import RIPTConfig, validate_config
 
@@ -190,7 +191,7 @@ def main() -> int:
         config.env.camera_size,
         config.env.max_steps,
         config.env.replan_steps,
-        seed=config.seed + 1000 * rank,
+        seed=stable_key("simulators", config.seed, rank),
         settle_steps=config.env.settle_steps,
         # Each rank's simulators render on that rank's GPU, not all on EGL's default one.
         render_gpu_device_id=torch.cuda.current_device() if torch.cuda.is_available() else -1,
@@ -232,14 +233,14 @@ def main() -> int:
             if int(counts.min()) > 0:
                 unwrapped.train()
                 steps = config.rl.update_epochs * math.ceil(int(counts.max()) / config.rl.minibatch_size)
-                order_seed = config.seed * 7919 + iteration * 31 + rank
+                order_seed = stable_key("minibatch order", config.seed, iteration, rank)
                 for step, picked in enumerate(
                     minibatch_order(len(windows), steps, config.rl.minibatch_size, order_seed)
                 ):
                     batch, batch_advantages = window_batch(windows, advantages, picked, config.model.chunk_size)
                     batch = preprocessor(batch)
                     keys = window_noise_keys(
-                        config.seed, iteration, step, picked, config.rl.minibatch_size, len(windows), rank, world
+                        config.seed, iteration, step, picked, config.rl.minibatch_size, len(windows), rank
                     )
                     noise, flow_time = keyed_noise_and_time(unwrapped.model, keys, accelerator.device)
                     with accelerator.autocast():

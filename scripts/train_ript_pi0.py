@@ -55,6 +55,7 @@ from lib.run.checkpoint import (
 )
 from lib.run.config import add_run_arguments, load_config, run_overrides, to_flat_dict
 from lib.run.errors import UserError, exit_code_of
+from lib.run.keys import stable_key
 from lib.run.logs import append_metrics, finish_run, init_trackers, plot_metrics, tee_output
 from lib.run.optim import make_optimizer
 from lib.run.schemas import TrainRIPTConfig, validate_train_ript_config
@@ -243,7 +244,7 @@ def main() -> int:
         config.env.camera_size,
         config.env.max_steps,
         config.env.replan_steps,
-        seed=config.seed + 1000 * rank,
+        seed=stable_key("simulators", config.seed, rank),
         settle_steps=config.env.settle_steps,
         # Each rank's simulators render on that rank's GPU, not all on GPU 0.
         render_gpu_device_id=torch.cuda.current_device() if torch.cuda.is_available() else -1,

@@ -49,6 +49,7 @@ from lib.run.errors import UserError, exit_code_of
 from lib.run.faults import raise_if_injected
 from lib.run.guards import GracefulStop, NonFiniteGuard
 from lib.run.hub import check_hub_push, push_folder
+from lib.run.keys import stable_key
 from lib.run.logs import append_metrics, finish_run, init_trackers, plot_metrics, setup_logging
 from lib.run.optim import cosine_with_warmup, make_optimizer
 from lib.run.schemas import SoftArmTrainConfig, validate_soft_arm_train_config
@@ -212,7 +213,7 @@ def main() -> int:
         """The flow-matching loss with each frame's noise and time keyed by (seed, epoch, frame):
         independent of the batch size, the accumulation steps and the rank count, and the same
         again after a resume. Validation passes epoch -1: the same noise at every evaluation."""
-        keys = [(config.seed * 1_000_003 + epoch + 1) * 10_000_019 + int(i) for i in batch["index"]]
+        keys = [stable_key("flow noise", config.seed, epoch, int(i)) for i in batch["index"]]
         batch = preprocessor(batch)
         network = base_policy(accelerator.unwrap_model(policy)).model
         noise, flow_time = keyed_noise_and_time(network, keys, accelerator.device)

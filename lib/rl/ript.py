@@ -31,6 +31,7 @@ from lib.policies.noise import keyed_noise_and_time
 from lib.policies.policy_fn import observations_to_batch
 from lib.rl.demos import DEMO_ADVANTAGE, demo_minibatch, demo_noise_keys, join_batches
 from lib.run.guards import NonFiniteGuard
+from lib.run.keys import stable_key
 from lib.run.optim import cosine_with_warmup
 
 
@@ -334,17 +335,15 @@ def window_noise_keys(
     minibatch_size: int,
     num_windows: int,
     rank: int = 0,
-    world: int = 1,
 ) -> list[int]:
     """The flow-matching noise keys (`lib.policies.noise.keyed_noise_and_time`) of update step `step`'s picked
     windows: one per window and pass over the windows (`minibatch_order`), so a window draws the
     same noise and time whatever minibatch or accumulation step it falls in, and a resumed run
     draws what the uninterrupted one drew."""
-    keys = []
-    for position, window in enumerate(picked, start=step * minibatch_size):
-        pass_index = position // num_windows
-        keys.append((((seed * 1_000_003 + iteration) * 10_007 + pass_index * world + rank) * 100_003) + window)
-    return keys
+    return [
+        stable_key("window noise", seed, iteration, rank, position // num_windows, window)
+        for position, window in enumerate(picked, start=step * minibatch_size)
+    ]
 
 
 def set_iteration_lr(optimizer: torch.optim.Optimizer, optim: Any, iteration: int, iterations: int) -> float:
@@ -362,7 +361,7 @@ def set_iteration_lr(optimizer: torch.optim.Optimizer, optim: Any, iteration: in
 
 def minibatch_seed(seed: int, iteration: int, rank: int = 0) -> int:
     """Seed of the window order of `iteration`'s update on `rank`."""
-    return seed * 7919 + iteration * 31 + rank
+    return stable_key("minibatch order", seed, iteration, rank)
 
 
 @dataclass
@@ -453,7 +452,7 @@ def run_update(
         return []
     unwrapped = base_policy(accelerator.unwrap_model(policy))  # the LeRobot policy, also inside a LoRA wrapper
     unwrapped.train()
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank = accelerator.process_index
     steps = rl.update_epochs * math.ceil(int(counts.max()) / rl.minibatch_size)
     order = minibatch_order(len(windows), steps, rl.minibatch_size, minibatch_seed(seed, iteration, rank))
     accumulation = rl.gradient_accumulation_steps
@@ -463,7 +462,7 @@ def run_update(
         window_size = min(accumulation, steps - window_start)  # minibatches in this optimizer step
         sync = step == window_start + window_size - 1
         batch, batch_advantages = window_batch(windows, advantages, picked, unwrapped.config.chunk_size)
-        keys = window_noise_keys(seed, iteration, step, picked, rl.minibatch_size, len(windows), rank, world)
+        keys = window_noise_keys(seed, iteration, step, picked, rl.minibatch_size, len(windows), rank)
         if demos is not None:
             count = rl.demos_per_minibatch
             batch = join_batches(batch, demo_minibatch(demos, count, seed, iteration, step, rank))

@@ -19,6 +19,7 @@ import numpy as np
 
 from lib.envs.vector_rollout import serve_simulator
 from lib.run.config import ConfigError
+from lib.run.keys import stable_key
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
@@ -66,7 +67,7 @@ def make_libero_env(
         camera_widths=camera_size,
         render_gpu_device_id=render_gpu_device_id,
     )
-    env.seed(seed)
+    env.seed(seed % 2**32)  # robosuite seeds NumPy's legacy RNG, which takes 32 bits
     return env
 
 
@@ -85,7 +86,7 @@ def observation_to_policy(obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def scene_seed(seed: int, init_state: np.ndarray) -> int:
     """The env seed of an episode: a function of the simulators' seed and the init state."""
-    return (seed * 1_000_003 + zlib.crc32(np.ascontiguousarray(init_state).tobytes())) % 2**32
+    return stable_key("scene", seed, zlib.crc32(np.ascontiguousarray(init_state).tobytes())) % 2**32
 
 
 def serve(
