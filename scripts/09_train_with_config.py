@@ -113,6 +113,7 @@ def main() -> int:
     print(f"{len(dataset.states)} init states; policy with {sum(p.numel() for p in policy.parameters())} parameters")
 
     progress_file = output_dir / "progress.json"
+    # New in stage 09: the config is an OmegaConf DictConfig.
     progress = {"config": OmegaConf.to_container(config), "iterations": []}
     envs = VectorLiberoRollout(
         config.env.benchmark,

@@ -56,7 +56,7 @@ def load_config_from_yaml(path: Path, overrides: list[str]) -> DictConfig:
 
 class InitialStateDataset:
     """Every (task, init state) of the chosen LIBERO tasks, drawn at random in batches; with
-    `world` > 1, this rank's share of them."""
+    `world` > 1, this rank's share of them (New in stage 10)."""
 
     def __init__(self, benchmark: str, task_names: list[str] | None, seed: int, rank: int = 0, world: int = 1) -> None:
         suite = get_suite(benchmark)

@@ -148,6 +148,7 @@ def main() -> int:
     dataset = InitialStateDataset(config.env.benchmark, config.env.task_names, config.seed, rank, world)
     history = StateOutcomeHistory(skip_after=config.rl.skip_after, skip_for=config.rl.skip_for)
     parameters = sum(p.numel() for p in policy.parameters())
+    # New in stage 11: every rank prints, into its own log.
     print(f"{len(dataset.states)} init states on rank 0; policy with {parameters} parameters")
 
     progress_file = output_dir / "progress.json"

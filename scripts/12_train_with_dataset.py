@@ -42,6 +42,7 @@ from lib.run.logs import append_metrics, init_trackers, plot_metrics, tee_output
 from lib.run.schemas import RIPTConfig, validate_config
 
 
+# New in stage 12: the stage-10 InitialStateDataset class is gone (lib's LiberoInitStateDataset replaces it).
 # YAML config + CLI overrides + validation, replacing the hard-coded config.
 def load_config_from_yaml(path: Path, overrides: list[str]) -> DictConfig:
     """The schema's defaults (lib/run/schemas.py), then the YAML file, then `key=value` overrides."""
@@ -132,7 +133,7 @@ def main() -> int:
                 yield split_state_batch(batch)
             epoch += 1
 
-    state_batches = draw_state_batches()
+    state_batches = draw_state_batches()  # New in stage 12
 
     progress_file = output_dir / "progress.json"
     progress = {"config": OmegaConf.to_container(config), "iterations": []}
@@ -160,7 +161,7 @@ def main() -> int:
                 and (iteration % config.tracking.video_every == 0)
             )
             kept, stats = collect_informative_groups(
-                lambda: next(state_batches),
+                lambda: next(state_batches),  # New in stage 12: from the DataLoader
                 lambda states, record=record_video: rollout_groups(
                     envs, policy_fn, states, config.rl.rollouts_per_state, all_results, record_first=record
                 ),
@@ -258,7 +259,7 @@ def main() -> int:
     # The seed's cleanup_distributed(); an orderly end (gloo aborts at exit on
     # Python 3.12 without it).
     accelerator.wait_for_everyone()
-    policy = optimizer = unwrapped = state_loader = None
+    policy = optimizer = unwrapped = state_loader = None  # New in stage 12: the loader too
     accelerator.free_memory()
     gc.collect()
     accelerator.end_training()

@@ -67,7 +67,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--config", "--config_path", dest="config", type=Path, default=Path("configs/debug_train_pi0.yaml")
     )
-    # stage 13: where the run writes, continue it, or replace the run that output_dir holds
+    # New in stage 13: where the run writes, continue it, or replace the run that output_dir holds.
     parser.add_argument("--output_dir", help="where the run writes (overrides the config's output_dir)")
     parser.add_argument("--resume", metavar="CHECKPOINT", help="'latest' (newest of output_dir) or a checkpoint dir")
     parser.add_argument("--overwrite", action="store_true", help="replace the run that output_dir already holds")
@@ -344,4 +344,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_code_of(main))
+    sys.exit(exit_code_of(main))  # New in stage 13: a clear message and exit 2 for bad input
