@@ -44,7 +44,7 @@ debug: $(TOKENIZER_DIR)/tokenizer.json
 
 # Graph tokens vs none on the simulated soft arm (docs/soft_arm.md "Graph tokens vs none"): 100 expert
 # demonstrations, the tiny pi0 trained with and without graph tokens for each seed, every checkpoint
-# and the expert evaluated on the same 50 held-out seeds, then the table. Each run is a file target:
+# and the expert evaluated on the same 50 held-out tasks, then the table. Each run is a file target:
 # a finished one is kept, an interrupted training resumes from its last checkpoint.
 ABLATION_DIR := outputs/soft_arm_ablation
 ABLATION_RAW_DIR := artifacts/soft_arm_raw_sim
@@ -114,7 +114,7 @@ ript-soft-arm: $(TOKENIZER_DIR)/tokenizer.json
 	$(RIPT_ARM) $(RIPT_LEVER_BASE) rl.demo_dataset=$(RIPT_ARM_DATASET_DIR) output_dir=$(RIPT_ARM_DIR)/demos
 	$(RIPT_ARM) $(RIPT_LEVER_BASE) rl.advantage=critic rl.explore_std=0.1 rl.demo_dataset=$(RIPT_ARM_DATASET_DIR) \
 		output_dir=$(RIPT_ARM_DIR)/combined
-	# why it levels off: each held-out seed 8 times, the BC start and the RL policies
+	# why it levels off: each held-out task 8 times, the BC start and the RL policies
 	$(PY) scripts/eval_soft_arm.py --checkpoint $(RIPT_ARM_DIR)/bc_few20/checkpoints/last/pretrained_model \
 		--num_episodes 100 --num_envs 16 --attempts 8 --videos 0 --output_dir $(RIPT_ARM_DIR)/pass_at_8/bc_few20
 	for arm in cfg_rl_w2 critic explore demos combined; do for seed in 0 1 2; do \

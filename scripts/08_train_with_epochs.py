@@ -45,7 +45,7 @@ TASK = "pick_up_the_black_bowl_between_the_plate_and_the_ramekin_and_place_it_on
 
 @dataclass
 class AdvancedTrainingConfig(RIPTConfig):
-    """The hard-coded training config (the seed's AdvancedTrainingConfig): the tiny pi0 on one
+    """The hard-coded training config (the original's AdvancedTrainingConfig): the tiny pi0 on one
     LIBERO task, one simulator, short episodes. The fields are the shared schema's
     (lib/run/schemas.py), which stage 09 fills from a YAML file instead."""
 

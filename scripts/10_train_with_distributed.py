@@ -2,7 +2,7 @@
 
 New: Hugging Face Accelerate runs the script on several processes (GPUs, or CPU processes over
 gloo). Each rank rolls out from its own shard of the init states in its own simulators, the
-gradients are averaged by DDP, and the statistics are reduced across ranks. The seed's
+gradients are averaged by DDP, and the statistics are reduced across ranks. The original's
 `setup_distributed` / `get_model_from_ddp` / `cleanup_distributed` are `Accelerator(...)` /
 `accelerator.unwrap_model` / `wait_for_everyone` + `end_training` below.
 
@@ -100,7 +100,7 @@ def main() -> int:
     except ConfigError as error:
         print(f"✗ config error: {error}", file=sys.stderr)
         return 2
-    # New in stage 10: the seed's setup_distributed(). `cpu=` because a launcher config with
+    # New in stage 10: the original's setup_distributed(). `cpu=` because a launcher config with
     # `use_cpu: true` starts processes that never connect on a machine without a GPU (docs/dependencies.md).
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
@@ -126,7 +126,7 @@ def main() -> int:
         eps=config.optim.eps,
         weight_decay=config.optim.weight_decay,
     )
-    # New in stage 10: DDP-wrap the policy; `unwrap_model` is the seed's get_model_from_ddp().
+    # New in stage 10: DDP-wrap the policy; `unwrap_model` is the original's get_model_from_ddp().
     policy, optimizer = accelerator.prepare(policy, optimizer)
     unwrapped = accelerator.unwrap_model(policy)
     policy_fn = make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast)
@@ -236,7 +236,7 @@ def main() -> int:
     finally:
         envs.close()
     accelerator.print(f"progress written to {progress_file}")
-    # New in stage 10: the seed's cleanup_distributed(); an orderly end (gloo aborts at exit on
+    # New in stage 10: the original's cleanup_distributed(); an orderly end (gloo aborts at exit on
     # Python 3.12 without it).
     accelerator.wait_for_everyone()
     policy = optimizer = unwrapped = None

@@ -1,7 +1,7 @@
 """Stage 11 of the RIPT reproduction: stage 10 + logging and experiment tracking (see
 scripts/STAGES.md).
 
-New: everything each rank prints is also written to `output_dir/train_rank{R}.log` (the seed's
+New: everything each rank prints is also written to `output_dir/train_rank{R}.log` (the original's
 `_TeeIO`: `lib.run.logs.TeeIO`); metrics go to the trackers (tensorboard, and wandb offline
 unless `tracking.wandb_mode=online`; the wandb run id is kept in `output_dir`, so a re-run with the
 same output_dir continues the same run) and to `metrics.jsonl`; `success.png` plots them.
@@ -100,7 +100,7 @@ def main() -> int:
     except ConfigError as error:
         print(f"✗ config error: {error}", file=sys.stderr)
         return 2
-    # The seed's setup_distributed(). `cpu=` because a launcher config with
+    # The original's setup_distributed(). `cpu=` because a launcher config with
     # `use_cpu: true` starts processes that never connect on a machine without a GPU (docs/dependencies.md).
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
@@ -141,7 +141,7 @@ def main() -> int:
         eps=config.optim.eps,
         weight_decay=config.optim.weight_decay,
     )
-    # DDP-wrap the policy; `unwrap_model` is the seed's get_model_from_ddp().
+    # DDP-wrap the policy; `unwrap_model` is the original's get_model_from_ddp().
     policy, optimizer = accelerator.prepare(policy, optimizer)
     unwrapped = accelerator.unwrap_model(policy)
     policy_fn = make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast)
@@ -272,7 +272,7 @@ def main() -> int:
     if accelerator.is_main_process and metrics_file.exists():
         plot_metrics(metrics_file, output_dir / "success.png", ("ript/success_rate",), log_scale=False)
     print(f"logs: {log_file} (one per rank), metrics: {metrics_file}")
-    # The seed's cleanup_distributed(); an orderly end (gloo aborts at exit on
+    # The original's cleanup_distributed(); an orderly end (gloo aborts at exit on
     # Python 3.12 without it).
     accelerator.wait_for_everyone()
     policy = optimizer = unwrapped = None

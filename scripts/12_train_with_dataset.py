@@ -69,7 +69,7 @@ def main() -> int:
     except ConfigError as error:
         print(f"✗ config error: {error}", file=sys.stderr)
         return 2
-    # The seed's setup_distributed(). `cpu=` because a launcher config with
+    # The original's setup_distributed(). `cpu=` because a launcher config with
     # `use_cpu: true` starts processes that never connect on a machine without a GPU (docs/dependencies.md).
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
@@ -116,7 +116,7 @@ def main() -> int:
     state_loader = torch.utils.data.DataLoader(
         dataset, batch_size=config.rl.states_per_draw, shuffle=True, drop_last=True, collate_fn=collate_fn_state
     )
-    # DDP-wrap the policy; `unwrap_model` is the seed's get_model_from_ddp().
+    # DDP-wrap the policy; `unwrap_model` is the original's get_model_from_ddp().
     policy, optimizer, state_loader = accelerator.prepare(policy, optimizer, state_loader)
     unwrapped = accelerator.unwrap_model(policy)
     policy_fn = make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast)
@@ -256,7 +256,7 @@ def main() -> int:
     if accelerator.is_main_process and metrics_file.exists():
         plot_metrics(metrics_file, output_dir / "success.png", ("ript/success_rate",), log_scale=False)
     print(f"logs: {log_file} (one per rank), metrics: {metrics_file}")
-    # The seed's cleanup_distributed(); an orderly end (gloo aborts at exit on
+    # The original's cleanup_distributed(); an orderly end (gloo aborts at exit on
     # Python 3.12 without it).
     accelerator.wait_for_everyone()
     policy = optimizer = unwrapped = state_loader = None  # New in stage 12: the loader too

@@ -82,7 +82,7 @@ def main() -> int:
     # New in stage 13: refuse an output_dir that holds another run unless it is resumed or
     # overwritten, and find the checkpoint to resume, before anything is written.
     checkpoint = check_output_dir(config.output_dir, args.resume or config.resume, args.overwrite)
-    # The seed's setup_distributed(). `cpu=` because a launcher config with
+    # The original's setup_distributed(). `cpu=` because a launcher config with
     # `use_cpu: true` starts processes that never connect on a machine without a GPU (docs/dependencies.md).
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
@@ -139,7 +139,7 @@ def main() -> int:
         # global RNG, so the policy's sampling noise would depend on whether a resume restarted it.
         generator=torch.Generator().manual_seed(config.seed),
     )
-    # DDP-wrap the policy; `unwrap_model` is the seed's get_model_from_ddp().
+    # DDP-wrap the policy; `unwrap_model` is the original's get_model_from_ddp().
     policy, optimizer, state_loader = accelerator.prepare(policy, optimizer, state_loader)
     unwrapped = accelerator.unwrap_model(policy)
     policy_fn = make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast)
@@ -333,7 +333,7 @@ def main() -> int:
     print(f"logs: {log_file} (one per rank), metrics: {metrics_file}")
     if checkpoint is not None:
         print(f"checkpoint: {checkpoint / 'pretrained_model'}")
-    # The seed's cleanup_distributed(); an orderly end (gloo aborts at exit on
+    # The original's cleanup_distributed(); an orderly end (gloo aborts at exit on
     # Python 3.12 without it).
     accelerator.wait_for_everyone()
     policy = optimizer = unwrapped = state_loader = None

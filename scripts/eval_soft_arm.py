@@ -1,5 +1,5 @@
 """Closed-loop evaluation on the simulated soft arm (lib/envs/soft_arm/sim.py): success rate, final
-tip-to-ball distance and episode length of a checkpoint (or the scripted expert) on held-out seeds.
+tip-to-ball distance and episode length of a checkpoint (or the scripted expert) on held-out tasks.
 
     python scripts/eval_soft_arm.py --checkpoint outputs/soft_arm_sim/checkpoints/last/pretrained_model \
         --num_episodes 50 --output_dir outputs/eval_soft_arm
@@ -7,14 +7,15 @@ tip-to-ball distance and episode length of a checkpoint (or the scripted expert)
 
 Episodes run on `--num_envs` simulators at once with one batched policy call per round; the policy
 executes the first `--replan_steps` actions of each 16-step chunk before it is called again.
-Held-out seeds start at 10_000_000 (training data from data_prep/simulate_soft_arm.py with
-`--seed` < 10 never uses them). Writes `summary.json` (rates and per-episode results),
-`distance.png` (tip-to-ball distance over each episode) and `videos/seed<S>_<success|failure>.mp4`
-for the first `--videos` episodes. Accepts checkpoints written by scripts/train_soft_arm.py and
-scripts/ript_soft_arm.py. `--attempts N` runs every seed N times on fresh noise and adds pass@N
-(seeds solved at least once) and the seeds solved every time or never: what sharpening the policy
-could reach without learning anything new. `--server ws://HOST:PORT` evaluates the policy a
-`serve_policy.py` serves instead, each observation sent over the network (the robot's view).
+Held-out tasks (a task is the simulator's RNG seed) start at 10_000_000; no demonstration of
+data_prep/simulate_soft_arm.py is of one (its tasks lie at or above 2**32). Writes `summary.json`
+(rates and per-episode results), `distance.png` (tip-to-ball distance over each episode) and
+`videos/seed<S>_<success|failure>.mp4` (S: the task) for the first `--videos` episodes. Accepts
+checkpoints written by scripts/train_soft_arm.py and scripts/ript_soft_arm.py. `--attempts N` runs
+every task N times on fresh noise and adds pass@N (tasks solved at least once) and the tasks solved
+every time or never: what sharpening the policy could reach without learning anything new. `--server
+ws://HOST:PORT` evaluates the policy a `serve_policy.py` serves instead, each observation sent over
+the network (the robot's view).
 """
 
 import argparse
@@ -50,7 +51,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--api_key", default=None, help="the --server's API key, if it has one")
     parser.add_argument("--num_episodes", type=int, default=50)
-    parser.add_argument("--seed_start", type=int, default=HELD_OUT_SEED_START, help="episodes use consecutive seeds")
+    parser.add_argument(
+        "--seed_start", type=int, default=HELD_OUT_SEED_START, help="the first task; episodes use consecutive tasks"
+    )
     parser.add_argument("--num_envs", type=int, default=10, help="simulators stepped per batched policy call")
     parser.add_argument("--replan_steps", type=int, default=8, help="chunk actions executed between policy calls")
     parser.add_argument("--max_steps", type=int, default=MAX_STEPS)
@@ -61,8 +64,8 @@ def parse_args() -> argparse.Namespace:
         "--attempts",
         type=int,
         default=1,
-        help="episodes per seed, each on its own flow-matching noise: adds pass@attempts (a seed solved at least "
-        "once) and how many seeds are solved every time or never",
+        help="episodes per task, each on its own flow-matching noise: adds pass@attempts (a task solved at least "
+        "once) and how many tasks are solved every time or never",
     )
     parser.add_argument("--label", default=None, help="name in the plot title (default: policy or expert)")
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/eval_soft_arm"))
@@ -94,7 +97,7 @@ def plot_distances(episodes, png: Path, title: str) -> None:
 
 
 def attempts_summary(episodes, attempts: int) -> dict:
-    """How the successes spread over the seeds when each seed ran `attempts` times."""
+    """How the successes spread over the tasks when each task ran `attempts` times."""
     successes_by_seed: dict[int, int] = {}
     for episode in episodes:
         successes_by_seed[episode.seed] = successes_by_seed.get(episode.seed, 0) + int(episode.success)
@@ -123,7 +126,7 @@ def main() -> int:
     seeds = list(range(args.seed_start, args.seed_start + args.num_episodes))
     started = time.perf_counter()
     with tqdm(total=len(seeds) * args.attempts, desc="soft-arm episodes", unit="ep") as bar:
-        # the attempts at a seed differ only in the noise, drawn on from the one torch seed
+        # the attempts at a task differ only in the noise, drawn on from the one torch seed
         episodes = run_soft_arm_episodes(
             seeds * args.attempts,
             policy_fn,
@@ -131,7 +134,7 @@ def main() -> int:
             replan_steps=replan_steps,
             max_steps=args.max_steps,
             image_size=args.image_size,
-            record=range(min(args.videos, len(seeds))),  # first attempts only: one video per seed
+            record=range(min(args.videos, len(seeds))),  # first attempts only: one video per task
             progress=bar.update,
         )
     elapsed = time.perf_counter() - started
@@ -178,7 +181,7 @@ def main() -> int:
     plot_distances(episodes, args.output_dir / "distance.png", f"{name}: {summary['success_rate']:.0%} success")
     if args.attempts > 1:
         print(
-            f"pass@{args.attempts} {summary['pass_at_attempts']:.1%}: {summary['seeds_solved_every_attempt']} seeds "
+            f"pass@{args.attempts} {summary['pass_at_attempts']:.1%}: {summary['seeds_solved_every_attempt']} tasks "
             f"solved every attempt, {summary['seeds_never_solved']} never"
         )
     print(

@@ -7,15 +7,15 @@ arm (lib/envs/soft_arm/sim.py), where a tiny pi0 reaches a middling success rate
     make ript-soft-arm                                  # BC start, every objective, 3 seeds each
 
 The loop is train_ript_pi0.py's, from the same engine (lib/rl/iteration.py: `RIPTIteration`), with
-the soft-arm simulators as the rollout backend: each iteration draws task seeds (the "init states":
-a pool of `env.train_states` training seeds, reshuffled every pass), rolls out K episodes from each,
+the soft-arm simulators as the rollout backend: each iteration draws tasks (the "init states":
+a pool of `env.train_states` training tasks, reshuffled every pass), rolls out K episodes from each,
 keeps the groups whose outcomes differ (dynamic sampling, with the per-state outcome history), gives
 every rollout its leave-one-out advantage, and updates the policy with `rl.objective`. The policy is
 the BC checkpoint as a graph pi0 with the optimality flag (`PI0GraphCFGPolicy`, flag embedding at
 zero: it starts as the BC policy), sampled with guidance weight `model.guidance_weight`.
 
-Success is measured in closed loop on the held-out seeds of eval_soft_arm.py at iteration 0 and
-every `eval_every` iterations, for every RL seed. Writes, under `output_dir`, `results.md`,
+Success is measured in closed loop on the held-out tasks of eval_soft_arm.py at iteration 0 and
+every `eval_every` iterations, for every RL run. Writes, under `output_dir`, `results.md`,
 `summary.json` and `success.png` (held-out success per iteration, every seed), and per seed
 `seed<N>/summary.json`, `metrics.jsonl` and `pretrained_model/` (the RL-trained policy:
 `PI0GraphCFGPolicy.from_pretrained`).
@@ -157,7 +157,7 @@ def seed_checkpoint(output_dir: Path, seed: int, iterations: int) -> Path | None
     if summary_file.is_file() and not found:
         done = json.loads(summary_file.read_text()).get("iterations")
         raise UserError(
-            f"seed {seed}: {output_dir} holds a finished run of {done} iterations without a checkpoint to extend "
+            f"run {seed}: {output_dir} holds a finished run of {done} iterations without a checkpoint to extend "
             f"to iterations={iterations}; pass --overwrite or another output_dir"
         )
     return found[-1] if found else None
@@ -172,7 +172,7 @@ def run_seed(
     demos=None,
     dry_run: bool = False,
 ) -> dict | None:
-    """One RL run from `source`, or from the seed's newest checkpoint, with `demos` as the update's
+    """One RL run from `source`, or from the run's newest checkpoint, with `demos` as the update's
     anchor (`rl.demo_dataset`). Returns its summary; None after a dry run (one iteration, nothing
     written) or a stop signal (saved, resumable)."""
     output_dir = Path(config.output_dir) / f"seed{seed}"
@@ -180,7 +180,7 @@ def run_seed(
     if summary_file.is_file() and not dry_run:
         finished = json.loads(summary_file.read_text())
         if finished.get("iterations", max(map(int, finished["curve"]))) >= config.iterations:
-            print(f"seed {seed}: keeping the finished run in {output_dir}")
+            print(f"run {seed}: keeping the finished run in {output_dir}")
             return finished
     checkpoint = None if dry_run else seed_checkpoint(output_dir, seed, config.iterations)
     identity = RunIdentity(config, [*RL_IDENTITY_KEYS, "rl.distance_penalty"])
@@ -202,7 +202,7 @@ def run_seed(
     policy_fn = make_policy_fn(unwrapped, preprocessor, postprocessor, accelerator.autocast)
     held_out = list(range(HELD_OUT_SEED_START, HELD_OUT_SEED_START + config.env.eval_episodes))
 
-    # The "init states": a fixed pool of task seeds, drawn in a new order every pass.
+    # The "init states": a fixed pool of tasks, drawn in a new order every pass.
     pool = [{"seed": TRAIN_SEED_START + i} for i in range(config.env.train_states)]
     order_rng = random.Random(seed)
 
@@ -238,7 +238,7 @@ def run_seed(
     checkpoint_as_json(accelerator, progress=progress, history=engine.history, run=run, identity=identity)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint / STATE_DIR))
-        print(f"seed {seed}: resumed from {checkpoint} at iteration {progress.iteration}")
+        print(f"run {seed}: resumed from {checkpoint} at iteration {progress.iteration}")
     draws = pool_draws()
     for _ in range(progress.draws):  # the pool order is a function of the seed: replay it
         next(draws)
@@ -253,9 +253,9 @@ def run_seed(
     metrics_file = output_dir / "metrics.jsonl"
     curve = run.curve
     if checkpoint is None:
-        curve[0] = held_out_success(envs, policy_fn, held_out, f"seed {seed} iteration 0")
+        curve[0] = held_out_success(envs, policy_fn, held_out, f"run {seed} iteration 0")
         append_metrics(metrics_file, 0, metrics_of({"eval_success_rate": curve[0]}))
-        print(f"seed {seed}: success {curve[0]:.1%} on {len(held_out)} held-out seeds before RL")
+        print(f"run {seed}: success {curve[0]:.1%} on {len(held_out)} held-out tasks before RL")
 
     earlier_wall_s, earlier_cpu_s = run.wall_s, run.cpu_s  # of the sessions before a resume
 
@@ -269,7 +269,7 @@ def run_seed(
 
     first = progress.iteration + 1
     iterations = tqdm(
-        range(first, config.iterations + 1), desc=f"seed {seed} iterations", initial=first - 1, total=config.iterations
+        range(first, config.iterations + 1), desc=f"run {seed} iterations", initial=first - 1, total=config.iterations
     )
     for iteration in iterations:
         result = engine.run(iteration, envs)
@@ -277,11 +277,11 @@ def run_seed(
         record = {**result.record, "final_distance_m": float(np.mean([e.final_distance for e in result.episodes]))}
         run.episodes_used += record["episodes"]
         if iteration % config.eval_every == 0 or iteration == config.iterations:
-            curve[iteration] = held_out_success(envs, policy_fn, held_out, f"seed {seed} iteration {iteration}")
+            curve[iteration] = held_out_success(envs, policy_fn, held_out, f"run {seed} iteration {iteration}")
             record["eval_success_rate"] = curve[iteration]
         append_metrics(metrics_file, iteration, metrics_of(record))
         tqdm.write(
-            f"seed {seed} iteration {iteration}: rollout success {record['success_rate']:.2f}, "
+            f"run {seed} iteration {iteration}: rollout success {record['success_rate']:.2f}, "
             f"{record['groups_kept']} groups kept, {record['update_steps']} updates, "
             f"loss {float('nan') if record['loss'] is None else record['loss']:.4f}"
             + (f", held-out {curve[iteration]:.1%}" if iteration in curve else "")
@@ -291,7 +291,7 @@ def run_seed(
         if iteration % config.save_every == 0 or iteration == config.iterations or stopped:
             save()
         if stopped:
-            print(f"seed {seed}: signal {stop.received} received, saved at iteration {iteration}; --resume latest")
+            print(f"run {seed}: signal {stop.received} received, saved at iteration {iteration}; --resume latest")
             return None
 
     # The policy after RL is the last checkpoint's (the last iteration is always saved).
@@ -312,7 +312,7 @@ def run_seed(
         "cpu_minutes": cpu_s / 60,
     }
     summary_file.write_text(json.dumps(result, indent=2))
-    print(f"seed {seed}: success {result['success_after']:.1%} after RL (before {result['success_before']:.1%})")
+    print(f"run {seed}: success {result['success_after']:.1%} after RL (before {result['success_before']:.1%})")
     accelerator.free_memory()
     return result
 
@@ -326,7 +326,7 @@ def plot_curves(runs: list[dict], png: Path, title: str) -> None:
     figure, axis = plt.subplots(figsize=(7, 4))
     for run in runs:
         points = sorted((int(k), v) for k, v in run["curve"].items())
-        axis.plot(*zip(*points, strict=True), marker=".", label=f"seed {run['seed']}")
+        axis.plot(*zip(*points, strict=True), marker=".", label=f"run {run['seed']}")
     axis.set_xlabel("RL iteration")
     axis.set_ylabel("held-out success rate")
     axis.set_ylim(0, 1)
@@ -353,7 +353,7 @@ def main() -> int:
     output_dir = Path(config.output_dir)
     source = resolve_pretrained(config.model.pretrained)
     stop = GracefulStop()  # SIGTERM/SIGINT: the seed saves after its iteration and the script exits 0
-    # The anchor's demonstrations: every episode of the BC dataset (training task seeds only).
+    # The anchor's demonstrations: every episode of the BC dataset (training tasks only).
     demos = None
     if config.rl.demo_dataset is not None:
         demos = open_action_chunks(config.rl.demo_dataset, CHUNK_SIZE, config.env.image_size, key="rl.demo_dataset")
@@ -379,7 +379,7 @@ def main() -> int:
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(runs, output_dir / "success.png", f"RIPT on the soft arm ({label})")
     lines = [
-        f"| RL seed ({label}) | success before ({config.env.eval_episodes} held-out seeds) "
+        f"| RL run ({label}) | success before ({config.env.eval_episodes} held-out tasks) "
         f"| after {config.iterations} iterations | episodes | CPU min |",
         "|---|---|---|---|---|",
         *[

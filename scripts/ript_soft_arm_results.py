@@ -3,12 +3,12 @@
 
     python scripts/ript_soft_arm_results.py --runs_dir outputs/ript_soft_arm
 
-Reads every `<runs_dir>/<arm>/seed<N>/summary.json` (the finished RL seeds of each arm; an arm
-with none is left out) and writes `<runs_dir>/comparison.md` (success before/after per seed, mean
+Reads every `<runs_dir>/<arm>/seed<N>/summary.json` (the finished RL runs of each arm; an arm
+with none is left out) and writes `<runs_dir>/comparison.md` (success before/after per run, mean
 ± std, episodes and CPU minutes) and `<runs_dir>/comparison.png` (held-out success against the RL
-iteration: each arm's mean over its seeds, the seeds thin). Where `<runs_dir>/pass_at_8/` holds the
+iteration: each arm's mean over its runs, the runs thin). Where `<runs_dir>/pass_at_8/` holds the
 8-attempt evaluations (`eval_soft_arm.py --attempts 8`) of the BC start (`bc_few20/`) and of RL
-policies, also `<runs_dir>/pass_at_8/split.md`: each policy's success on the held-out seeds the start
+policies, also `<runs_dir>/pass_at_8/split.md`: each policy's success on the held-out tasks the start
 never, sometimes and always solved (what RL gained where, and what it gave back).
 """
 
@@ -35,7 +35,7 @@ def finished_arms(runs_dir: Path) -> dict[str, list[dict]]:
         if runs:
             arms[arm_dir.name] = runs
     if not arms:
-        raise UserError(f"{runs_dir} holds no finished RL seed (<arm>/seed<N>/summary.json): run make ript-soft-arm")
+        raise UserError(f"{runs_dir} holds no finished RL run (<arm>/seed<N>/summary.json): run make ript-soft-arm")
     return arms
 
 
@@ -53,9 +53,9 @@ def plot(arms: dict[str, list[dict]], png: Path) -> None:
             points = sorted((int(k), v) for k, v in run["curve"].items())
             axis.plot(*zip(*points, strict=True), color=color, alpha=0.25, linewidth=1)
         means = [np.mean([run["curve"][str(i)] for run in runs if str(i) in run["curve"]]) for i in iterations]
-        axis.plot(iterations, means, color=color, marker="o", linewidth=2, label=f"{arm} ({len(runs)} seeds)")
+        axis.plot(iterations, means, color=color, marker="o", linewidth=2, label=f"{arm} ({len(runs)} runs)")
     axis.set_xlabel("RL iteration")
-    axis.set_ylabel("held-out success rate (100 seeds)")
+    axis.set_ylabel("held-out success rate (100 tasks)")
     axis.set_ylim(0, 1)
     axis.set_title("RIPT on the soft arm: every objective from the same BC start")
     axis.grid(alpha=0.3)
@@ -107,18 +107,18 @@ def main() -> int:
     args = parse_args()
     arms = finished_arms(args.runs_dir)
     lines = [
-        "| arm | seeds | success before | after | gain (mean) | per seed (before → after) | episodes / seed "
-        "| CPU min / seed |",
+        "| arm | runs | success before | after | gain (mean) | per run (before → after) | episodes / run "
+        "| CPU min / run |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for arm, runs in arms.items():
         before = [run["success_before"] for run in runs]
         after = [run["success_after"] for run in runs]
-        per_seed = ", ".join(f"{b:.0%} → {a:.0%}" for b, a in zip(before, after, strict=True))
+        per_run = ", ".join(f"{b:.0%} → {a:.0%}" for b, a in zip(before, after, strict=True))
         lines.append(
             f"| {arm} | {len(runs)} | {np.mean(before):.1%} ± {np.std(before):.1%} "
             f"| {np.mean(after):.1%} ± {np.std(after):.1%} | {100 * (np.mean(after) - np.mean(before)):+.1f} pts "
-            f"| {per_seed} | {np.mean([run['episodes_used'] for run in runs]):.0f} "
+            f"| {per_run} | {np.mean([run['episodes_used'] for run in runs]):.0f} "
             f"| {np.mean([run['cpu_minutes'] for run in runs]):.0f} |"
         )
     (args.runs_dir / "comparison.md").write_text("\n".join(lines) + "\n")

@@ -1,7 +1,7 @@
 """The results table of the graph-tokens ablation (docs/soft_arm.md "Graph tokens vs none"): the last step
 of `make soft-arm-ablation`, which simulates the demonstrations, trains the tiny pi0 with and
 without graph tokens for each seed and evaluates every checkpoint and the scripted expert on the
-same held-out seeds (the Makefile's rules say how; finished steps are kept).
+same held-out tasks (the Makefile's rules say how; finished steps are kept).
 
     python scripts/soft_arm_ablation_results.py --output_dir outputs/soft_arm_ablation --seeds 0 1 2
 
@@ -25,7 +25,7 @@ VARIANTS = ("graph", "no_graph")
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/soft_arm_ablation"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="RNG seeds of the training runs")
     parser.add_argument("--episodes", type=int, default=100, help="training demonstrations (for the table)")
     parser.add_argument("--steps", type=int, default=1200, help="optimizer steps per training run (for the table)")
     return parser.parse_args()
@@ -114,7 +114,7 @@ def write_results(args: argparse.Namespace, summaries: dict[str, list[dict]]) ->
     for index, name in enumerate(names):
         axis.scatter([index] * len(rows[name]["per_seed_success"]), rows[name]["per_seed_success"], color="black", s=12)
     axis.set_ylim(0, 1)
-    axis.set_ylabel(f"success on {expert['episodes']} held-out seeds")
+    axis.set_ylabel(f"success on {expert['episodes']} held-out tasks")
     axis.set_title(f"soft arm, {args.episodes} demonstrations, {args.steps} steps")
     figure.tight_layout()
     figure.savefig(args.output_dir / "success.png", dpi=100)

@@ -99,7 +99,7 @@ def main() -> int:
         )
         features, action_shape = libero_input_features(config.model.image_size), (config.model.chunk_size, ACTION_DIM)
         check_demonstrations(demos, features, action_shape, config.rl.demo_dataset)
-    # The seed's setup_distributed(). `cpu=` because a launcher config with
+    # The original's setup_distributed(). `cpu=` because a launcher config with
     # `use_cpu: true` starts processes that never connect on a machine without a GPU (docs/dependencies.md).
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
@@ -174,7 +174,7 @@ def main() -> int:
         # the policy's sampling noise would depend on whether a resume restarted the loader.
         generator=torch.Generator().manual_seed(config.seed),
     )
-    # DDP-wrap the policy; `unwrap_model` is the seed's get_model_from_ddp().
+    # DDP-wrap the policy; `unwrap_model` is the original's get_model_from_ddp().
     policy, optimizer, state_loader = accelerator.prepare(policy, optimizer, state_loader)
     write_weights_once(accelerator)  # the weights live in pretrained_model/ only
     unwrapped = base_policy(accelerator.unwrap_model(policy))  # the LeRobot policy (inside peft's wrapper)
@@ -334,7 +334,7 @@ def main() -> int:
     print(f"logs: {log_file} (one per rank), metrics: {metrics_file}")
     if checkpoint is not None:
         print(f"checkpoint: {checkpoint / 'pretrained_model'}")
-    # The seed's cleanup_distributed(): drop the last references, then an orderly end.
+    # The original's cleanup_distributed(): drop the last references, then an orderly end.
     policy = optimizer = unwrapped = state_loader = None
     finish_run(accelerator)
     return 0

@@ -66,7 +66,7 @@ def test_log_probability_of_a_sampled_chain_matches_a_direct_computation(policy_
 
 
 def soft_arm_windows(policy, preprocessor, postprocessor, objective: str):
-    """Real windows: 2 task seeds x K=2 episodes of the tiny policy on the soft arm."""
+    """Real windows: 2 tasks x K=2 episodes of the tiny policy on the soft arm."""
     rl = OmegaConf.structured(RLConfig(objective=objective, flow_noise_std=STD, update_epochs=1, minibatch_size=4))
     sink = []
     policy_fn = make_policy_fn(policy, preprocessor, postprocessor)

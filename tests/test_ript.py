@@ -47,7 +47,7 @@ def test_history_skips_states_solved_in_a_row_then_retries():
     assert [history.take_skip((0, 1)) for _ in range(3)] == [True, True, False]
     restored = StateOutcomeHistory(skip_after=3, skip_for=2)
     history.record((5, 7), solved)
-    history.record(20_000_003, solved)  # the soft arm's keys are task seeds
+    history.record(20_000_003, solved)  # the soft arm's keys are tasks
     restored.load_state_dict(json.loads(json.dumps(history.state_dict())))  # as a checkpoint stores it
     assert restored.solved_streak == history.solved_streak and restored.skips_left == history.skips_left
 

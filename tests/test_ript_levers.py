@@ -172,13 +172,13 @@ def test_stable_key_is_a_63_bit_function_of_its_parts_and_their_types():
 
 
 def test_the_results_split_each_policy_by_what_the_start_solved(tmp_path, monkeypatch, capsys):
-    """ript_soft_arm_results.py: success on the held-out seeds the start never / sometimes / always
+    """ript_soft_arm_results.py: success on the held-out tasks the start never / sometimes / always
     solved, from 8-attempt evaluations (here 2 attempts of 3 seeds, written by hand)."""
     import json
 
     from helpers import exit_in_process
 
-    def evaluation(name, outcomes):  # outcomes: per seed, its attempts
+    def evaluation(name, outcomes):  # outcomes: per task, its attempts
         episodes = [{"seed": seed, "success": bool(s)} for seed, row in outcomes.items() for s in row]
         summary = {
             "episodes": len(episodes),

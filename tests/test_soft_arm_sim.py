@@ -224,7 +224,7 @@ def test_eval_and_ript_soft_arm_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     assert len(videos) == 1 and videos[0].stat().st_size > 0
     assert "success" in result.stdout
 
-    # The RIPT experiment script end to end with the seed's objective, CFG-RL at w > 1: the
+    # The RIPT experiment script end to end with the original's objective, CFG-RL at w > 1: the
     # plumbing and one real update, not learning (a 2-step policy barely moves).
     ript_dir = tmp_path / "ript"
     ript = [

@@ -3,7 +3,7 @@ holds `rl.demos_per_minibatch` frames of the behaviour-cloning demonstrations, a
 (advantage +1: cfg_rl's optimal flag, advantage_filtered's filter), so the update keeps fitting what
 the start was cloned from while it learns from rollouts (RECAP keeps its demonstrations in the
 conditional set the same way). Only demonstrations of training tasks may be given: a held-out
-evaluation seed must never contribute data."""
+evaluation task must never contribute data."""
 
 from __future__ import annotations
 

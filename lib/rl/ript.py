@@ -229,7 +229,7 @@ def init_state_key(state: dict[str, Any]) -> tuple[int, int]:
 
 
 def success_reward(episode: Any) -> float:
-    """The seed's reward: 1 for a success, 0 otherwise."""
+    """The original's reward: 1 for a success, 0 otherwise."""
     return float(episode.success)
 
 
@@ -386,7 +386,7 @@ def collect_iteration(
     """One iteration's informative groups: `rl.rollouts_per_state` episodes per drawn state,
     dynamic sampling up to `rl.target_groups` groups in `rl.max_draw_rounds` draws and
     `rl.max_episodes` episodes. `record_first` keeps the frames of each round's first episode (for a
-    video); `reward_of` scores an episode (the seed's success reward unless the backend has a denser
+    video); `reward_of` scores an episode (the original's success reward unless the backend has a denser
     one). With `rl.advantage=critic` the groups that all failed are kept; with `rl.explore_std` > 0
     they are rolled out again within `exploring()` (the policy samples with exploration noise)."""
     k = rl.rollouts_per_state

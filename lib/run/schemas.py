@@ -12,11 +12,11 @@ from typing import Any, Optional
 
 from lib.run.config import check
 
-# The update objectives (lib/rl/objectives.py): the seed's CFG-RL, the advantage-filtered baseline,
+# The update objectives (lib/rl/objectives.py): the original's CFG-RL, the advantage-filtered baseline,
 # behaviour cloning on every window (reward ignored: the no-reward control), and a PPO update on the
 # exact log-probabilities of Flow-Noise sampling (stochastic denoising steps, as in piRL).
 OBJECTIVES = ("cfg_rl", "advantage_filtered", "behavior_cloning", "flow_noise")
-# Where an update's advantages come from: the seed's leave-one-out over each group's K rollouts (one
+# Where an update's advantages come from: the original's leave-one-out over each group's K rollouts (one
 # per rollout), or a critic fitted on the iteration's rollouts (one per window, lib/rl/critic.py).
 ADVANTAGES = ("leave_one_out", "critic")
 
@@ -216,7 +216,7 @@ class RLConfig:
     minibatch_size: int = 16
     gradient_accumulation_steps: int = 1  # minibatches per optimizer step (the last of an iteration may hold fewer)
     max_nonfinite_steps: int = 10  # update steps with a non-finite gradient are skipped; this many in a row stop
-    # Past the plateau (docs/ript.md "Past the plateau"); every default is the seed's RIPT.
+    # Past the plateau (docs/ript.md "Past the plateau"); every default is the original's RIPT.
     advantage: str = "leave_one_out"  # leave_one_out | critic (per-window advantages; failed groups are kept)
     positive_quantile: float = 0.3  # critic: the top fraction of an iteration's windows labelled positive
     critic_ridge: float = 1000.0  # critic: the ridge penalty of its linear fit (on standardised features)
@@ -356,14 +356,14 @@ class SoftArmRLEnvConfig:
     replan_steps: int = 8  # actions executed from each 16-step chunk
     max_steps: int = 40  # control steps per episode (10 Hz)
     image_size: int = 224
-    train_states: int = 512  # the pool of training task seeds (the RL "init states")
-    eval_episodes: int = 100  # held-out seeds of eval_soft_arm.py
+    train_states: int = 512  # the pool of training tasks (the RL "init states")
+    eval_episodes: int = 100  # held-out tasks of eval_soft_arm.py
 
 
 @dataclass
 class SoftArmRLConfig(RLConfig):
     # A failed episode scores -distance_penalty x (final tip distance / success radius) instead of 0,
-    # so groups that all fail still rank their episodes (0: the seed's success-only reward).
+    # so groups that all fail still rank their episodes (0: the original's success-only reward).
     distance_penalty: float = 0.0
 
 
@@ -373,7 +373,7 @@ class SoftArmRIPTConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one RL run each
     iterations: int = 15
     eval_every: int = 5  # held-out success every N iterations (and at 0 and the end)
-    save_every: int = 5  # a checkpoint of the seed's run every N iterations (and at the end)
+    save_every: int = 5  # a checkpoint of each run every N iterations (and at the end)
     keep_last: int = 2  # checkpoints kept per seed
     model: SoftArmRLModelConfig = field(default_factory=SoftArmRLModelConfig)
     env: SoftArmRLEnvConfig = field(default_factory=SoftArmRLEnvConfig)

@@ -349,7 +349,7 @@ class SoftArmEpisode:
 def distance_shaped_reward(distance_penalty: float) -> Callable[[SoftArmEpisode], float]:
     """An RL reward (`lib.rl.ript.rollout_groups`' `reward_of`): 1 for a success; a failure
     -distance_penalty x (final tip distance / SUCCESS_RADIUS), so that among failures the ones that
-    came closer rank higher (distance_penalty 0: the seed's success-only reward)."""
+    came closer rank higher (distance_penalty 0: the original's success-only reward)."""
 
     def reward_of(episode: SoftArmEpisode) -> float:
         if episode.success:
