@@ -362,13 +362,9 @@ def guided_sampling_figures(args: argparse.Namespace, model_size: str) -> dict:
 def serving_figures(args: argparse.Namespace, model_size: str, requests: int = 48) -> dict:
     """f. The server's cost over an in-process call: one observation, the same policy saved as a
     checkpoint and served by `serve_policy.py` on loopback; `requests` round trips per load, shared
-    by its clients."""
-    import asyncio
-    import re
-
-    from websockets.asyncio.client import connect
-
-    from lib.serving.openpi import pack, unpack
+    by its clients (lib/serving/load.py)."""
+    from lib.serving.load import round_trips, served_checkpoint, warm_up
+    from lib.serving.openpi import pack
 
     train_dataset, _ = make_soft_arm_datasets(args.dataset, 0.0, 0)
     tokenizer = load_tokenizer(args.tokenizer)
@@ -391,22 +387,6 @@ def serving_figures(args: argparse.Namespace, model_size: str, requests: int = 4
     in_process = in_process[2:]  # warm-up
     message = pack({**{k: v for k, v in observation.items() if k != "task"}, "prompt": observation["task"]})
 
-    async def client(url: str, latencies: list[float], count: int) -> None:
-        async with connect(url, max_size=None) as websocket:
-            await websocket.recv()  # metadata
-            for _ in range(count):
-                started = time.perf_counter()
-                await websocket.send(message)
-                unpack(await websocket.recv())
-                latencies.append(time.perf_counter() - started)
-
-    async def load(url: str, clients: int) -> tuple[list[float], float]:
-        latencies: list[float] = []
-        started = time.perf_counter()
-        count = max(2, requests // clients)
-        await asyncio.gather(*(client(url, latencies, count) for _ in range(clients)))
-        return latencies, clients * count / (time.perf_counter() - started)
-
     figures: dict = {"model_size": model_size, "requests_per_load": requests}
     figures["in_process_p50_s"] = statistics.median(in_process)
     with tempfile.TemporaryDirectory() as work:
@@ -414,35 +394,10 @@ def serving_figures(args: argparse.Namespace, model_size: str, requests: int = 4
         for part in (policy, preprocessor, postprocessor, tokenizer):
             part.save_pretrained(checkpoint)
         for max_batch in (1, 16):
-            server = subprocess.Popen(
-                [sys.executable, "scripts/serve_policy.py", "--checkpoint", str(checkpoint), "--port", "0"]
-                + ["--max_batch", str(max_batch)],
-                cwd=REPO,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            try:
-                port = None
-                for line in server.stdout:
-                    found = re.search(r"on ws://127\.0\.0\.1:(\d+)", line)
-                    if found:
-                        port = int(found.group(1))
-                        break
-                if port is None:
-                    raise RuntimeError("serve_policy.py exited before it listened")
-                url = f"ws://127.0.0.1:{port}"
-                asyncio.run(client(url, [], 2))  # warm-up
+            with served_checkpoint(checkpoint, "--max_batch", str(max_batch)) as url:
+                warm_up(url, message)
                 for clients in (1, 4, 16):
-                    latencies, per_s = asyncio.run(load(url, clients))
-                    figures[f"batch{max_batch}_clients{clients}"] = {
-                        "p50_s": statistics.median(latencies),
-                        "p99_s": float(np.quantile(latencies, 0.99)),
-                        "requests_per_s": per_s,
-                    }
-            finally:
-                server.terminate()
-                server.communicate(timeout=60)
+                    figures[f"batch{max_batch}_clients{clients}"] = round_trips(url, message, clients, requests)
     one = figures["batch1_clients1"]
     figures["overhead_p50"] = one["p50_s"] / figures["in_process_p50_s"] - 1
     figures["in_process_requests_per_s"] = 1 / figures["in_process_p50_s"]

@@ -13,6 +13,8 @@ Sections, in order of what matters most, each skipped (and said so) once `--budg
    guided (CFG, w = 2) over plain;
 3. RIPT: one `train_ript_pi0.py` iteration with 8 LIBERO simulators rendering on the GPU: env
    steps/s and the simulation / inference / update split.
+4. serving: the graph policy served by `serve_policy.py` (openpi protocol) on loopback - one
+   client's p50/p99 round trip over the in-process call, requests/s of 16 batched clients.
 
 The run's own figures come from the scripts' own logs (metrics.jsonl, progress.json), so what is
 measured is what a user runs.
@@ -35,15 +37,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lerobot.configs import FeatureType, PolicyFeature
 from lerobot.policies.pi0 import modeling_pi0
 from lerobot.policies.pi0.modeling_pi0 import PI0Policy
 from torch.utils.flop_counter import FlopCounterMode
 
+from lib.data.soft_arm import dataset_stats, make_soft_arm_datasets
 from lib.envs.soft_arm.features import ACTION_DIM, ACTION_KEY, IMAGE_KEY, NODE_FEATURES, NUM_NODES, STATE_KEY
 from lib.policies.flag_pi0 import PI0CFGConfig, PI0CFGPolicy
 from lib.policies.graph_pi0 import GRAPH_KEY, PI0GraphConfig, PI0GraphPolicy
+from lib.policies.policy_fn import make_policy_fn
+from lib.policies.processors import load_tokenizer, make_pi0_processors
 from lib.policies.sizes import MODEL_SIZES, SizedPI0Config, model_size_context
 from lib.run.errors import UserError, exit_code_of
 
@@ -73,7 +79,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--no_compile", action="store_true", help="skip every torch.compile measurement")
     parser.add_argument(
-        "--sections", nargs="+", default=["training", "sampling", "ript"], choices=["training", "sampling", "ript"]
+        "--sections",
+        nargs="+",
+        default=["training", "sampling", "ript", "serving"],
+        choices=["training", "sampling", "ript", "serving"],
     )
     parser.add_argument(
         "--dtype",
@@ -454,6 +463,51 @@ def ript_iteration(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
+# --- 4. Serving ------------------------------------------------------------------------------------
+
+
+def serving_figures(args: argparse.Namespace, device: str, work: Path) -> dict[str, Any]:
+    """The graph policy saved as a checkpoint and served by `serve_policy.py` (openpi protocol) on
+    this device over loopback: one client's round trip over the in-process policy call on the same
+    observation, and requests/s of 16 clients batched into one call (`--max_batch 16`)."""
+    from lib.serving.load import round_trips, served_checkpoint, warm_up
+    from lib.serving.openpi import PROMPT_KEY, pack
+
+    cuda = device == "cuda"
+    policy = graph_policy(args.size, device, args.dtype)
+    train_dataset, _ = make_soft_arm_datasets(args.dataset, 0.0, 0)
+    tokenizer = load_tokenizer(args.tokenizer)
+    preprocessor, postprocessor = make_pi0_processors(policy.config, tokenizer, dataset_stats(train_dataset))
+    generator = np.random.default_rng(0)
+    observation: dict[str, Any] = {"task": "touch the red ball"}
+    for key, feature in policy.config.input_features.items():  # what the metadata frame announces
+        if feature.type is FeatureType.VISUAL:
+            height_width_channels = (*feature.shape[1:], feature.shape[0])
+            observation[key] = generator.integers(0, 256, height_width_channels, dtype=np.uint8)
+        else:
+            observation[key] = generator.standard_normal(feature.shape).astype(np.float32)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    policy_fn = make_policy_fn(policy, preprocessor, postprocessor, autocast)
+    in_process = percentiles(time_calls(lambda: policy_fn([observation]), args.repeats))
+    checkpoint = work / "served" / "pretrained_model"
+    for part in (policy, preprocessor, postprocessor, tokenizer):
+        part.save_pretrained(checkpoint)
+    policy = policy_fn = None
+    release()  # the server loads its own copy
+    message = pack({**{k: v for k, v in observation.items() if k != "task"}, PROMPT_KEY: observation["task"]})
+    with served_checkpoint(checkpoint, "--max_batch", "16", "--device", device) as url:
+        warm_up(url, message)
+        one = round_trips(url, message, clients=1, requests=args.repeats)
+        sixteen = round_trips(url, message, clients=16, requests=16 * max(2, args.repeats // 4))
+    return {
+        "in_process": in_process,
+        "one_client": {"p50_ms": one["p50_s"] * 1e3, "p99_ms": one["p99_s"] * 1e3},
+        "overhead_p50": one["p50_s"] * 1e3 / in_process["p50_ms"] - 1,
+        "in_process_requests_per_s": 1e3 / in_process["p50_ms"],
+        "sixteen_clients_requests_per_s": sixteen["requests_per_s"],
+    }
+
+
 # --- Report ----------------------------------------------------------------------------------------
 
 
@@ -533,6 +587,19 @@ def report(results: dict[str, Any]) -> str:
         ]
     elif ript:
         lines += [f"RIPT iteration: {ript}", ""]
+    serving = results.get("serving")
+    if isinstance(serving, dict):
+        one, local = serving["one_client"], serving["in_process"]
+        lines += [
+            "Serving (`serve_policy.py`, openpi protocol, loopback): one client "
+            f"{one['p50_ms']:.1f} / {one['p99_ms']:.1f} ms p50 / p99 against the in-process call's "
+            f"{local['p50_ms']:.1f} / {local['p99_ms']:.1f} ms ({serving['overhead_p50']:+.1%}); 16 clients batched: "
+            f"{serving['sixteen_clients_requests_per_s']:.1f} requests/s (in process, one at a time: "
+            f"{serving['in_process_requests_per_s']:.1f}).",
+            "",
+        ]
+    elif serving:
+        lines += [f"Serving: {serving}", ""]
     for name, reason in results.get("skipped", {}).items():
         lines.append(f"- {name}: skipped ({reason})")
     if "failed" in results:
@@ -579,6 +646,7 @@ def main() -> int:
             ],
             ("sampling", lambda: sampling_figures(args, device, clock)),
             ("ript", lambda: ript_iteration(args, Path(work))),
+            ("serving", lambda: serving_figures(args, device, Path(work))),
             *[
                 (f"training.script.{mode}", lambda mode=mode: script_training(args, Path(work), mode))
                 for mode in modes

@@ -1,6 +1,7 @@
 """scripts/gpu_check.py (`make gpu-check`) at the tiny size on the CPU, so its code cannot rot before
 a GPU is at hand: the bare LeRobot step, `train_soft_arm.py`, sampling with the masks made once
-(what the CUDA-graph capture relies on), and the GPU section written beside `make bench`'s figures."""
+(what the CUDA-graph capture relies on), the policy served on loopback, and the GPU section written
+beside `make bench`'s figures."""
 
 import json
 
@@ -16,7 +17,7 @@ def test_gpu_check_runs_at_the_tiny_size(tokenizer_dir, dataset_dir, tmp_path):
             PYTHON,
             "scripts/gpu_check.py",
             *("--size", "tiny", "--dataset", str(dataset_dir), "--tokenizer", str(tokenizer_dir)),
-            *("--sections", "training", "sampling", "--modes", "full", "--no_compile"),
+            *("--sections", "training", "sampling", "serving", "--modes", "full", "--no_compile"),
             *("--steps", "2", "--repeats", "2", "--sample_batches", "1", "2", "--output", str(report)),
         ]
     )
@@ -34,4 +35,7 @@ def test_gpu_check_runs_at_the_tiny_size(tokenizer_dir, dataset_dir, tmp_path):
         assert row["eager"]["p50_ms"] > 0 and row["cuda_graph"] == "needs CUDA"
         assert row["replay_max_abs_diff"] == 0.0  # the attention-mask rows made once change nothing
     assert gpu["sampling"]["guided_over_plain"] > 0
+    serving = gpu["serving"]  # a real server process on loopback, the same observation as in process
+    assert serving["one_client"]["p50_ms"] > 0 and serving["in_process"]["p50_ms"] > 0
+    assert serving["sixteen_clients_requests_per_s"] > 0 and "Serving (`serve_policy.py`" in text
     assert "ript" not in gpu and "failed" not in gpu
