@@ -87,18 +87,18 @@ def parse_args() -> argparse.Namespace:
 
 
 def check_seed_runs(output_dir: Path, resume: str | None, overwrite: bool) -> None:
-    """The output_dir convention of the trainers, per seed: a directory that holds seed runs is
-    refused unless `--resume latest` (each seed goes on from its newest checkpoint) or
-    `--overwrite` (they are deleted)."""
+    """The output_dir convention of the trainers, per run: a directory that holds runs is refused
+    unless `--resume latest` (each run goes on from its newest checkpoint) or `--overwrite` (they
+    are deleted)."""
     check_writable_dir(output_dir)
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other")
     if resume not in (None, "latest"):
-        raise UserError(f"--resume {resume}: each seed resumes from its own newest checkpoint; pass --resume latest")
+        raise UserError(f"--resume {resume}: each run resumes from its own newest checkpoint; pass --resume latest")
     seed_runs = sorted(output_dir.glob("seed*/metrics.jsonl"))
     if seed_runs and not resume and not overwrite:
         raise UserError(
-            f"output_dir {output_dir} already holds a run; pass --resume latest to keep its finished seeds, "
+            f"output_dir {output_dir} already holds a run; pass --resume latest to keep its finished runs, "
             "--overwrite to replace it, or another output_dir"
         )
     if overwrite:
