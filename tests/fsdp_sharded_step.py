@@ -17,7 +17,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-from test_graph_pi0 import make_batch, make_config  # this script's directory is on sys.path
+from helpers import make_batch, make_config  # this script's directory is on sys.path
 from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 

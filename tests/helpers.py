@@ -1,5 +1,6 @@
 """What the tests share besides fixtures (those are in conftest.py): paths, the interpreter and the
-launcher, the two-rank launch group, and running a project command or a script's `main`."""
+launcher, the two-rank launch group, running a project command or a script's `main`, and the tiny
+policies' configs and batches."""
 
 import json
 import runpy
@@ -8,6 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from lerobot.configs import FeatureType, PolicyFeature
+
+from lib.policies.flag_pi0 import PI0CFGConfig
+from lib.policies.graph_pi0 import GRAPH_KEY, PI0GraphConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -80,3 +86,51 @@ def fake_hub_tokenizer(tokenizer_dir: Path, hub_cache: Path, repo_id: str = "som
 def metrics_rows(output_dir: Path) -> list[dict]:
     """The rows of a run's metrics.jsonl, in order."""
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# The tiny graph / flag pi0 of the model tests, and a batch for them.
+BATCH, CHUNK, IMAGE = 2, 16, 224
+
+
+def make_config(chunk: int = CHUNK, image: int = IMAGE, model_size: str = "tiny", **overrides) -> PI0GraphConfig:
+    features = {
+        "observation.images.front": PolicyFeature(type=FeatureType.VISUAL, shape=(3, image, image)),
+        "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(10,)),
+        GRAPH_KEY: PolicyFeature(type=FeatureType.STATE, shape=(10, 19)),
+    }
+    return PI0GraphConfig(
+        model_size=model_size,
+        chunk_size=chunk,
+        n_action_steps=chunk,
+        device="cpu",
+        image_resolution=(image, image),
+        input_features=features,
+        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(10,))},
+        **overrides,
+    )
+
+
+def make_batch(seed: int = 0, size: int = BATCH, chunk: int = CHUNK, image: int = IMAGE) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "observation.images.front": torch.rand(size, 3, image, image, generator=generator),
+        "observation.state": torch.randn(size, 10, generator=generator),
+        GRAPH_KEY: torch.randn(size, 10, 19, generator=generator),
+        "action": torch.randn(size, chunk, 10, generator=generator),
+        "observation.language.tokens": torch.randint(0, 500, (size, 12), generator=generator),
+        "observation.language.attention_mask": torch.ones(size, 12, dtype=torch.bool),
+    }
+
+
+def cfg_config(guidance_weight: float = 2.0) -> PI0CFGConfig:
+    graph = make_config()
+    features = {key: feature for key, feature in graph.input_features.items() if key != GRAPH_KEY}
+    return PI0CFGConfig(
+        model_size="tiny",
+        chunk_size=graph.chunk_size,
+        n_action_steps=graph.chunk_size,
+        device="cpu",
+        guidance_weight=guidance_weight,
+        input_features=features,
+        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(10,))},
+    )

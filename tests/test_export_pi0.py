@@ -7,12 +7,10 @@ import json
 
 import pytest
 import torch
-from helpers import exit_in_process
+from helpers import CHUNK, cfg_config, exit_in_process, make_batch, make_config
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.policies.pi0.configuration_pi0 import PI0Config
 from lerobot.policies.pi0.modeling_pi0 import PI0Policy
-from test_graph_pi0 import CHUNK, make_batch, make_config
-from test_lerobot_plugin import cfg_config
 
 from lib.policies.flag_pi0 import PI0CFGPolicy, PI0GraphCFGConfig, PI0GraphCFGPolicy
 from lib.policies.graph_pi0 import GRAPH_KEY, PI0GraphPolicy

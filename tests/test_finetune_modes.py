@@ -5,7 +5,7 @@ mode and the outputs."""
 
 import pytest
 import torch
-from test_graph_pi0 import CHUNK, make_batch, make_config
+from helpers import CHUNK, make_batch, make_config
 
 from lib.policies.graph_pi0 import PI0GraphPolicy
 from lib.policies.loading import make_pi0_policy

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_graph_pi0 import make_batch, make_config
+from helpers import make_batch, make_config
 
 from lib.policies.flag_pi0 import PI0GraphCFGConfig, PI0GraphCFGPolicy
 from lib.policies.graph_pi0 import GRAPH_KEY, PI0GraphPolicy

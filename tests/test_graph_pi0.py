@@ -2,45 +2,13 @@
 
 import pytest
 import torch
-from lerobot.configs import FeatureType, PolicyFeature
+from helpers import BATCH, CHUNK, make_batch, make_config
 from lerobot.policies.pi0.modeling_pi0 import PI0Pytorch
 
-from lib.policies.graph_pi0 import GRAPH_KEY, PI0GraphConfig, PI0GraphPolicy, SimpleGraphEncoder
+from lib.policies.graph_pi0 import GRAPH_KEY, PI0GraphPolicy, SimpleGraphEncoder
 from lib.policies.loading import CheckpointError, make_pi0_policy
 from lib.policies.noise import seeded_noise_and_time
 from lib.policies.sizes import REDUCED_SIZES, reduced_pi0_sizes
-
-BATCH, CHUNK, IMAGE = 2, 16, 224
-
-
-def make_config(chunk: int = CHUNK, image: int = IMAGE, model_size: str = "tiny", **overrides) -> PI0GraphConfig:
-    features = {
-        "observation.images.front": PolicyFeature(type=FeatureType.VISUAL, shape=(3, image, image)),
-        "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(10,)),
-        GRAPH_KEY: PolicyFeature(type=FeatureType.STATE, shape=(10, 19)),
-    }
-    return PI0GraphConfig(
-        model_size=model_size,
-        chunk_size=chunk,
-        n_action_steps=chunk,
-        device="cpu",
-        image_resolution=(image, image),
-        input_features=features,
-        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(10,))},
-        **overrides,
-    )
-
-
-def make_batch(seed: int = 0, size: int = BATCH, chunk: int = CHUNK, image: int = IMAGE) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        "observation.images.front": torch.rand(size, 3, image, image, generator=generator),
-        "observation.state": torch.randn(size, 10, generator=generator),
-        GRAPH_KEY: torch.randn(size, 10, 19, generator=generator),
-        "action": torch.randn(size, chunk, 10, generator=generator),
-        "observation.language.tokens": torch.randint(0, 500, (size, 12), generator=generator),
-        "observation.language.attention_mask": torch.ones(size, 12, dtype=torch.bool),
-    }
 
 
 def model_inputs(policy, batch):

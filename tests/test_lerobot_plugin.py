@@ -7,12 +7,11 @@ import os
 
 import pytest
 import torch
-from helpers import PYTHON, fake_hub_tokenizer, run
-from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature
+from helpers import CHUNK, PYTHON, cfg_config, fake_hub_tokenizer, make_batch, make_config, run
+from lerobot.configs import NormalizationMode
 from safetensors.torch import load_file, save_file
-from test_graph_pi0 import CHUNK, make_batch, make_config
 
-from lib.policies.flag_pi0 import PI0CFGConfig, PI0CFGPolicy
+from lib.policies.flag_pi0 import PI0CFGPolicy
 from lib.policies.graph_pi0 import GRAPH_KEY, PI0GraphPolicy
 from lib.policies.loading import make_pi0_policy
 
@@ -36,20 +35,6 @@ for checkpoint, inputs_file, actions_file in zip(*[iter(sys.argv[1:])] * 3):
     save_file({"actions": actions.contiguous()}, actions_file)
     print(config.type, type(policy).__module__, type(policy).__name__)
 """
-
-
-def cfg_config(guidance_weight: float = 2.0) -> PI0CFGConfig:
-    graph = make_config()
-    features = {key: feature for key, feature in graph.input_features.items() if key != GRAPH_KEY}
-    return PI0CFGConfig(
-        model_size="tiny",
-        chunk_size=graph.chunk_size,
-        n_action_steps=graph.chunk_size,
-        device="cpu",
-        guidance_weight=guidance_weight,
-        input_features=features,
-        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(10,))},
-    )
 
 
 @pytest.fixture(scope="module")
