@@ -84,7 +84,7 @@ def split_by_start(pass_at_8_dir: Path) -> list[str]:
     }
     lines = [
         f"| policy | success ({start['episodes']} episodes) | pass@{attempts} "
-        + "".join(f"| on the start's {name} seeds ({len(seeds)}) " for name, seeds in groups.items())
+        + "".join(f"| on the start's {name} tasks ({len(seeds)}) " for name, seeds in groups.items())
         + "|",
         "|---|---|---" + "|---" * len(groups) + "|",
     ]
