@@ -198,6 +198,6 @@ def test_the_results_split_each_policy_by_what_the_start_solved(tmp_path, monkey
     code, _ = exit_in_process(monkeypatch, capsys, "scripts/ript_soft_arm_results.py", "--runs_dir", str(tmp_path))
     assert code == 0
     rows = (tmp_path / "pass_at_8" / "split.md").read_text().splitlines()
-    assert "never seeds (1)" in rows[0] and "always seeds (1)" in rows[0]
+    assert "never tasks (1)" in rows[0] and "always tasks (1)" in rows[0]
     assert rows[2] == "| bc_few20 | 50.0% | 67% | 0.0% | 50.0% | 100.0% |"
     assert rows[3] == "| rl_seed0 | 66.7% | 100% | 50.0% | 100.0% | 50.0% |"
