@@ -364,7 +364,7 @@ def serving_figures(args: argparse.Namespace, model_size: str, requests: int = 4
     checkpoint and served by `serve_policy.py` on loopback; `requests` round trips per load, shared
     by its clients (lib/serving/load.py)."""
     from lib.serving.load import round_trips, served_checkpoint, warm_up
-    from lib.serving.openpi import pack
+    from lib.serving.openpi import request_frame
 
     train_dataset, _ = make_soft_arm_datasets(args.dataset, 0.0, 0)
     tokenizer = load_tokenizer(args.tokenizer)
@@ -385,7 +385,7 @@ def serving_figures(args: argparse.Namespace, model_size: str, requests: int = 4
         policy_fn([observation])
         in_process.append(time.perf_counter() - started)
     in_process = in_process[2:]  # warm-up
-    message = pack({**{k: v for k, v in observation.items() if k != "task"}, "prompt": observation["task"]})
+    message = request_frame(observation)
 
     figures: dict = {"model_size": model_size, "requests_per_load": requests}
     figures["in_process_p50_s"] = statistics.median(in_process)

@@ -471,7 +471,7 @@ def serving_figures(args: argparse.Namespace, device: str, work: Path) -> dict[s
     this device over loopback: one client's round trip over the in-process policy call on the same
     observation, and requests/s of 16 clients batched into one call (`--max_batch 16`)."""
     from lib.serving.load import round_trips, served_checkpoint, warm_up
-    from lib.serving.openpi import PROMPT_KEY, pack
+    from lib.serving.openpi import request_frame
 
     cuda = device == "cuda"
     policy = graph_policy(args.size, device, args.dtype)
@@ -494,7 +494,7 @@ def serving_figures(args: argparse.Namespace, device: str, work: Path) -> dict[s
         part.save_pretrained(checkpoint)
     policy = policy_fn = None
     release()  # the server loads its own copy
-    message = pack({**{k: v for k, v in observation.items() if k != "task"}, PROMPT_KEY: observation["task"]})
+    message = request_frame(observation)
     with served_checkpoint(checkpoint, "--max_batch", "16", "--device", device) as url:
         warm_up(url, message)
         one = round_trips(url, message, clients=1, requests=args.repeats)

@@ -254,6 +254,13 @@ def serve_openpi(
     return inference
 
 
+def request_frame(observation: dict[str, Any], keys: list[str] | None = None) -> bytes:
+    """The frame a client sends for one observation in the simulators' format (`task`: the
+    instruction): its policy inputs (`keys`, or every key but `task`) and the instruction as `prompt`."""
+    keys = [key for key in observation if key != "task"] if keys is None else keys
+    return pack({**{key: observation[key] for key in keys}, PROMPT_KEY: observation["task"]})
+
+
 def remote_policy_fn(url: str, api_key: str | None = None, timeout_s: float = 60.0) -> Callable:
     """The robot side: a policy function (observations in the simulators' format, as
     `lib.policies.policy_fn.make_policy_fn` takes them) that asks an openpi-protocol server, one
@@ -268,7 +275,7 @@ def remote_policy_fn(url: str, api_key: str | None = None, timeout_s: float = 60
     def policy_fn(observations: list[dict[str, Any]]) -> np.ndarray:
         chunks = []
         for observation in observations:
-            websocket.send(pack({**{k: observation[k] for k in keys}, PROMPT_KEY: observation["task"]}))
+            websocket.send(request_frame(observation, keys))
             answer = websocket.recv(timeout=timeout_s)
             if isinstance(answer, str):
                 raise RequestError(f"the server at {url} answered: {answer}")
