@@ -4,7 +4,7 @@ arm (lib/envs/soft_arm/sim.py), where a tiny pi0 reaches a middling success rate
     python scripts/ript_soft_arm.py --config configs/ript_soft_arm.yaml                # advantage_filtered
     python scripts/ript_soft_arm.py --config configs/ript_soft_arm.yaml rl.objective=cfg_rl \
         model.guidance_weight=2 output_dir=outputs/ript_soft_arm/cfg_rl_w2
-    make ript-soft-arm                                  # BC start, every objective, 3 seeds each
+    make ript-soft-arm                                  # BC start, every objective, 3 runs each
 
 The loop is train_ript_pi0.py's, from the same engine (lib/rl/iteration.py: `RIPTIteration`), with
 the soft-arm simulators as the rollout backend: each iteration draws tasks (the "init states":
@@ -16,7 +16,7 @@ zero: it starts as the BC policy), sampled with guidance weight `model.guidance_
 
 Success is measured in closed loop on the held-out tasks of eval_soft_arm.py at iteration 0 and
 every `eval_every` iterations, for every RL run. Writes, under `output_dir`, `results.md`,
-`summary.json` and `success.png` (held-out success per iteration, every seed), and per seed
+`summary.json` and `success.png` (held-out success per iteration, every run), and per run
 `seed<N>/summary.json`, `metrics.jsonl` and `pretrained_model/` (the RL-trained policy:
 `PI0GraphCFGPolicy.from_pretrained`).
 
@@ -352,7 +352,7 @@ def main() -> int:
     validate_soft_arm_ript_config(config)
     output_dir = Path(config.output_dir)
     source = resolve_pretrained(config.model.pretrained)
-    stop = GracefulStop()  # SIGTERM/SIGINT: the seed saves after its iteration and the script exits 0
+    stop = GracefulStop()  # SIGTERM/SIGINT: the run saves after its iteration and the script exits 0
     # The anchor's demonstrations: every episode of the BC dataset (training tasks only).
     demos = None
     if config.rl.demo_dataset is not None:
