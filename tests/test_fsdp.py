@@ -1,5 +1,7 @@
 """FSDP that really shards pi0: accelerate_configs/8gpu_fsdp.yaml on 2 CPU ranks (gloo)."""
 
+import os
+
 import pytest
 from helpers import ACCELERATE, TWO_RANK_LAUNCH, run
 
@@ -13,7 +15,9 @@ def test_the_fsdp_config_shards_both_stacks_and_matches_the_unsharded_step():
     With the layer-class wrapping this config had before, the forward failed on parameters that
     were never gathered."""
     launch = [ACCELERATE, "launch", "--config_file", "accelerate_configs/8gpu_fsdp.yaml", "--num_processes", "2"]
-    result = run([*launch, "--mixed_precision", "no", "tests/fsdp_sharded_step.py"])
+    # a rank that aborts prints its threads' Python stacks (one abort at exit was seen in CI)
+    environment = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    result = run([*launch, "--mixed_precision", "no", "tests/fsdp_sharded_step.py"], env=environment)
     for stack in ("vlm: 14", "expert: 14", "vision: 6"):
         assert f"{stack} sharded linear layers" in result.stdout
     assert "fsdp step ok" in result.stdout and "sampled actions equal" in result.stdout
