@@ -6,15 +6,14 @@ keeps serving. The codec and the input checks run in make test; the servers are 
 import asyncio
 import pickle
 import re
-import signal
-import subprocess
 import time
 
 import numpy as np
 import pytest
 import torch
-from helpers import PYTHON, REPO, exit_in_process, run, train_tiny_graph_policy
+from helpers import PYTHON, exit_in_process, run, train_tiny_graph_policy
 
+from lib.serving.load import ServerProcess
 from lib.serving.openpi import InputSpec, RequestError, pack, unpack
 
 PROMPT = "touch the red ball"
@@ -94,43 +93,12 @@ def in_process_chunks(checkpoint, observations: list[dict], seed: int = 0, model
     ]
 
 
-class Server:
-    """serve_policy.py in its own process, on a free port; stopped with SIGTERM."""
-
-    def __init__(self, checkpoint, *args: str) -> None:
-        self.process = subprocess.Popen(
-            [PYTHON, "scripts/serve_policy.py", "--checkpoint", str(checkpoint), "--port", "0", *args],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: list[str] = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if not line:
-                raise AssertionError(f"the server exited: {''.join(self.lines)}")
-            self.lines.append(line)
-            found = re.search(r"serving .* on (?:ws://)?127\.0\.0\.1:(\d+)", line)
-            if found:
-                self.port = int(found.group(1))
-                return
-        raise AssertionError("the server did not start listening within 120 s")
-
-    def stop(self) -> str:
-        self.process.send_signal(signal.SIGTERM)
-        rest, _ = self.process.communicate(timeout=60)
-        assert self.process.returncode == 0, "".join(self.lines) + rest
-        return rest
-
-
 @pytest.mark.slow  # a server process and its clients, about 40 s
 def test_openpi_protocol_serves_the_in_process_chunks_and_survives_bad_clients(tiny_checkpoint):
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-    server = Server(tiny_checkpoint, "--api_key", "sesame", "--max_frame_bytes", "400000", "--max_batch", "4")
+    server = ServerProcess(tiny_checkpoint, "--api_key", "sesame", "--max_frame_bytes", "400000", "--max_batch", "4")
     url, auth = f"ws://127.0.0.1:{server.port}", {"Authorization": "Api-Key sesame"}
     sequence = [observation(seed) for seed in range(3)]
     expected = in_process_chunks(tiny_checkpoint, sequence)
@@ -208,7 +176,7 @@ def test_lerobot_protocol_serves_our_plugin_policy_to_lerobots_client_code(tiny_
     from lerobot.transport.utils import send_bytes_in_chunks
     from lerobot.utils.feature_utils import hw_to_dataset_features
 
-    server = Server(tiny_checkpoint, "--protocol", "lerobot")
+    server = ServerProcess(tiny_checkpoint, "--protocol", "lerobot")
     item = observation(0)
     expected = in_process_chunks(tiny_checkpoint, [item])[0]
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
@@ -250,7 +218,7 @@ def test_a_closed_loop_through_the_server_scores_what_eval_scores(tiny_checkpoin
     every chunk; the same seeds and noise give the same episodes as the in-process evaluation."""
     import json
 
-    server = Server(tiny_checkpoint)
+    server = ServerProcess(tiny_checkpoint)
     episodes = ["--num_episodes", "3", "--num_envs", "1", "--max_steps", "8", "--replan_steps", "4", "--videos", "0"]
     summaries = {}
     for name, source in (
@@ -294,7 +262,7 @@ def flag_checkpoint(tiny_checkpoint, tmp_path_factory):
 def test_a_flag_policy_is_served_at_its_guidance_weight(flag_checkpoint):
     from websockets.sync.client import connect
 
-    server = Server(flag_checkpoint)
+    server = ServerProcess(flag_checkpoint)
     item = observation(3)
     expected = in_process_chunks(flag_checkpoint, [item])[0]
     with connect(f"ws://127.0.0.1:{server.port}", max_size=None) as websocket:
@@ -314,7 +282,7 @@ def test_an_exported_plain_pi0_is_served(tmp_path, tokenizer_dir, dataset_dir):
     checkpoint = train_tiny_graph_policy(tmp_path / "train", tokenizer_dir, dataset_dir, "model.use_graph=false")
     plain = tmp_path / "plain"
     run([PYTHON, "scripts/export_pi0.py", "--checkpoint", str(checkpoint), "--output_dir", str(plain)])
-    server = Server(plain, "--model_size", "tiny")
+    server = ServerProcess(plain, "--model_size", "tiny")
     item = observation(4)
     expected = in_process_chunks(plain, [item], model_size="tiny")[0]
     with connect(f"ws://127.0.0.1:{server.port}", max_size=None) as websocket:

@@ -21,30 +21,52 @@ from lib.serving.openpi import unpack
 REPO = Path(__file__).resolve().parents[2]
 
 
+class ServerProcess:
+    """`serve_policy.py --checkpoint checkpoint --port 0 *arguments` in its own process (either
+    protocol); the constructor returns once it listens, with the port it bound in `port`."""
+
+    def __init__(self, checkpoint: Path, *arguments: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "scripts/serve_policy.py", "--checkpoint", str(checkpoint), "--port", "0", *arguments],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.output: list[str] = []
+        for line in self.process.stdout:
+            self.output.append(line)
+            found = re.search(r"^serving .* on (?:ws://)?127\.0\.0\.1:(\d+)", line)
+            if found:
+                self.port = int(found.group(1))
+                return
+        self.process.wait()
+        raise RuntimeError("serve_policy.py exited before it listened:\n" + "".join(self.output[-20:]))
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def stop(self) -> str:
+        """SIGTERM, then what the server printed after it listened; a server that does not exit 0
+        raises with its whole output."""
+        self.process.terminate()
+        rest, _ = self.process.communicate(timeout=60)
+        if self.process.returncode != 0:
+            raise RuntimeError(
+                f"serve_policy.py exited {self.process.returncode} on SIGTERM:\n" + "".join(self.output) + rest
+            )
+        return rest
+
+
 @contextmanager
 def served_checkpoint(checkpoint: Path, *arguments: str) -> Iterator[str]:
-    """`serve_policy.py --checkpoint checkpoint --port 0 *arguments` in its own process; yields its
-    websocket URL once it listens, and stops it with SIGTERM on exit."""
-    server = subprocess.Popen(
-        [sys.executable, "scripts/serve_policy.py", "--checkpoint", str(checkpoint), "--port", "0", *arguments],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    """A `ServerProcess` for the length of the block; yields its websocket URL."""
+    server = ServerProcess(checkpoint, *arguments)
     try:
-        output = []
-        for line in server.stdout:
-            output.append(line)
-            found = re.search(r"on ws://127\.0\.0\.1:(\d+)", line)
-            if found:
-                break
-        else:
-            raise RuntimeError("serve_policy.py exited before it listened:\n" + "".join(output[-20:]))
-        yield f"ws://127.0.0.1:{found.group(1)}"
+        yield server.url
     finally:
-        server.terminate()
-        server.communicate(timeout=60)
+        server.stop()
 
 
 async def _client(url: str, message: bytes, latencies: list[float], count: int) -> None:
