@@ -240,7 +240,13 @@ def main() -> int:
                     batch, batch_advantages = window_batch(windows, advantages, picked, config.model.chunk_size)
                     batch = preprocessor(batch)
                     keys = window_noise_keys(
-                        config.seed, iteration, step, picked, config.rl.minibatch_size, len(windows), rank
+                        config.seed,
+                        iteration,
+                        step,
+                        picked,
+                        minibatch_size=config.rl.minibatch_size,
+                        num_windows=len(windows),
+                        rank=rank,
                     )
                     noise, flow_time = keyed_noise_and_time(unwrapped.model, keys, accelerator.device)
                     with accelerator.autocast():

@@ -332,6 +332,7 @@ def window_noise_keys(
     iteration: int,
     step: int,
     picked: list[int],
+    *,
     minibatch_size: int,
     num_windows: int,
     rank: int = 0,
@@ -462,7 +463,9 @@ def run_update(
         window_size = min(accumulation, steps - window_start)  # minibatches in this optimizer step
         sync = step == window_start + window_size - 1
         batch, batch_advantages = window_batch(windows, advantages, picked, unwrapped.config.chunk_size)
-        keys = window_noise_keys(seed, iteration, step, picked, rl.minibatch_size, len(windows), rank)
+        keys = window_noise_keys(
+            seed, iteration, step, picked, minibatch_size=rl.minibatch_size, num_windows=len(windows), rank=rank
+        )
         if demos is not None:
             count = rl.demos_per_minibatch
             batch = join_batches(batch, demo_minibatch(demos, count, seed, iteration, step, rank))
