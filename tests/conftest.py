@@ -5,13 +5,14 @@ LeRobotDataset). What else the tests share (paths, running a command): tests/hel
 import os
 from pathlib import Path
 
-import pytest
-from helpers import PYTHON, run, train_tiny_graph_policy
-
+# Before the imports below: huggingface_hub reads HF_HUB_OFFLINE once, when helpers imports LeRobot.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MUJOCO_GL", "egl")
+
+import pytest  # noqa: E402
+from helpers import PYTHON, run, train_tiny_graph_policy  # noqa: E402
 
 
 @pytest.fixture(scope="session")
