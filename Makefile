@@ -111,6 +111,7 @@ ript-soft-arm: $(TOKENIZER_DIR)/tokenizer.json
 	# cfg_rl w=2 within the baseline's bound of 96 episodes an iteration (3 draws x 8 states x K=4)
 	$(RIPT_ARM) $(RIPT_LEVER_BASE) rl.advantage=critic output_dir=$(RIPT_ARM_DIR)/critic
 	$(RIPT_ARM) $(RIPT_LEVER_BASE) rl.explore_std=0.1 output_dir=$(RIPT_ARM_DIR)/explore
+	$(RIPT_ARM) $(RIPT_LEVER_BASE) rl.explore_std=0.2 output_dir=$(RIPT_ARM_DIR)/explore_std0.2
 	$(RIPT_ARM) $(RIPT_LEVER_BASE) rl.demo_dataset=$(RIPT_ARM_DATASET_DIR) output_dir=$(RIPT_ARM_DIR)/demos
 	$(RIPT_ARM) $(RIPT_LEVER_BASE) rl.advantage=critic rl.explore_std=0.1 rl.demo_dataset=$(RIPT_ARM_DATASET_DIR) \
 		output_dir=$(RIPT_ARM_DIR)/combined
@@ -120,7 +121,7 @@ ript-soft-arm: $(TOKENIZER_DIR)/tokenizer.json
 	# why it levels off: each held-out task 8 times, the BC start and the RL policies
 	$(PY) scripts/eval_soft_arm.py --checkpoint $(RIPT_ARM_DIR)/bc_few20/checkpoints/last/pretrained_model \
 		--num_episodes 100 --num_envs 16 --attempts 8 --videos 0 --output_dir $(RIPT_ARM_DIR)/pass_at_8/bc_few20
-	for arm in cfg_rl_w2 critic explore demos combined explore_demos; do for seed in 0 1 2; do \
+	for arm in cfg_rl_w2 critic explore explore_std0.2 demos combined explore_demos; do for seed in 0 1 2; do \
 		$(PY) scripts/eval_soft_arm.py --checkpoint $(RIPT_ARM_DIR)/$$arm/seed$$seed/pretrained_model --num_episodes 100 \
 		--num_envs 16 --attempts 8 --videos 0 --output_dir $(RIPT_ARM_DIR)/pass_at_8/$${arm}_seed$$seed; done; done
 	$(PY) scripts/ript_soft_arm_results.py --runs_dir $(RIPT_ARM_DIR)
