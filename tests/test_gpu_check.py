@@ -5,9 +5,11 @@ beside `make bench`'s figures."""
 
 import json
 
+import pytest
 from helpers import PYTHON, run
 
 
+@pytest.mark.slow  # every section of make gpu-check, a server process included: about 60 s on 2 cores
 def test_gpu_check_runs_at_the_tiny_size(tokenizer_dir, dataset_dir, tmp_path):
     report = tmp_path / "BENCHMARKS.md"
     report.write_text("# Benchmarks\n\n| figure | measured |\n|---|---|\n| a. kept | 1 |\n\n## GPU\n\nold\n")

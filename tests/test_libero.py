@@ -40,6 +40,7 @@ def test_camera_keys_are_lerobots():
     assert features_map[LIBERO_KEY_PIXELS_EYE_IN_HAND] == WRIST_KEY
 
 
+@pytest.mark.slow  # two real LIBERO simulators, one killed and rebuilt: about 70 s on 2 cores
 def test_rollouts_batch_policy_calls_and_survive_a_dead_worker():
     requests = [dict(item) for item in LiberoInitStateDataset("libero_spatial", [TASK], init_indices=[0, 1, 2])]
     calls = []
