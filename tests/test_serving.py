@@ -17,6 +17,7 @@ from lib.serving.load import ServerProcess
 from lib.serving.openpi import InputSpec, RequestError, pack, unpack
 
 PROMPT = "touch the red ball"
+START_TIMEOUT_S = 120  # a tiny checkpoint loads in seconds
 
 
 def observation(seed: int = 0) -> dict:
@@ -98,7 +99,16 @@ def test_openpi_protocol_serves_the_in_process_chunks_and_survives_bad_clients(t
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-    server = ServerProcess(tiny_checkpoint, "--api_key", "sesame", "--max_frame_bytes", "400000", "--max_batch", "4")
+    server = ServerProcess(
+        tiny_checkpoint,
+        "--api_key",
+        "sesame",
+        "--max_frame_bytes",
+        "400000",
+        "--max_batch",
+        "4",
+        start_timeout_s=START_TIMEOUT_S,
+    )
     url, auth = f"ws://127.0.0.1:{server.port}", {"Authorization": "Api-Key sesame"}
     sequence = [observation(seed) for seed in range(3)]
     expected = in_process_chunks(tiny_checkpoint, sequence)
@@ -176,7 +186,7 @@ def test_lerobot_protocol_serves_our_plugin_policy_to_lerobots_client_code(tiny_
     from lerobot.transport.utils import send_bytes_in_chunks
     from lerobot.utils.feature_utils import hw_to_dataset_features
 
-    server = ServerProcess(tiny_checkpoint, "--protocol", "lerobot")
+    server = ServerProcess(tiny_checkpoint, "--protocol", "lerobot", start_timeout_s=START_TIMEOUT_S)
     item = observation(0)
     expected = in_process_chunks(tiny_checkpoint, [item])[0]
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
@@ -218,7 +228,7 @@ def test_a_closed_loop_through_the_server_scores_what_eval_scores(tiny_checkpoin
     every chunk; the same seeds and noise give the same episodes as the in-process evaluation."""
     import json
 
-    server = ServerProcess(tiny_checkpoint)
+    server = ServerProcess(tiny_checkpoint, start_timeout_s=START_TIMEOUT_S)
     episodes = ["--num_episodes", "3", "--num_envs", "1", "--max_steps", "8", "--replan_steps", "4", "--videos", "0"]
     summaries = {}
     for name, source in (
@@ -262,7 +272,7 @@ def flag_checkpoint(tiny_checkpoint, tmp_path_factory):
 def test_a_flag_policy_is_served_at_its_guidance_weight(flag_checkpoint):
     from websockets.sync.client import connect
 
-    server = ServerProcess(flag_checkpoint)
+    server = ServerProcess(flag_checkpoint, start_timeout_s=START_TIMEOUT_S)
     item = observation(3)
     expected = in_process_chunks(flag_checkpoint, [item])[0]
     with connect(f"ws://127.0.0.1:{server.port}", max_size=None) as websocket:
@@ -282,7 +292,7 @@ def test_an_exported_plain_pi0_is_served(tmp_path, tokenizer_dir, dataset_dir):
     checkpoint = train_tiny_graph_policy(tmp_path / "train", tokenizer_dir, dataset_dir, "model.use_graph=false")
     plain = tmp_path / "plain"
     run([PYTHON, "scripts/export_pi0.py", "--checkpoint", str(checkpoint), "--output_dir", str(plain)])
-    server = ServerProcess(plain, "--model_size", "tiny")
+    server = ServerProcess(plain, "--model_size", "tiny", start_timeout_s=START_TIMEOUT_S)
     item = observation(4)
     expected = in_process_chunks(plain, [item], model_size="tiny")[0]
     with connect(f"ws://127.0.0.1:{server.port}", max_size=None) as websocket:

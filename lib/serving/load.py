@@ -23,9 +23,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 class ServerProcess:
     """`serve_policy.py --checkpoint checkpoint --port 0 *arguments` in its own process (either
-    protocol); the constructor returns once it listens, with the port it bound in `port`."""
+    protocol); the constructor returns once it listens, with the port it bound in `port`. With
+    `start_timeout_s`, a server that prints a line later than that without listening is killed and
+    raises (checked as lines arrive)."""
 
-    def __init__(self, checkpoint: Path, *arguments: str) -> None:
+    def __init__(self, checkpoint: Path, *arguments: str, start_timeout_s: float | None = None) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "scripts/serve_policy.py", "--checkpoint", str(checkpoint), "--port", "0", *arguments],
             cwd=REPO,
@@ -34,12 +36,18 @@ class ServerProcess:
             text=True,
         )
         self.output: list[str] = []
+        deadline = None if start_timeout_s is None else time.monotonic() + start_timeout_s
         for line in self.process.stdout:
             self.output.append(line)
             found = re.search(r"^serving .* on (?:ws://)?127\.0\.0\.1:(\d+)", line)
             if found:
                 self.port = int(found.group(1))
                 return
+            if deadline is not None and time.monotonic() > deadline:
+                self.process.kill()
+                raise RuntimeError(
+                    f"serve_policy.py did not listen within {start_timeout_s:.0f} s:\n" + "".join(self.output[-20:])
+                )
         self.process.wait()
         raise RuntimeError("serve_policy.py exited before it listened:\n" + "".join(self.output[-20:]))
 
